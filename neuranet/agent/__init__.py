@@ -1,0 +1,1 @@
+"""The device agent: one outbound connection to the coordinator, profile, telemetry, links."""

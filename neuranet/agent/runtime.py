@@ -1,0 +1,292 @@
+"""The agent's life: connect out, authenticate, report, heartbeat, relay links; reconnect forever."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import ssl
+import statistics
+import time
+from typing import Any, Awaitable, Callable
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from neuranet import __version__
+from neuranet.agent.identity import Identity
+from neuranet.agent.profile import collect_profile
+from neuranet.agent.telemetry import TelemetrySampler
+from neuranet.config import AgentConfig, MiB
+from neuranet.net.direct import DirectListener, local_addresses
+from neuranet.net.links import LinkManager
+from neuranet.net.peerlink import RelayUnavailable
+from neuranet.protocol import messages as m
+from neuranet.protocol.auth import auth_payload
+from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
+from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_from_code
+
+log = logging.getLogger("neuranet.agent")
+
+ControlHandler = Callable[["Agent", m.Message], Awaitable[None]]
+
+
+class EnrolmentError(Exception):
+    """The server will never accept this agent as it is configured; retrying cannot help."""
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random = random.Random()) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+async def run_until_first_failure(*coros: Awaitable[Any]) -> None:
+    """Run tasks together until one fails (or all end); cancel and await the rest, re-raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Agent:
+    """One device's agent. ``async with Agent(cfg) as a`` runs it in the background."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.identity = Identity.load_or_create(config.data_dir)
+        self.links = LinkManager(config, self._relay_send, self.send)
+        self.listener = DirectListener(self.links.lookup, config.frame_bytes * 2)
+        self.connected = asyncio.Event()
+        self.welcome: m.Welcome | None = None
+        self.server_rtt_ms: float | None = None
+        self.server_bandwidth_bps: float | None = None
+        self.connections = 0  # successful handshakes so far
+        self._ws: ClientConnection | None = None
+        self._last_rx = 0.0
+        self._echoes: collections.deque[asyncio.Future[float]] = collections.deque()
+        self._static: dict[str, Any] | None = None
+        self._handlers: dict[type[m.Message], ControlHandler] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._sampler = TelemetrySampler()
+
+    @property
+    def device_id(self) -> str | None:
+        return self.identity.device_id
+
+    def on(self, msg_type: type[m.Message], handler: ControlHandler) -> None:
+        """Handle server instructions of one type (e.g. link tests)."""
+        self._handlers[msg_type] = handler
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> "Agent":
+        self._runner = asyncio.create_task(self.run(), name="agent")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_connected(self, timeout: float = 30.0) -> None:
+        waiter = asyncio.ensure_future(self.connected.wait())
+        pending = {waiter} | ({self._runner} if self._runner else set())
+        done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self._runner in done:
+            self._runner.result()  # re-raise why the agent stopped
+        if not self.connected.is_set():
+            raise TimeoutError(f"agent did not connect to {self.config.server_url} within {timeout:.0f}s")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Connect and serve until cancelled; raises EnrolmentError when retrying cannot help."""
+        await self.listener.start(self.config.listen_host, self.config.listen_port)
+        try:
+            self._static = await asyncio.to_thread(collect_profile, self.config.data_dir, self.config.measure)
+            attempt = 0
+            while True:
+                before = self.connections
+                try:
+                    await self._connect_once()
+                except AuthenticationFailed as exc:
+                    raise EnrolmentError(str(exc)) from None
+                except (OSError, asyncio.TimeoutError, websockets.WebSocketException, ProtocolError) as exc:
+                    log.info("connection to %s lost: %s", self.config.server_url, exc)
+                if self.connections > before:
+                    attempt = 0  # that attempt got through: start the backoff over
+                delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
+                attempt += 1
+                await asyncio.sleep(delay)
+        finally:
+            await self.links.close()
+            await self.listener.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- one connection -------------------------------------------------------------
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.config.ws_url.startswith("wss://"):
+            return None
+        return ssl.create_default_context(cafile=str(self.config.ca_cert) if self.config.ca_cert else None)
+
+    async def _connect_once(self) -> None:
+        async with connect(self.config.ws_url, ssl=self._ssl(), max_size=8 * MiB + 64 * 1024, compression=None,
+                           open_timeout=10, ping_interval=20, ping_timeout=20, max_queue=64,
+                           write_limit=2 * MiB) as ws:
+            await self._handshake(ws)
+            self._ws = ws
+            self.links.me = self.device_id or ""
+            self.connections += 1
+            self.connected.set()
+            log.info("connected to %s as device %s", self.config.server_url, self.device_id)
+            try:
+                await run_until_first_failure(
+                    self._read_loop(ws), self._heartbeat_loop(ws), self._telemetry_loop(), self._introduce()
+                )
+            finally:
+                self._ws = None
+                self.connected.clear()
+                self.links.on_disconnected()
+
+    async def _recv(self, ws: ClientConnection, timeout: float = 15.0) -> m.Message:
+        env = decode_frame(await asyncio.wait_for(ws.recv(), timeout))
+        msg = m.parse(env)
+        if isinstance(msg, m.Error):
+            raise error_from_code(msg.code, msg.message)
+        return msg
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        ident = self.identity
+        if ident.device_id:
+            hello = m.Hello(version=PROTOCOL_VERSION, device_id=ident.device_id, agent_version=__version__)
+        elif self.config.join_token:
+            name = self.config.name or (self._static or {}).get("hostname") or "device"
+            hello = m.Hello(version=PROTOCOL_VERSION, agent_version=__version__,
+                            enrol=m.Enrolment(join_token=self.config.join_token, public_key=ident.public_key, name=name[:100]))
+        else:
+            raise AuthenticationFailed("this agent is not enrolled yet: pass --join-token (from `neuranet join-token`)")
+        await ws.send(encode_frame(hello.envelope()))
+        challenge = await self._recv(ws)
+        if not isinstance(challenge, m.Challenge):
+            raise ProtocolError(f"expected challenge, got {challenge.TYPE}")
+        await ws.send(encode_frame(m.Auth(signature=ident.sign(auth_payload(challenge.nonce, challenge.device_id))).envelope()))
+        welcome = await self._recv(ws)
+        if not isinstance(welcome, m.Welcome):
+            raise ProtocolError(f"expected welcome, got {welcome.TYPE}")
+        if not ident.device_id:
+            ident.save_enrolment(welcome.device_id, self.config.server_url)
+        self.welcome = welcome
+        self._last_rx = time.monotonic()
+
+    async def send(self, msg: m.Message, payload: bytes = b"") -> None:
+        ws = self._ws
+        if ws is None:
+            raise RelayUnavailable("not connected to the server")
+        await ws.send(encode_frame(msg.envelope(src=self.device_id or "", dst="server", payload=payload)))
+
+    async def _relay_send(self, frame: bytes) -> None:
+        ws = self._ws
+        if ws is None:
+            raise RelayUnavailable("not connected to the server")
+        try:
+            await ws.send(frame)
+        except websockets.ConnectionClosed as exc:
+            raise RelayUnavailable(str(exc)) from None
+
+    async def _read_loop(self, ws: ClientConnection) -> None:
+        async for data in ws:
+            self._last_rx = time.monotonic()
+            if isinstance(data, str):
+                continue
+            try:
+                env = decode_frame(data)
+                if env.src != "server":
+                    self.links.on_relayed(env)
+                else:
+                    self._dispatch(env)
+            except ProtocolError as exc:
+                log.warning("bad frame from server: %s", exc)
+        raise ConnectionError("server closed the connection")
+
+    def _dispatch(self, env: Envelope) -> None:
+        msg = m.parse(env)
+        if isinstance(msg, m.Echo):
+            if self._echoes:
+                self._echoes.popleft().set_result(time.perf_counter())
+        elif isinstance(msg, (m.LinkGrant, m.LinkRefusedMsg, m.PeerDown)):
+            self.links.on_control(msg)
+        elif isinstance(msg, m.Error):
+            log.warning("server reported %s: %s", msg.code, msg.message)
+        elif type(msg) in self._handlers:
+            self.spawn(self._handlers[type(msg)](self, msg))
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _heartbeat_loop(self, ws: ClientConnection) -> None:
+        assert self.welcome is not None
+        seq = 0
+        while True:
+            await asyncio.sleep(self.welcome.heartbeat_interval)
+            if time.monotonic() - self._last_rx > self.welcome.offline_after:
+                await ws.close(4001, "server silent")
+                raise ConnectionError("server silent past the liveness deadline")
+            seq += 1
+            await self.send(m.Heartbeat(seq=seq))
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await self.send(m.Telemetry(samples=[self._sampler.sample()]))
+            await asyncio.sleep(self.config.telemetry_interval)
+
+    async def _introduce(self) -> None:
+        """Tell the server what this device is, renew links, then measure the path to it."""
+        await self.send(m.Profile(profile=self.profile()))
+        await self.links.on_connected()
+        if self.config.measure:
+            await self._measure_server_path()
+            await self.send(m.Profile(profile=self.profile()))
+
+    def profile(self) -> dict[str, Any]:
+        addrs = self.config.advertise or tuple(local_addresses(self.listener.port, self.config.listen_host))
+        return {
+            **(self._static or {}),
+            "listen_addrs": [list(a) for a in addrs],
+            "server_rtt_ms": self.server_rtt_ms,
+            "server_bandwidth_bps": self.server_bandwidth_bps,
+        }
+
+    async def _echo(self, payloads: list[bytes]) -> float:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in payloads]
+        self._echoes.extend(futures)
+        start = time.perf_counter()
+        for p in payloads:
+            await self.send(m.Echo(), payload=p)
+        done = await asyncio.wait_for(asyncio.gather(*futures), 15.0)
+        return max(done) - start
+
+    async def _measure_server_path(self) -> None:
+        rtts = [await self._echo([b"x"]) for _ in range(5)]
+        self.server_rtt_ms = round(statistics.median(rtts) * 1000, 3)
+        blob = random.randbytes(MiB)
+        elapsed = await self._echo([blob] * 4)
+        self.server_bandwidth_bps = round(4 * MiB * 8 / elapsed, 1)

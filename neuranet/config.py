@@ -1,0 +1,83 @@
+"""Settings objects for the server, the agent and the CLI client, passed in explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+def default_home() -> Path:
+    """Where NeuraNet keeps state when no data dir is given (NEURANET_HOME overrides)."""
+    return Path(os.environ.get("NEURANET_HOME") or Path.home() / ".neuranet")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds the server enforces on every agent connection."""
+
+    max_message_bytes: int = 4 * MiB  # one WebSocket message; PeerLink frames are ~1 MiB
+    max_queued_bytes_per_peer: int = 64 * MiB  # relayed bytes from one source waiting for one destination
+    max_connections_per_user: int = 256
+    max_links_per_device: int = 256
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8420
+    db_url: str | None = None  # default: SQLite in data_dir
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    heartbeat_interval: float = 3.0
+    offline_after: float = 12.0  # a device silent this long is offline
+    telemetry_flush_interval: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'neuranet.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server_url: str  # http(s)://host:port of the coordinator
+    data_dir: Path
+    name: str | None = None
+    join_token: str | None = None
+    ca_cert: Path | None = None  # trust this CA for wss:// (else the system store)
+    listen_host: str = "0.0.0.0"  # where direct peer links are accepted
+    listen_port: int = 0
+    advertise: tuple[tuple[str, int], ...] | None = None  # None: every local address
+    telemetry_interval: float = 5.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    measure: bool = True  # benchmark matmul speed and bandwidth when connecting
+    link_window_bytes: int = 64 * MiB
+    frame_bytes: int = 1 * MiB
+    direct_retry_interval: float = 10.0
+    link_idle_ping: float = 5.0
+    link_dead_after: float = 15.0
+
+    @property
+    def ws_url(self) -> str:
+        base = self.server_url.rstrip("/")
+        if base.startswith("https://"):
+            return "wss://" + base[len("https://") :] + "/agent"
+        if base.startswith("http://"):
+            return "ws://" + base[len("http://") :] + "/agent"
+        raise ValueError(f"server URL must start with http:// or https://, got {self.server_url!r}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server_url: str
+    token: str
+    ca_cert: Path | None = None

@@ -1,0 +1,135 @@
+"""Direct TCP paths between agents: length-prefixed frames, a secret-proving handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import socket
+import struct
+from typing import Awaitable, Callable
+
+import psutil
+
+from neuranet.protocol import messages as m
+from neuranet.protocol.envelope import Envelope, decode_frame, encode_frame
+from neuranet.protocol.errors import AuthenticationFailed, MessageTooLarge, ProtocolError
+
+_LEN = struct.Struct(">I")
+HANDSHAKE_TIMEOUT = 3.0
+
+
+def link_proof(secret: bytes, link_id: str, dialer: str) -> bytes:
+    return hmac.new(secret, b"neuranet-direct-v1\x00" + link_id.encode() + b"\x00" + dialer.encode(), hashlib.sha256).digest()
+
+
+class DirectPath:
+    """One established TCP connection carrying a single link's frames."""
+
+    kind = "direct"
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.max_frame = max_frame
+        self.closed = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = writer.get_extra_info("peername")
+
+    async def write(self, frame: bytes) -> None:
+        if self.closed:
+            raise ConnectionError("direct path is closed")
+        self.writer.write(_LEN.pack(len(frame)))
+        self.writer.write(frame)
+        await self.writer.drain()
+
+    async def read(self) -> tuple[Envelope, bytes]:
+        head = await self.reader.readexactly(_LEN.size)
+        (size,) = _LEN.unpack(head)
+        if size > self.max_frame:
+            raise MessageTooLarge(f"direct frame of {size} bytes exceeds {self.max_frame}")
+        data = await self.reader.readexactly(size)
+        return decode_frame(data), data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: bytes, max_frame: int,
+               timeout: float = HANDSHAKE_TIMEOUT) -> DirectPath | None:
+    """Try each advertised address in turn; return the first path whose handshake succeeds."""
+    for host, port in addrs:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError):
+            continue
+        path = DirectPath(reader, writer, max_frame)
+        try:
+            hello = m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me))
+            await path.write(encode_frame(hello.envelope(src=me)))
+            env, _ = await asyncio.wait_for(path.read(), timeout)
+            if env.type == "direct_ok" and env.body.get("link") == link_id:
+                return path
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+            pass
+        path.close()
+    return None
+
+
+AcceptFn = Callable[[str, str, bytes], "tuple[bytes, Callable[[DirectPath], None]] | None"]
+
+
+class DirectListener:
+    """Accepts direct connections and hands each authenticated one to its link."""
+
+    def __init__(self, lookup: Callable[[str], "tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None"],
+                 max_frame: int) -> None:
+        self._lookup = lookup  # link id -> (peer device id, secret, attach callback)
+        self._max_frame = max_frame
+        self._server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=2**20)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path = DirectPath(reader, writer, self._max_frame)
+        try:
+            env, _ = await asyncio.wait_for(path.read(), HANDSHAKE_TIMEOUT)
+            hello = m.parse(env)
+            if not isinstance(hello, m.DirectHello):
+                raise AuthenticationFailed("direct connection must start with direct_hello")
+            found = self._lookup(hello.link)
+            if found is None:
+                raise AuthenticationFailed(f"no link {hello.link}")
+            peer, secret, attach = found
+            if env.src != peer or not hmac.compare_digest(hello.proof, link_proof(secret, hello.link, peer)):
+                raise AuthenticationFailed("bad direct-link proof")
+            await path.write(encode_frame(m.DirectOk(link=hello.link).envelope()))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+            path.close()
+            return
+        await attach(path)
+
+
+def local_addresses(port: int, listen_host: str) -> list[tuple[str, int]]:
+    """Addresses a peer might reach this listener on, most specific first."""
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return [(listen_host, port)]
+    out: list[tuple[str, int]] = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                out.append((a.address, port))
+    out.append(("127.0.0.1", port))
+    return out[:16]

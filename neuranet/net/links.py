@@ -1,0 +1,154 @@
+"""The agent's registry of PeerLinks: opening, accepting, routing frames, renewing after reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Awaitable, Callable
+
+from neuranet.config import AgentConfig
+from neuranet.net.direct import DirectPath, dial
+from neuranet.net.peerlink import PeerLink
+from neuranet.protocol import messages as m
+from neuranet.protocol.envelope import Envelope
+
+log = logging.getLogger("neuranet.links")
+
+Handler = Callable[[PeerLink], Awaitable[None]]
+
+
+class LinkManager:
+    """Owns every link of one agent and the tasks that serve them."""
+
+    def __init__(self, config: AgentConfig, relay_send: Callable[[bytes], Awaitable[None]],
+                 send_control: Callable[[m.Message], Awaitable[None]], peer_timeout: float = 120.0) -> None:
+        self.config = config
+        self.me = ""
+        self.relay_send = relay_send
+        self._send_control = send_control
+        self.peer_timeout = peer_timeout
+        self.links: dict[str, PeerLink] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._incoming: dict[str, asyncio.Queue[PeerLink]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- public API -------------------------------------------------------------
+
+    async def open(self, peer: str, channel: str = "default", timeout: float = 15.0) -> PeerLink:
+        """Ask the server for a link to ``peer``; raises LinkRefused if it is not allowed."""
+        link = PeerLink(self, f"{self.me[:8]}-{secrets.token_hex(6)}", peer, channel, initiator=True)
+        self.links[link.link_id] = link
+        link.start()
+        await self._send_control(m.LinkOpen(link_id=link.link_id, peer=peer, channel=channel))
+        try:
+            await asyncio.wait_for(link.granted.wait(), timeout)
+        except asyncio.TimeoutError:
+            await link.close()
+            raise TimeoutError(f"the server did not grant a link to {peer} within {timeout:.0f}s") from None
+        if link.error is not None:
+            raise link.error
+        return link
+
+    def serve(self, channel: str, handler: Handler) -> None:
+        """Run ``handler(link)`` for every link a peer opens on ``channel``."""
+        self._handlers[channel] = handler
+
+    async def accept(self, channel: str = "default") -> PeerLink:
+        """Next link a peer opened on a channel that has no handler."""
+        return await self._queue(channel).get()
+
+    async def close(self) -> None:
+        for link in list(self.links.values()):
+            await link.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- driven by the agent's connection -------------------------------------------
+
+    def on_control(self, msg: m.Message) -> None:
+        if isinstance(msg, m.LinkGrant):
+            link = self.links.get(msg.link_id)
+            if link is None:
+                link = PeerLink(self, msg.link_id, msg.peer, msg.channel, initiator=False)
+                self.links[link.link_id] = link
+                link.start()
+                link.on_grant(msg)
+                self._deliver(link)
+            elif link.peer == msg.peer:
+                link.on_grant(msg)
+        elif isinstance(msg, m.LinkRefusedMsg):
+            link = self.links.get(msg.link_id)
+            if link is not None:
+                link.on_refused(msg.reason)
+        elif isinstance(msg, m.PeerDown):
+            for link in self.links.values():
+                if link.peer == msg.peer:
+                    link.on_peer_down()
+
+    def on_relayed(self, env: Envelope) -> None:
+        link = self.links.get(str(env.body.get("link", "")))
+        if link is not None and env.src == link.peer:
+            link.on_frame(env)
+
+    async def on_connected(self) -> None:
+        """After (re)connecting, ask the server to renew every live link."""
+        for link in list(self.links.values()):
+            await self._send_control(m.LinkOpen(link_id=link.link_id, peer=link.peer, channel=link.channel))
+
+    def on_disconnected(self) -> None:
+        for link in self.links.values():
+            link.on_relay_lost()
+
+    def lookup(self, link_id: str) -> tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None:
+        link = self.links.get(link_id)
+        if link is None or not link.secret:
+            return None
+        return link.peer, link.secret, link.attach_direct
+
+    def try_direct(self, link: PeerLink, delay: float = 0.0) -> None:
+        async def attempt() -> None:
+            await asyncio.sleep(delay)
+            if link.closed or link.direct is not None or not link.peer_addrs:
+                return
+            path = await dial(link.peer_addrs, link.link_id, self.me, link.secret, self.config.frame_bytes * 2)
+            if path is not None:
+                await link.attach_direct(path)
+            elif not link.closed:
+                self.try_direct(link, delay=self.config.direct_retry_interval)
+
+        self._spawn(attempt())
+
+    def forget(self, link: PeerLink) -> None:
+        if self.links.get(link.link_id) is link:
+            del self.links[link.link_id]
+
+    # --- internals ------------------------------------------------------------------
+
+    def _queue(self, channel: str) -> asyncio.Queue[PeerLink]:
+        return self._incoming.setdefault(channel, asyncio.Queue(maxsize=64))
+
+    def _deliver(self, link: PeerLink) -> None:
+        handler = self._handlers.get(link.channel)
+        if handler is not None:
+            self._spawn(self._run_handler(handler, link))
+            return
+        try:
+            self._queue(link.channel).put_nowait(link)
+        except asyncio.QueueFull:
+            log.warning("too many unaccepted links on channel %s; closing %s", link.channel, link.link_id)
+            self._spawn(link.close())
+
+    async def _run_handler(self, handler: Handler, link: PeerLink) -> None:
+        try:
+            await handler(link)
+        except Exception:
+            log.exception("handler for channel %s failed on link %s", link.channel, link.link_id)
+        finally:
+            await link.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,261 @@
+"""Typed messages of the control and data planes, each validating its own body.
+
+Every message is a pydantic model with a wire ``TYPE``. ``parse`` turns an
+:class:`Envelope` into the right model or raises a typed error; ``envelope``
+goes the other way. Bodies hold only msgpack-native values: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from neuranet.protocol.envelope import Buffer, Envelope
+from neuranet.protocol.errors import InvalidMessage, UnknownMessageType
+
+MESSAGE_TYPES: dict[str, type["Message"]] = {}
+
+_Id = Field(min_length=1, max_length=128)
+
+
+class Message(BaseModel):
+    """Base of all wire messages; subclasses set ``TYPE`` and are registered."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE:
+            if cls.TYPE in MESSAGE_TYPES:
+                raise TypeError(f"message type {cls.TYPE!r} registered twice")
+            MESSAGE_TYPES[cls.TYPE] = cls
+
+    def envelope(self, *, id: int = 0, src: str = "", dst: str = "", payload: Buffer = b"") -> Envelope:
+        return Envelope(type=self.TYPE, body=self.model_dump(mode="python"), id=id, src=src, dst=dst, payload=payload)
+
+
+def parse(env: Envelope) -> Message:
+    """Validate an envelope's body against its registered message type."""
+    cls = MESSAGE_TYPES.get(env.type)
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {env.type!r}")
+    try:
+        return cls.model_validate(env.body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidMessage(f"{env.type}: {where}: {first['msg']}") from None
+
+
+# --- handshake -----------------------------------------------------------------
+
+
+class Enrolment(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    join_token: str = Field(min_length=8, max_length=256)
+    public_key: bytes = Field(min_length=32, max_length=32)
+    name: str = Field(min_length=1, max_length=100)
+
+
+class Hello(Message):
+    """First message from an agent: who it is, or an enrolment request."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: int
+    device_id: str | None = None
+    enrol: Enrolment | None = None
+    agent_version: str = ""
+
+
+class Challenge(Message):
+    TYPE: ClassVar[str] = "challenge"
+    nonce: bytes = Field(min_length=32, max_length=64)
+    device_id: str
+
+
+class Auth(Message):
+    TYPE: ClassVar[str] = "auth"
+    signature: bytes = Field(min_length=64, max_length=64)
+
+
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    device_id: str
+    user_id: str
+    heartbeat_interval: float
+    offline_after: float
+    max_message_bytes: int
+    max_queued_bytes: int
+
+
+class Error(Message):
+    """A typed error: ``code`` names a ProtocolError subclass."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    ref: int | None = None
+
+
+# --- control plane ---------------------------------------------------------------
+
+
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    seq: int
+
+
+class HeartbeatAck(Message):
+    TYPE: ClassVar[str] = "heartbeat_ack"
+    seq: int
+
+
+class Profile(Message):
+    """The device's resources; ``profile`` is a DeviceProfile as a dict."""
+
+    TYPE: ClassVar[str] = "profile"
+    profile: dict[str, Any]
+
+
+class TelemetrySample(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    ts: float
+    cpu_percent: float = Field(ge=0, le=100 * 1024)
+    mem_percent: float = Field(ge=0, le=100)
+    mem_used: int = Field(ge=0)
+    net_sent: int = Field(ge=0)
+    net_recv: int = Field(ge=0)
+    battery_percent: float | None = None
+    power_plugged: bool | None = None
+
+
+class Telemetry(Message):
+    TYPE: ClassVar[str] = "telemetry"
+    samples: list[TelemetrySample] = Field(max_length=1000)
+
+
+class Echo(Message):
+    """Bandwidth / round-trip probe: the server answers with the same payload."""
+
+    TYPE: ClassVar[str] = "echo"
+    reply: bool = False
+
+
+# --- links ---------------------------------------------------------------------
+
+
+class LinkOpen(Message):
+    """Agent asks the server to authorise a link to ``peer``."""
+
+    TYPE: ClassVar[str] = "link_open"
+    link_id: str = _Id
+    peer: str = _Id
+    channel: str = Field("default", max_length=64)
+
+
+class LinkGrant(Message):
+    """Server tells both ends of a link who the other is and how to reach it directly."""
+
+    TYPE: ClassVar[str] = "link_grant"
+    link_id: str
+    peer: str
+    channel: str = "default"
+    initiator: bool
+    peer_addrs: list[tuple[str, int]] = Field(default_factory=list, max_length=32)
+    secret: bytes = Field(min_length=16, max_length=64)
+
+
+class LinkRefusedMsg(Message):
+    TYPE: ClassVar[str] = "link_refused"
+    link_id: str
+    peer: str
+    reason: str
+
+
+class PeerDown(Message):
+    """The server saw ``peer`` go offline; links to it wait for it to return."""
+
+    TYPE: ClassVar[str] = "peer_down"
+    peer: str
+
+
+class LinkData(Message):
+    """One frame of a PeerLink message. ``meta`` rides on the first frame only."""
+
+    TYPE: ClassVar[str] = "link_data"
+    link: str
+    seq: int = Field(ge=0)
+    off: int = Field(ge=0)
+    end: bool
+    meta: dict[str, Any] | None = None
+
+
+class LinkAck(Message):
+    """Receiver has consumed frames up to ``seq`` and bytes up to ``consumed``."""
+
+    TYPE: ClassVar[str] = "link_ack"
+    link: str
+    seq: int = Field(ge=-1)
+    consumed: int = Field(ge=0)
+
+
+class LinkClose(Message):
+    TYPE: ClassVar[str] = "link_close"
+    link: str
+
+
+class DirectHello(Message):
+    """First frame on a direct TCP connection: proves knowledge of the link secret."""
+
+    TYPE: ClassVar[str] = "direct_hello"
+    link: str
+    proof: bytes = Field(min_length=32, max_length=32)
+
+
+class DirectOk(Message):
+    TYPE: ClassVar[str] = "direct_ok"
+    link: str
+
+
+class Ping(Message):
+    """Liveness probe on an idle direct path."""
+
+    TYPE: ClassVar[str] = "ping"
+    link: str = ""
+
+
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    link: str = ""
+
+
+# --- link tests (measured transfers between two devices) -----------------------
+
+
+class LinkTestStart(Message):
+    TYPE: ClassVar[str] = "linktest_start"
+    test_id: str
+    peer: str
+    total_bytes: int = Field(gt=0)
+    message_bytes: int = Field(gt=0)
+
+
+class LinkTestProgress(Message):
+    TYPE: ClassVar[str] = "linktest_progress"
+    test_id: str
+    sent_bytes: int
+    path: str
+
+
+class LinkTestDone(Message):
+    TYPE: ClassVar[str] = "linktest_done"
+    test_id: str
+    ok: bool
+    bytes: int = 0
+    seconds: float = 0.0
+    path: str = ""
+    paths_used: list[str] = Field(default_factory=list)
+    rtt_ms: float = 0.0
+    error: str = ""

@@ -1,0 +1,166 @@
+"""The ``/agent`` WebSocket: handshake (enrol or signed challenge), then the message loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from neuranet.protocol import messages as m
+from neuranet.protocol.auth import auth_payload
+from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
+from neuranet.protocol.errors import (
+    AuthenticationFailed,
+    MalformedFrame,
+    ProtocolError,
+    QueueLimitExceeded,
+    UnexpectedMessage,
+    VersionMismatch,
+)
+from neuranet.server.hub import AgentConnection, Hub
+from neuranet.server.store import StoreError
+
+log = logging.getLogger("neuranet.agent_endpoint")
+HANDSHAKE_TIMEOUT = 15.0
+
+
+class _Handshake:
+    """Frames exchanged before the agent is trusted; errors here close the socket."""
+
+    def __init__(self, ws: WebSocket, hub: Hub) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.limit = hub.config.limits.max_message_bytes
+
+    async def recv(self) -> Envelope:
+        msg = await asyncio.wait_for(self.ws.receive(), HANDSHAKE_TIMEOUT)
+        if msg["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(msg.get("code", 1000))
+        data = msg.get("bytes")
+        if data is None:
+            raise MalformedFrame("text frames are not part of the protocol; send binary frames")
+        return decode_frame(data, self.limit)
+
+    async def send(self, msg: m.Message) -> None:
+        await self.ws.send_bytes(encode_frame(msg.envelope(src="server")))
+
+    async def run(self) -> tuple[str, str]:
+        """Return ``(device_id, user_id)`` of an authenticated agent."""
+        hello = m.parse(await self.recv())
+        if not isinstance(hello, m.Hello):
+            raise AuthenticationFailed("the first message must be hello")
+        if hello.version != PROTOCOL_VERSION:
+            raise VersionMismatch(f"agent speaks protocol {hello.version}, server speaks {PROTOCOL_VERSION}")
+        store = self.hub.store
+        if hello.enrol is not None:
+            try:
+                device = await store.enrol_device(hello.enrol.join_token, hello.enrol.public_key, hello.enrol.name)
+            except StoreError as exc:
+                raise AuthenticationFailed(str(exc)) from None
+        elif hello.device_id:
+            device = await store.get_device(hello.device_id)
+            if device is None:
+                raise AuthenticationFailed(f"unknown device {hello.device_id}; enrol again with a join token")
+        else:
+            raise AuthenticationFailed("hello needs a device_id or an enrolment")
+        nonce = secrets.token_bytes(32)
+        await self.send(m.Challenge(nonce=nonce, device_id=device.id))
+        auth = m.parse(await self.recv())
+        if not isinstance(auth, m.Auth):
+            raise AuthenticationFailed("expected auth after challenge")
+        try:
+            Ed25519PublicKey.from_public_bytes(device.public_key).verify(auth.signature, auth_payload(nonce, device.id))
+        except InvalidSignature:
+            raise AuthenticationFailed("bad signature: this agent does not hold the device's key") from None
+        limits = self.hub.config.limits
+        if self.hub.connections_of(device.user_id) >= limits.max_connections_per_user and device.id not in self.hub.conns:
+            raise QueueLimitExceeded(f"user already has {limits.max_connections_per_user} devices connected")
+        await self.send(m.Welcome(
+            device_id=device.id, user_id=device.user_id,
+            heartbeat_interval=self.hub.config.heartbeat_interval, offline_after=self.hub.config.offline_after,
+            max_message_bytes=limits.max_message_bytes, max_queued_bytes=limits.max_queued_bytes_per_peer,
+        ))
+        return device.id, device.user_id
+
+
+async def serve_agent(ws: WebSocket, hub: Hub) -> None:
+    """Serve one agent connection until it closes; never raises."""
+    await ws.accept()
+    handshake = _Handshake(ws, hub)
+    try:
+        device_id, user_id = await handshake.run()
+    except (ProtocolError, asyncio.TimeoutError) as exc:
+        err = exc if isinstance(exc, ProtocolError) else AuthenticationFailed("handshake timed out")
+        log.info("agent handshake refused: %s", err)
+        try:
+            await handshake.send(m.Error(code=err.code, message=str(err)))
+            await ws.close(4003 if isinstance(err, AuthenticationFailed) else 4002, str(err)[:120])
+        except Exception:
+            pass
+        return
+    except WebSocketDisconnect:
+        return
+    conn = AgentConnection(device_id, user_id, ws.send_bytes, ws.close, hub.config.limits.max_queued_bytes_per_peer)
+    await hub.register(conn)
+    writer = asyncio.create_task(conn.writer(), name=f"writer-{device_id}")
+    try:
+        await _message_loop(ws, hub, conn)
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("agent %s connection failed", device_id)
+    finally:
+        await conn.close()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await hub.unregister(conn)
+
+
+async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
+    limit = hub.config.limits.max_message_bytes
+    while not conn.closed:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        hub.seen(conn)
+        data = msg.get("bytes")
+        try:
+            if data is None:
+                raise MalformedFrame("text frames are not part of the protocol; send binary frames")
+            env = decode_frame(data, limit)
+            if env.src != conn.device_id:
+                raise AuthenticationFailed(f"frame claims source {env.src!r} but this connection is {conn.device_id}")
+            if env.dst and env.dst != "server":
+                hub.relay(conn, env, data)
+            else:
+                await _handle(hub, conn, env)
+        except ProtocolError as exc:
+            conn.send_error(exc, ref=None)
+            if exc.fatal:
+                log.info("closing agent %s: %s", conn.device_id, exc)
+                await conn.drained(timeout=1.0)  # let the error frame go out first
+                await conn.close(4002, f"{exc.code}: {exc}")
+                return
+
+
+async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
+    msg = m.parse(env)
+    if isinstance(msg, m.Heartbeat):
+        conn.send(m.HeartbeatAck(seq=msg.seq))
+    elif isinstance(msg, m.Telemetry):
+        hub.add_telemetry(conn.device_id, msg.samples)
+    elif isinstance(msg, m.Profile):
+        conn.profile = msg.profile
+        await hub.store.set_profile(conn.device_id, msg.profile)
+    elif isinstance(msg, m.Echo):
+        conn.send(m.Echo(reply=True), payload=bytes(env.payload))
+    elif isinstance(msg, m.LinkOpen):
+        await hub.open_link(conn, msg)
+    elif isinstance(msg, (m.LinkTestProgress, m.LinkTestDone)):
+        hub.linktest_update(conn, msg)
+    else:
+        raise UnexpectedMessage(f"{env.type} is not accepted from agents")

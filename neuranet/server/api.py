@@ -1,0 +1,160 @@
+"""REST API under ``/api/v1``: tokens, users, devices, history and link tests (bearer auth)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from neuranet.server.hub import Hub
+from neuranet.server.store import Principal, Store, StoreError
+
+router = APIRouter(prefix="/api/v1")
+_bearer = HTTPBearer(auto_error=False)
+MAX_LINKTEST_BYTES = 4 * 1024**3
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_hub(request: Request) -> Hub:
+    return request.app.state.hub
+
+
+async def principal(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    if creds is None:
+        raise HTTPException(401, "missing bearer token: pass `Authorization: Bearer <token>`")
+    who = await get_store(request).authenticate(creds.credentials)
+    if who is None:
+        raise HTTPException(401, "invalid API token")
+    return who
+
+
+User = Annotated[Principal, Depends(principal)]
+StoreDep = Annotated[Store, Depends(get_store)]
+HubDep = Annotated[Hub, Depends(get_hub)]
+
+
+class TokenRequest(BaseModel):
+    name: str = Field("cli", min_length=1, max_length=100)
+
+
+class JoinTokenRequest(BaseModel):
+    ttl_seconds: float = Field(24 * 3600, gt=0, le=30 * 24 * 3600)
+
+
+class UserRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
+    is_admin: bool = False
+
+
+class LinkTestRequest(BaseModel):
+    src: str
+    dst: str
+    total_bytes: int = Field(64 * 1024 * 1024, gt=0, le=MAX_LINKTEST_BYTES)
+    message_bytes: int = Field(1024 * 1024, gt=0, le=32 * 1024 * 1024)
+
+
+@router.get("/me")
+async def me(user: User) -> dict[str, Any]:
+    return {"user_id": user.user_id, "name": user.name, "is_admin": user.is_admin}
+
+
+@router.post("/tokens")
+async def create_token(body: TokenRequest, user: User, store: StoreDep) -> dict[str, str]:
+    return {"token": await store.create_api_token(user.user_id, body.name)}
+
+
+@router.post("/join-tokens")
+async def create_join_token(user: User, store: StoreDep, body: JoinTokenRequest | None = None) -> dict[str, Any]:
+    token, expires = await store.create_join_token(user.user_id, (body or JoinTokenRequest()).ttl_seconds)
+    return {"join_token": token, "expires_at": expires}
+
+
+@router.post("/users")
+async def create_user(body: UserRequest, user: User, store: StoreDep) -> dict[str, Any]:
+    if not user.is_admin:
+        raise HTTPException(403, "only an admin can create users")
+    try:
+        created, token = await store.create_user(body.name, is_admin=body.is_admin)
+    except StoreError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return {"user_id": created.user_id, "name": created.name, "token": token}
+
+
+def device_view(device: Any, hub: Hub) -> dict[str, Any]:
+    conn = hub.conns.get(device.id)
+    return {
+        "id": device.id,
+        "name": device.name,
+        "online": conn is not None,
+        "online_since": conn.connected_at if conn else None,
+        "last_seen": conn.last_seen if conn else device.last_seen,
+        "profile": device.profile or {},
+        "created_at": device.created_at,
+    }
+
+
+async def owned_device(device_id: str, user: Principal, store: Store) -> Any:
+    device = await store.get_device(device_id)
+    if device is None or device.user_id != user.user_id:
+        raise HTTPException(404, f"no device {device_id} among your devices")
+    return device
+
+
+@router.get("/devices")
+async def list_devices(user: User, store: StoreDep, hub: HubDep) -> list[dict[str, Any]]:
+    return [device_view(d, hub) for d in await store.list_devices(user.user_id)]
+
+
+@router.get("/devices/{device_id}")
+async def get_device(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    return device_view(await owned_device(device_id, user, store), hub)
+
+
+@router.get("/devices/{device_id}/history")
+async def device_history(device_id: str, user: User, store: StoreDep, since: float = 0.0) -> dict[str, Any]:
+    await owned_device(device_id, user, store)
+    intervals = await store.presence_history(device_id, since)
+    return {"device_id": device_id, "now": time.time(), "intervals": [{"start": s, "end": e} for s, e in intervals]}
+
+
+@router.get("/devices/{device_id}/telemetry")
+async def device_telemetry(device_id: str, user: User, store: StoreDep, limit: int = 100) -> list[dict[str, Any]]:
+    await owned_device(device_id, user, store)
+    return await store.telemetry(device_id, max(1, min(limit, 10_000)))
+
+
+@router.post("/linktests")
+async def start_linktest(body: LinkTestRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    """Ask device ``src`` to send ``total_bytes`` of tensors to ``dst`` through a PeerLink."""
+    await owned_device(body.src, user, store)
+    await owned_device(body.dst, user, store)
+    if body.src == body.dst:
+        raise HTTPException(422, "src and dst must be different devices")
+    for d in (body.src, body.dst):
+        if d not in hub.conns:
+            raise HTTPException(409, f"device {d} is offline")
+    test = hub.start_linktest(user.user_id, body.src, body.dst, body.total_bytes, body.message_bytes)
+    return linktest_view(test)
+
+
+@router.get("/linktests/{test_id}")
+async def get_linktest(test_id: str, user: User, hub: HubDep) -> dict[str, Any]:
+    test = hub.linktests.get(test_id)
+    if test is None or test.user_id != user.user_id:
+        raise HTTPException(404, f"no link test {test_id}")
+    return linktest_view(test)
+
+
+def linktest_view(test: Any) -> dict[str, Any]:
+    return {
+        "id": test.test_id, "src": test.src, "dst": test.dst, "total_bytes": test.total_bytes,
+        "sent_bytes": test.sent_bytes, "path": test.path, "done": test.done, "result": test.result,
+    }

@@ -1,0 +1,64 @@
+"""The coordinator's ASGI app: REST API, the agent WebSocket and owned background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, WebSocket
+
+from neuranet import __version__
+from neuranet.config import ServerConfig
+from neuranet.server.agent_endpoint import serve_agent
+from neuranet.server.api import router
+from neuranet.server.hub import Hub
+from neuranet.server.store import Store
+
+log = logging.getLogger("neuranet.server")
+
+FirstAdmin = Callable[[str, str], None]  # (user name, API token)
+
+
+def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None) -> FastAPI:
+    """Build the app; state is created in the lifespan so one config can serve many apps."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        config.blob_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(config.database_url)
+        await store.migrate()
+        closed = await store.close_stale_presence()
+        if closed:
+            log.info("closed %d presence intervals left open by the last run", closed)
+        if await store.user_count() == 0:
+            _, token = await store.create_user("admin", is_admin=True)
+            if on_first_admin:
+                on_first_admin("admin", token)
+        hub = Hub(config, store)
+        app.state.store, app.state.hub = store, hub
+        maintain = asyncio.create_task(hub.maintain(), name="hub-maintain")
+        try:
+            yield
+        finally:
+            maintain.cancel()
+            await asyncio.gather(maintain, return_exceptions=True)
+            for conn in list(hub.conns.values()):
+                await conn.close(1001, "server shutting down")
+            await hub.flush()
+            await store.close()
+
+    app = FastAPI(title="NeuraNet coordinator", version=__version__, lifespan=lifespan)
+    app.include_router(router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        return {"ok": True, "version": __version__, "online_devices": len(app.state.hub.conns)}
+
+    @app.websocket("/agent")
+    async def agent_socket(ws: WebSocket) -> None:
+        await serve_agent(ws, app.state.hub)
+
+    return app

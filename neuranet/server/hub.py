@@ -1,0 +1,253 @@
+"""The relay hub: live agent connections, their bounded send queues, and link authorisation.
+
+The hub owns one :class:`AgentConnection` per online device. Frames addressed to
+another device are forwarded byte-for-byte after the header is checked; each
+destination queue counts bytes per source, so one flooding peer is cut off
+alone while everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from neuranet.config import ServerConfig
+from neuranet.protocol import messages as m
+from neuranet.protocol.envelope import Envelope, encode_frame
+from neuranet.protocol.errors import ProtocolError, QueueLimitExceeded
+from neuranet.server.store import Store
+
+log = logging.getLogger("neuranet.hub")
+
+RELAYED_TYPES = frozenset({"link_data", "link_ack", "link_close", "ping", "pong"})
+
+SendBytes = Callable[[bytes], Awaitable[None]]
+CloseFn = Callable[[int, str], Awaitable[None]]
+
+
+class AgentConnection:
+    """One agent's WebSocket as the hub sees it: identity, liveness and an outbound queue."""
+
+    def __init__(self, device_id: str, user_id: str, send_bytes: SendBytes, close: CloseFn, max_queued: int) -> None:
+        self.device_id = device_id
+        self.user_id = user_id
+        self.profile: dict[str, Any] = {}
+        self.connected_at = time.time()
+        self.last_seen = self.connected_at
+        self._send_bytes = send_bytes
+        self._close = close
+        self._max_queued = max_queued
+        self._queue: collections.deque[tuple[bytes, str]] = collections.deque()
+        self._queued_from: collections.Counter[str] = collections.Counter()
+        self._ready = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.closed = False
+        self._next_id = 0
+
+    @property
+    def queued_bytes(self) -> int:
+        return sum(self._queued_from.values())
+
+    def enqueue(self, frame: bytes, source: str = "") -> None:
+        """Queue a frame for this agent; raises QueueLimitExceeded if ``source`` has too much waiting."""
+        if self.closed:
+            return
+        if source and self._queued_from[source] + len(frame) > self._max_queued:
+            raise QueueLimitExceeded(
+                f"{self._queued_from[source]} bytes from {source} already wait for {self.device_id}; "
+                f"limit is {self._max_queued}"
+            )
+        self._queued_from[source] += len(frame)
+        self._queue.append((frame, source))
+        self._empty.clear()
+        self._ready.set()
+
+    def send(self, msg: m.Message, *, ref: int | None = None, payload: bytes = b"") -> None:
+        self._next_id += 1
+        env = msg.envelope(id=self._next_id, src="server", dst=self.device_id, payload=payload)
+        self.enqueue(encode_frame(env))
+
+    def send_error(self, exc: ProtocolError, ref: int | None = None) -> None:
+        self.send(m.Error(code=exc.code, message=str(exc), ref=ref))
+
+    async def writer(self) -> None:
+        """Drain the queue into the socket until the connection closes."""
+        while not self.closed:
+            if not self._queue:
+                self._empty.set()
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            frame, source = self._queue.popleft()
+            try:
+                await self._send_bytes(frame)
+            finally:
+                self._queued_from[source] -= len(frame)
+                if self._queued_from[source] <= 0:
+                    del self._queued_from[source]
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (bounded) until everything queued so far has been written."""
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if not self.closed:
+            self.closed = True
+            self._ready.set()
+            try:
+                await self._close(code, reason[:120])
+            except Exception:  # the socket may already be gone
+                pass
+
+
+@dataclass
+class LinkTestState:
+    test_id: str
+    user_id: str
+    src: str
+    dst: str
+    total_bytes: int
+    message_bytes: int
+    started: float = field(default_factory=time.time)
+    sent_bytes: int = 0
+    path: str = ""
+    done: bool = False
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class Hub:
+    """Registry of online agents; authorises links and relays frames between them."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.conns: dict[str, AgentConnection] = {}
+        self._pairs: set[frozenset[str]] = set()
+        self.linktests: dict[str, LinkTestState] = {}
+        self._dirty_seen: dict[str, float] = {}
+        self._telemetry: list[dict[str, Any]] = []
+
+    # --- membership -----------------------------------------------------------
+
+    def connections_of(self, user_id: str) -> int:
+        return sum(1 for c in self.conns.values() if c.user_id == user_id)
+
+    async def register(self, conn: AgentConnection) -> None:
+        old = self.conns.get(conn.device_id)
+        self.conns[conn.device_id] = conn
+        if old is not None:
+            await old.close(4000, "replaced by a newer connection")
+        await self.store.open_presence(conn.device_id, conn.connected_at)
+
+    async def unregister(self, conn: AgentConnection) -> None:
+        if self.conns.get(conn.device_id) is not conn:
+            return  # a newer connection took over; its presence stays open
+        del self.conns[conn.device_id]
+        await self.store.close_presence(conn.device_id, conn.last_seen)
+        for pair in self._pairs:
+            if conn.device_id in pair:
+                (other,) = pair - {conn.device_id}
+                if other in self.conns:
+                    self.conns[other].send(m.PeerDown(peer=conn.device_id))
+
+    def seen(self, conn: AgentConnection) -> None:
+        conn.last_seen = time.time()
+        self._dirty_seen[conn.device_id] = conn.last_seen
+
+    # --- links ----------------------------------------------------------------
+
+    async def open_link(self, conn: AgentConnection, req: m.LinkOpen) -> None:
+        if req.peer == conn.device_id or not await self.store.may_link(conn.device_id, req.peer):
+            conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="forbidden: the device is not yours and shares no run with you"))
+            return
+        peer = self.conns.get(req.peer)
+        if peer is None:
+            conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
+            return
+        self._pairs.add(frozenset((conn.device_id, req.peer)))
+        secret = secrets.token_bytes(32)
+        conn.send(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
+                              peer_addrs=_addrs(peer.profile), secret=secret))
+        peer.send(m.LinkGrant(link_id=req.link_id, peer=conn.device_id, channel=req.channel, initiator=False,
+                              peer_addrs=_addrs(conn.profile), secret=secret))
+
+    def relay(self, conn: AgentConnection, env: Envelope, frame: bytes) -> None:
+        """Forward a frame unchanged to its destination device."""
+        if env.type not in RELAYED_TYPES:
+            raise ProtocolError(f"message type {env.type!r} cannot be relayed")
+        if frozenset((conn.device_id, env.dst)) not in self._pairs:
+            conn.send(m.LinkRefusedMsg(link_id=str(env.body.get("link", "")), peer=env.dst,
+                                       reason="forbidden: no link was granted to that device"))
+            return
+        peer = self.conns.get(env.dst)
+        if peer is None:
+            conn.send(m.PeerDown(peer=env.dst))
+            return
+        peer.enqueue(frame, source=conn.device_id)
+
+    # --- link tests -------------------------------------------------------------
+
+    def start_linktest(self, user_id: str, src: str, dst: str, total_bytes: int, message_bytes: int) -> LinkTestState:
+        conn = self.conns.get(src)
+        if conn is None:
+            raise LookupError(f"device {src} is not online")
+        test = LinkTestState(secrets.token_hex(8), user_id, src, dst, total_bytes, message_bytes)
+        self.linktests[test.test_id] = test
+        conn.send(m.LinkTestStart(test_id=test.test_id, peer=dst, total_bytes=total_bytes, message_bytes=message_bytes))
+        return test
+
+    def linktest_update(self, conn: AgentConnection, msg: m.LinkTestProgress | m.LinkTestDone) -> None:
+        test = self.linktests.get(msg.test_id)
+        if test is None or test.src != conn.device_id:
+            return
+        if isinstance(msg, m.LinkTestProgress):
+            test.sent_bytes, test.path = msg.sent_bytes, msg.path
+        else:
+            test.done, test.result = True, msg.model_dump()
+            test.sent_bytes, test.path = msg.bytes, msg.path
+
+    # --- batched persistence ----------------------------------------------------
+
+    def add_telemetry(self, device_id: str, samples: list[m.TelemetrySample]) -> None:
+        self._telemetry.extend({"device_id": device_id, **s.model_dump()} for s in samples)
+
+    async def flush(self) -> None:
+        seen, self._dirty_seen = self._dirty_seen, {}
+        rows, self._telemetry = self._telemetry, []
+        await self.store.touch_devices(seen)
+        await self.store.add_telemetry(rows)
+
+    async def sweep(self) -> None:
+        """Disconnect agents silent past the deadline (their links then fail over)."""
+        deadline = time.time() - self.config.offline_after
+        for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
+            log.info("device %s silent since %.1fs, marking offline", conn.device_id, time.time() - conn.last_seen)
+            await conn.close(4001, "silent past the liveness deadline")
+            await self.unregister(conn)
+
+    async def maintain(self) -> None:
+        """Background loop owned by the app lifespan: flush history, sweep dead agents."""
+        while True:
+            await asyncio.sleep(self.config.telemetry_flush_interval)
+            try:
+                await self.sweep()
+                await self.flush()
+            except Exception:  # keep serving; the next round retries
+                log.exception("hub maintenance failed")
+
+
+def _addrs(profile: dict[str, Any]) -> list[tuple[str, int]]:
+    out = []
+    for item in profile.get("listen_addrs") or []:
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int):
+            out.append((item[0], item[1]))
+    return out[:32]

@@ -1,0 +1,92 @@
+"""SQLAlchemy 2 table models of the coordinator (schema changes go through Alembic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class JoinToken(Base):
+    __tablename__ = "join_tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double)
+    used_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    profile: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Double)
+    last_seen: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class PresenceInterval(Base):
+    """One stretch of time a device was connected; ``end`` is NULL while it lasts."""
+
+    __tablename__ = "presence_intervals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    start: Mapped[float] = mapped_column(Double)
+    end: Mapped[float | None] = mapped_column(Double, nullable=True)
+    __table_args__ = (Index("ix_presence_device_start", "device_id", "start"),)
+
+
+class TelemetryRow(Base):
+    __tablename__ = "telemetry"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    ts: Mapped[float] = mapped_column(Double)
+    cpu_percent: Mapped[float] = mapped_column(Double)
+    mem_percent: Mapped[float] = mapped_column(Double)
+    mem_used: Mapped[int] = mapped_column(BigInteger)
+    net_sent: Mapped[int] = mapped_column(BigInteger)
+    net_recv: Mapped[int] = mapped_column(BigInteger)
+    battery_percent: Mapped[float | None] = mapped_column(Double, nullable=True)
+    power_plugged: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    __table_args__ = (Index("ix_telemetry_device_ts", "device_id", "ts"),)
+
+
+class Run(Base):
+    """A set of devices the server has put to work together (pipelines, jobs)."""
+
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class RunDevice(Base):
+    __tablename__ = "run_devices"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)

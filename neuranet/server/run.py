@@ -1,0 +1,81 @@
+"""Run the coordinator under uvicorn and publish where it listens (``server.json``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from neuranet.config import ServerConfig
+from neuranet.server.app import FirstAdmin, create_app
+
+
+def _bind(config: ServerConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def server_url(config: ServerConfig, port: int) -> str:
+    scheme = "https" if config.tls_cert else "http"
+    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def uvicorn_config(config: ServerConfig, on_first_admin: FirstAdmin | None = None) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(config, on_first_admin),
+        log_level=os.environ.get("NEURANET_LOG_LEVEL", "warning"),
+        ws="websockets-sansio",
+        ws_max_size=2 * config.limits.max_message_bytes,
+        ws_per_message_deflate=False,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+        ssl_keyfile=str(config.tls_key) if config.tls_key else None,
+        lifespan="on",
+        timeout_graceful_shutdown=3,
+    )
+
+
+async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
+                on_listening: "callable | None" = None) -> None:
+    """Serve until cancelled or signalled; writes ``server.json`` with the URL once listening."""
+    sock = _bind(config)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(config, on_first_admin))
+    url = server_url(config, port)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.02)
+        _write_json(config.data_dir / "server.json", {"url": url, "pid": os.getpid(), "port": port})
+        if on_listening:
+            on_listening(url)
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        announcer.cancel()
+        await asyncio.gather(announcer, return_exceptions=True)
+        sock.close()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

@@ -1,0 +1,263 @@
+"""The coordinator's persistent state: users, tokens, devices, presence history, telemetry.
+
+All database access goes through :class:`Store`, so routers and the hub never
+build queries themselves. Secrets are stored as SHA-256 hashes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import and_, event, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from neuranet.server.models import ApiToken, Device, JoinToken, PresenceInterval, Run, RunDevice, TelemetryRow, User
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+JOIN_TOKEN_TTL = 24 * 3600.0
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message says what to change."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated user behind a request."""
+
+    user_id: str
+    name: str
+    is_admin: bool
+
+
+def _migrate(sync_conn: Any) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite allows one writer; queue writers here instead of failing with "database is locked".
+        self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncSession]:
+        if self._write_lock is None:
+            async with self.session.begin() as s:
+                yield s
+            return
+        async with self._write_lock:
+            async with self.session.begin() as s:
+                yield s
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(_migrate)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # --- users and tokens -------------------------------------------------------
+
+    async def user_count(self) -> int:
+        async with self.session() as s:
+            return len((await s.execute(select(User.id))).all())
+
+    async def create_user(self, name: str, *, is_admin: bool = False) -> tuple[Principal, str]:
+        """Create a user and its first API token; returns the token in clear, once."""
+        async with self._tx() as s:
+            if (await s.execute(select(User).where(User.name == name))).scalar_one_or_none():
+                raise StoreError(f"user {name!r} already exists")
+            user = User(id=new_id(), name=name, is_admin=is_admin, created_at=time.time())
+            s.add(user)
+        token = await self.create_api_token(user.id, "initial")
+        return Principal(user.id, user.name, user.is_admin), token
+
+    async def create_api_token(self, user_id: str, name: str) -> str:
+        token = "nn_" + secrets.token_urlsafe(32)
+        async with self._tx() as s:
+            s.add(ApiToken(id=new_id(), user_id=user_id, name=name, token_hash=hash_secret(token), created_at=time.time()))
+        return token
+
+    async def authenticate(self, token: str) -> Principal | None:
+        async with self.session() as s:
+            row = (
+                await s.execute(
+                    select(User).join(ApiToken, ApiToken.user_id == User.id).where(ApiToken.token_hash == hash_secret(token))
+                )
+            ).scalar_one_or_none()
+        return Principal(row.id, row.name, row.is_admin) if row else None
+
+    async def create_join_token(self, user_id: str, ttl: float = JOIN_TOKEN_TTL) -> tuple[str, float]:
+        token = "nj_" + secrets.token_urlsafe(24)
+        now = time.time()
+        async with self._tx() as s:
+            s.add(JoinToken(id=new_id(), user_id=user_id, token_hash=hash_secret(token), created_at=now, expires_at=now + ttl))
+        return token, now + ttl
+
+    # --- devices -----------------------------------------------------------------
+
+    async def enrol_device(self, join_token: str, public_key: bytes, name: str) -> Device:
+        """Spend a one-time join token to register a device under the token's owner."""
+        now = time.time()
+        async with self._tx() as s:
+            jt = (
+                await s.execute(select(JoinToken).where(JoinToken.token_hash == hash_secret(join_token)).with_for_update())
+            ).scalar_one_or_none()
+            if jt is None:
+                raise StoreError("unknown join token")
+            if jt.used_by is not None:
+                earlier = await s.get(Device, jt.used_by)
+                if earlier is not None and earlier.public_key == public_key:
+                    return earlier  # the agent enrolled but never heard back: same key, same device
+                raise StoreError("join token was already used; create a new one with `neuranet join-token`")
+            if jt.expires_at < now:
+                raise StoreError("join token has expired; create a new one with `neuranet join-token`")
+            if (await s.execute(select(Device.id).where(Device.public_key == public_key))).first():
+                raise StoreError("a device with this public key is already enrolled")
+            device = Device(id=new_id(), user_id=jt.user_id, name=name, public_key=public_key, profile={}, created_at=now)
+            s.add(device)
+            jt.used_by = device.id
+        return device
+
+    async def get_device(self, device_id: str) -> Device | None:
+        async with self.session() as s:
+            return await s.get(Device, device_id)
+
+    async def list_devices(self, user_id: str) -> list[Device]:
+        async with self.session() as s:
+            rows = await s.execute(select(Device).where(Device.user_id == user_id).order_by(Device.created_at))
+            return list(rows.scalars())
+
+    async def set_profile(self, device_id: str, profile: dict[str, Any]) -> None:
+        async with self._tx() as s:
+            await s.execute(update(Device).where(Device.id == device_id).values(profile=profile))
+
+    async def touch_devices(self, last_seen: dict[str, float]) -> None:
+        """Record when each device was last heard from (batched by the hub)."""
+        if not last_seen:
+            return
+        async with self._tx() as s:
+            for device_id, ts in last_seen.items():
+                await s.execute(update(Device).where(Device.id == device_id).values(last_seen=ts))
+
+    async def may_link(self, device_a: str, device_b: str) -> bool:
+        """Two devices may open a PeerLink if they share an owner or a run."""
+        async with self.session() as s:
+            owners = dict((await s.execute(select(Device.id, Device.user_id).where(Device.id.in_([device_a, device_b])))).all())
+            if len(owners) != 2:
+                return False
+            if owners[device_a] == owners[device_b]:
+                return True
+            a, b = RunDevice.__table__.alias("a"), RunDevice.__table__.alias("b")
+            shared = await s.execute(
+                select(a.c.run_id).join(b, a.c.run_id == b.c.run_id).where(a.c.device_id == device_a, b.c.device_id == device_b)
+            )
+            return shared.first() is not None
+
+    async def create_run(self, user_id: str, kind: str, device_ids: Iterable[str]) -> str:
+        run_id = new_id()
+        async with self._tx() as s:
+            s.add(Run(id=run_id, user_id=user_id, kind=kind, created_at=time.time()))
+            await s.flush()
+            for d in dict.fromkeys(device_ids):
+                s.add(RunDevice(run_id=run_id, device_id=d))
+        return run_id
+
+    # --- presence history and telemetry -------------------------------------------
+
+    async def open_presence(self, device_id: str, now: float) -> None:
+        async with self._tx() as s:
+            await s.execute(
+                update(PresenceInterval)
+                .where(and_(PresenceInterval.device_id == device_id, PresenceInterval.end.is_(None)))
+                .values(end=now)
+            )
+            s.add(PresenceInterval(device_id=device_id, start=now, end=None))
+            await s.execute(update(Device).where(Device.id == device_id).values(last_seen=now))
+
+    async def close_presence(self, device_id: str, end: float) -> None:
+        async with self._tx() as s:
+            await s.execute(
+                update(PresenceInterval)
+                .where(and_(PresenceInterval.device_id == device_id, PresenceInterval.end.is_(None)))
+                .values(end=end)
+            )
+            await s.execute(update(Device).where(Device.id == device_id).values(last_seen=end))
+
+    async def close_stale_presence(self) -> int:
+        """After a restart, end every interval left open at the device's last sign of life."""
+        async with self._tx() as s:
+            open_rows = (
+                await s.execute(
+                    select(PresenceInterval, Device.last_seen)
+                    .join(Device, Device.id == PresenceInterval.device_id)
+                    .where(PresenceInterval.end.is_(None))
+                )
+            ).all()
+            for interval, last_seen in open_rows:
+                interval.end = max(interval.start, last_seen or interval.start)
+        return len(open_rows)
+
+    async def presence_history(self, device_id: str, since: float = 0.0) -> list[tuple[float, float | None]]:
+        async with self.session() as s:
+            rows = await s.execute(
+                select(PresenceInterval.start, PresenceInterval.end)
+                .where(PresenceInterval.device_id == device_id)
+                .where((PresenceInterval.end.is_(None)) | (PresenceInterval.end >= since))
+                .order_by(PresenceInterval.start)
+            )
+            return [(start, end) for start, end in rows.all()]
+
+    async def add_telemetry(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            async with self._tx() as s:
+                await s.execute(TelemetryRow.__table__.insert(), rows)
+
+    async def telemetry(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        async with self.session() as s:
+            rows = await s.execute(
+                select(TelemetryRow).where(TelemetryRow.device_id == device_id).order_by(TelemetryRow.ts.desc()).limit(limit)
+            )
+            return [
+                {c: getattr(r, c) for c in ("ts", "cpu_percent", "mem_percent", "mem_used", "net_sent", "net_recv",
+                                            "battery_percent", "power_plugged")}
+                for r in reversed(list(rows.scalars()))
+            ]
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
