@@ -266,7 +266,7 @@ class Agent:
             await self.send(m.Profile(profile=self.profile()))
 
     def profile(self) -> dict[str, Any]:
-        addrs = self.config.advertise or tuple(local_addresses(self.listener.port, self.config.listen_host))
+        addrs = self.config.advertise if self.config.advertise is not None else local_addresses(self.listener.port, self.config.listen_host)
         return {
             **(self._static or {}),
             "listen_addrs": [list(a) for a in addrs],

@@ -1,0 +1,3 @@
+from neuranet.cli import app
+
+app(prog_name="neuranet")

@@ -1,0 +1,239 @@
+"""The ``neuranet`` command line: thin wrappers over the server, agent and REST client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from neuranet.client import Client, ClientError, load_client_config, save_client_config
+from neuranet.config import AgentConfig, ClientConfig, ServerConfig, default_home
+
+app = typer.Typer(help="NeuraNet: one fabric of the computers you own.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+users_app = typer.Typer(help="Users (admin only).", no_args_is_help=True)
+links_app = typer.Typer(help="PeerLinks between your devices.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(users_app, name="users")
+app.add_typer(links_app, name="links")
+console = Console()
+err = Console(stderr=True)
+
+ServerOpt = typer.Option(None, "--server", envvar="NEURANET_SERVER", help="Coordinator URL (default: saved login).")
+TokenOpt = typer.Option(None, "--token", envvar="NEURANET_TOKEN", help="API token (default: saved login).")
+
+
+def _client(server: str | None, token: str | None) -> Client:
+    try:
+        return Client(load_client_config(server, token))
+    except ClientError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/] {exc}")
+    raise typer.Exit(1)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8420, help="Port (0 picks a free one)."),
+    data_dir: Path = typer.Option(None, help="Database and blobs (default: ~/.neuranet/server)."),
+    db_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL, e.g. postgresql+asyncpg://user@host/db."),
+    tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate: serve HTTPS/WSS."),
+    tls_key: Optional[Path] = typer.Option(None, help="PEM private key for --tls-cert."),
+    offline_after: float = typer.Option(12.0, help="Seconds of silence before a device is marked offline."),
+    heartbeat: float = typer.Option(3.0, help="Heartbeat interval agents are told to use."),
+    max_connections_per_user: int = typer.Option(256, help="Agent connections one user may hold."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the coordinator (REST API, agent WebSocket and relay hub)."""
+    from neuranet.config import Limits
+    from neuranet.server.run import serve
+
+    _logging(verbose)
+    if (tls_cert is None) != (tls_key is None):
+        _fail(ValueError("--tls-cert and --tls-key go together"))
+    for p in (tls_cert, tls_key):
+        if p is not None and not p.is_file():
+            _fail(FileNotFoundError(f"{p} does not exist"))
+    cfg = ServerConfig(data_dir=data_dir or default_home() / "server", host=host, port=port, db_url=db_url,
+                       tls_cert=tls_cert, tls_key=tls_key, offline_after=offline_after, heartbeat_interval=heartbeat,
+                       limits=Limits(max_connections_per_user=max_connections_per_user))
+
+    first_token: list[str] = []
+
+    def first_admin(name: str, token: str) -> None:
+        console.print(f"[bold]First start:[/] created user [cyan]{name}[/] with API token (shown once):\n  {token}")
+        first_token.append(token)
+
+    def listening(url: str) -> None:
+        console.print(f"NeuraNet coordinator listening on [bold]{url}[/] (data in {cfg.data_dir})")
+        if first_token:  # log this machine's CLI in, unless it already has a login
+            saved = save_client_config(ClientConfig(url, first_token[0], ca_cert=tls_cert), overwrite=False)
+            if saved:
+                console.print(f"Saved this login to {saved} for the CLI on this machine.")
+
+    try:
+        asyncio.run(serve(cfg, first_admin, listening))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # a bad --db-url or an unusable port: say so plainly
+        _fail(exc)
+
+
+@app.command()
+def login(server: str = typer.Option(..., "--server"), token: str = typer.Option(..., "--token"),
+          ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for https.")) -> None:
+    """Save the server URL and token for later commands."""
+    cfg = ClientConfig(server.rstrip("/"), token, ca_cert)
+    with Client(cfg) as c:
+        try:
+            me = c.me()
+        except ClientError as exc:
+            _fail(exc)
+    path = save_client_config(cfg)
+    console.print(f"Logged in as [cyan]{me['name']}[/]; saved to {path}")
+
+
+@token_app.command("create")
+def token_create(name: str = typer.Option("cli", help="A label for the token."),
+                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Create a new API token for your user."""
+    with _client(server, token) as c:
+        try:
+            console.print(c.create_token(name))
+        except ClientError as exc:
+            _fail(exc)
+
+
+@app.command("join-token")
+def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays valid."),
+               server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Create a one-time token that enrols one device as yours."""
+    with _client(server, token) as c:
+        try:
+            jt = c.create_join_token(ttl)
+        except ClientError as exc:
+            _fail(exc)
+        console.print(jt["join_token"])
+        err.print(f"Enrol a device with:  neuranet agent --server {c._http.base_url} --join-token {jt['join_token']}")
+
+
+@users_app.command("create")
+def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
+                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Create a user and print its first API token."""
+    with _client(server, token) as c:
+        try:
+            u = c.create_user(name, admin)
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"user {u['name']} ({u['user_id']}) token: {u['token']}")
+
+
+@app.command()
+def agent(
+    server: str = typer.Option(..., "--server", envvar="NEURANET_SERVER", help="Coordinator URL."),
+    join_token: Optional[str] = typer.Option(None, help="One-time token to enrol this device (first run only)."),
+    data_dir: Path = typer.Option(None, help="Key and state (default: ~/.neuranet/agent)."),
+    name: Optional[str] = typer.Option(None, help="Device name (default: hostname)."),
+    ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for wss://."),
+    listen_host: str = typer.Option("0.0.0.0", help="Address for direct peer links."),
+    listen_port: int = typer.Option(0, help="Port for direct peer links (0: any)."),
+    measure: bool = typer.Option(True, help="Measure matmul speed and bandwidth on connect."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
+    from neuranet.agent import linktest
+    from neuranet.agent.runtime import Agent, EnrolmentError
+
+    _logging(verbose)
+    cfg = AgentConfig(server_url=server, data_dir=data_dir or default_home() / "agent", name=name, join_token=join_token,
+                      ca_cert=ca_cert, listen_host=listen_host, listen_port=listen_port, measure=measure)
+    try:
+        cfg.ws_url
+        the_agent = Agent(cfg)
+    except (ValueError, PermissionError) as exc:
+        _fail(exc)
+    linktest.install(the_agent)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(the_agent.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        asyncio.run(main())
+    except EnrolmentError as exc:
+        _fail(exc)
+
+
+@app.command()
+def devices(as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
+            token: Optional[str] = TokenOpt) -> None:
+    """List your devices: online state, resources, last seen."""
+    from neuranet.ui import devices_table
+
+    with _client(server, token) as c:
+        try:
+            rows = c.devices()
+        except ClientError as exc:
+            _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rows))
+    else:
+        console.print(devices_table(rows))
+
+
+@links_app.command("test")
+def links_test(src: str, dst: str, mib: int = typer.Option(64, help="MiB to send."),
+               message_mib: float = typer.Option(1.0, help="Size of each message in MiB."),
+               server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Send tensors from SRC to DST over a PeerLink and report throughput and path."""
+    from neuranet.demo import run_linktests
+    from neuranet.ui import linktests_table
+
+    with _client(server, token) as c:
+        try:
+            a, b = c.resolve_device(src), c.resolve_device(dst)
+            rows = run_linktests(c, [(a, b)], mib * 2**20, int(message_mib * 2**20), console)
+        except ClientError as exc:
+            _fail(exc)
+    console.print(linktests_table(rows))
+    if not all(r["result"].get("ok") for _, r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(mib: int = typer.Option(96, help="MiB sent over each of the three links."),
+         keep: bool = typer.Option(False, help="Keep the demo's data directory.")) -> None:
+    """Start a server and three agents locally and move tensors around the ring."""
+    from neuranet.demo import run_demo
+
+    sys.exit(run_demo(console, mib, keep))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,109 @@
+"""A small synchronous REST client for the coordinator, used by the CLI and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from neuranet.config import ClientConfig, default_home
+
+
+class ClientError(Exception):
+    """The server refused a request; the message is the server's explanation."""
+
+
+def client_config_path(home: Path | None = None) -> Path:
+    return (home or default_home()) / "client.json"
+
+
+def save_client_config(cfg: ClientConfig, home: Path | None = None, overwrite: bool = True) -> Path | None:
+    path = client_config_path(home)
+    if path.exists() and not overwrite:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"server_url": cfg.server_url, "token": cfg.token,
+                   "ca_cert": str(cfg.ca_cert) if cfg.ca_cert else None}, f)
+    return path
+
+
+def load_client_config(server: str | None, token: str | None, home: Path | None = None) -> ClientConfig:
+    """Explicit options win over the saved login in ``client.json``."""
+    saved: dict[str, Any] = {}
+    path = client_config_path(home)
+    if path.exists():
+        saved = json.loads(path.read_text())
+    server_url = server or saved.get("server_url")
+    tok = token or saved.get("token")
+    if not server_url or not tok:
+        raise ClientError(
+            "no server or token: run `neuranet login --server URL --token TOKEN` or pass --server/--token "
+            "(the admin token is printed when `neuranet server` first starts)"
+        )
+    ca = saved.get("ca_cert") if not server else None
+    return ClientConfig(server_url=server_url.rstrip("/"), token=tok, ca_cert=Path(ca) if ca else None)
+
+
+class Client:
+    def __init__(self, cfg: ClientConfig, timeout: float = 30.0) -> None:
+        verify: Any = str(cfg.ca_cert) if cfg.ca_cert else True
+        self._http = httpx.Client(base_url=cfg.server_url, headers={"Authorization": f"Bearer {cfg.token}"},
+                                  timeout=timeout, verify=verify)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise ClientError(f"{resp.status_code}: {detail}")
+        return resp.json()
+
+    def me(self) -> dict[str, Any]:
+        return self.request("GET", "/api/v1/me")
+
+    def create_token(self, name: str) -> str:
+        return self.request("POST", "/api/v1/tokens", json={"name": name})["token"]
+
+    def create_join_token(self, ttl_seconds: float | None = None) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/join-tokens", json={"ttl_seconds": ttl_seconds} if ttl_seconds else None)
+
+    def create_user(self, name: str, is_admin: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/users", json={"name": name, "is_admin": is_admin})
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/devices")
+
+    def start_linktest(self, src: str, dst: str, total_bytes: int, message_bytes: int) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/linktests", json={
+            "src": src, "dst": dst, "total_bytes": total_bytes, "message_bytes": message_bytes})
+
+    def linktest(self, test_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/linktests/{test_id}")
+
+    def resolve_device(self, name_or_id: str) -> dict[str, Any]:
+        """Find one of the user's devices by id, id prefix or name."""
+        devices = self.devices()
+        exact = [d for d in devices if name_or_id in (d["id"], d["name"])]
+        found = exact or [d for d in devices if d["id"].startswith(name_or_id)]
+        if len(found) != 1:
+            raise ClientError(f"{'no' if not found else 'more than one'} device matches {name_or_id!r}")
+        return found[0]
