@@ -157,6 +157,7 @@ def agent(
     listen_host: str = typer.Option("0.0.0.0", help="Address for direct peer links."),
     listen_port: int = typer.Option(0, help="Port for direct peer links (0: any)."),
     measure: bool = typer.Option(True, help="Measure matmul speed and bandwidth on connect."),
+    direct: bool = typer.Option(True, help="Offer direct peer links (--no-direct: always relay)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
@@ -165,7 +166,8 @@ def agent(
 
     _logging(verbose)
     cfg = AgentConfig(server_url=server, data_dir=data_dir or default_home() / "agent", name=name, join_token=join_token,
-                      ca_cert=ca_cert, listen_host=listen_host, listen_port=listen_port, measure=measure)
+                      ca_cert=ca_cert, listen_host=listen_host, listen_port=listen_port, measure=measure,
+                      advertise=None if direct else ())
     try:
         cfg.ws_url
         the_agent = Agent(cfg)

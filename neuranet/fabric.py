@@ -49,11 +49,11 @@ class LocalFabric:
         return subprocess.Popen([*(prefix or []), sys.executable, "-m", "neuranet", *args], stdout=log,
                                 stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
-    def start_server(self, timeout: float = 30.0) -> str:
+    def start_server(self, timeout: float = 30.0, port: int = 0) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
         info = self.server_dir / "server.json"
         info.unlink(missing_ok=True)
-        self.server = self._spawn(["server", "--port", "0", "--data-dir", str(self.server_dir), *self.server_args], "server")
+        self.server = self._spawn(["server", "--port", str(port), "--data-dir", str(self.server_dir), *self.server_args], "server")
         deadline = time.monotonic() + timeout
         while not info.exists():
             if self.server.poll() is not None or time.monotonic() > deadline:

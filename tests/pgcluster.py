@@ -195,7 +195,9 @@ def start_postgres(tmp_path: Path, *, timeout: float = 60.0) -> PgCluster:
     def left() -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise PostgresStartError(f"PostgreSQL did not start within {timeout:.0f}s")
+            raise PostgresStartError(
+                f"PostgreSQL did not start within {timeout:.0f}s; server log tail:\n{cluster.log_tail()}"
+            )
         return remaining
 
     cluster = PgCluster(bindir=bindir, base=base, port=0, as_user=as_user, owns_base=owns_base)
@@ -210,8 +212,11 @@ def start_postgres(tmp_path: Path, *, timeout: float = 60.0) -> PgCluster:
                 raise PostgresStartError(f"pg_ctl start failed; server log tail:\n{cluster.log_tail()}")
         _createdb(cluster, left)
     except subprocess.TimeoutExpired as exc:
+        tail = cluster.log_tail()  # read before stop() deletes the directory holding the log
         cluster.stop()
-        raise PostgresStartError(f"{exc.cmd[0]} timed out; server log tail:\n{cluster.log_tail()}") from None
+        cmd = list(exc.cmd)
+        program = Path(cmd[cmd.index("--") + 1] if "--" in cmd else cmd[0]).name  # past runuser's prefix
+        raise PostgresStartError(f"{program} timed out after {exc.timeout:.1f}s; server log tail:\n{tail}") from None
     except BaseException:
         cluster.stop()
         raise

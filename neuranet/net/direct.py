@@ -71,7 +71,7 @@ async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: byte
         try:
             hello = m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me))
             await path.write(encode_frame(hello.envelope(src=me)))
-            env, _ = await asyncio.wait_for(path.read(), timeout)
+            env, _ = await asyncio.wait_for(path.read(), 2 * timeout)
             if env.type == "direct_ok" and env.body.get("link") == link_id:
                 return path
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError):
@@ -80,13 +80,10 @@ async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: byte
     return None
 
 
-AcceptFn = Callable[[str, str, bytes], "tuple[bytes, Callable[[DirectPath], None]] | None"]
-
-
 class DirectListener:
     """Accepts direct connections and hands each authenticated one to its link."""
 
-    def __init__(self, lookup: Callable[[str], "tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None"],
+    def __init__(self, lookup: Callable[[str], Awaitable["tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None"]],
                  max_frame: int) -> None:
         self._lookup = lookup  # link id -> (peer device id, secret, attach callback)
         self._max_frame = max_frame
@@ -109,7 +106,7 @@ class DirectListener:
             hello = m.parse(env)
             if not isinstance(hello, m.DirectHello):
                 raise AuthenticationFailed("direct connection must start with direct_hello")
-            found = self._lookup(hello.link)
+            found = await self._lookup(hello.link)
             if found is None:
                 raise AuthenticationFailed(f"no link {hello.link}")
             peer, secret, attach = found

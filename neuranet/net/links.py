@@ -32,6 +32,7 @@ class LinkManager:
         self._handlers: dict[str, Handler] = {}
         self._incoming: dict[str, asyncio.Queue[PeerLink]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._awaited: dict[str, asyncio.Future[None]] = {}  # link ids a direct dialer is waiting on
 
     # --- public API -------------------------------------------------------------
 
@@ -48,6 +49,8 @@ class LinkManager:
             raise TimeoutError(f"the server did not grant a link to {peer} within {timeout:.0f}s") from None
         if link.error is not None:
             raise link.error
+        if not await self._dial(link):
+            self.try_direct(link, delay=self.config.direct_retry_interval)
         return link
 
     def serve(self, channel: str, handler: Handler) -> None:
@@ -76,6 +79,9 @@ class LinkManager:
                 link.start()
                 link.on_grant(msg)
                 self._deliver(link)
+                waiter = self._awaited.pop(link.link_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
             elif link.peer == msg.peer:
                 link.on_grant(msg)
         elif isinstance(msg, m.LinkRefusedMsg):
@@ -101,21 +107,39 @@ class LinkManager:
         for link in self.links.values():
             link.on_relay_lost()
 
-    def lookup(self, link_id: str) -> tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None:
+    async def lookup(self, link_id: str, timeout: float = 3.0) -> tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None:
+        """The link a direct connection claims to be for. The dialer may be faster than
+        our copy of the grant, so wait (bounded) for the grant to arrive."""
         link = self.links.get(link_id)
+        if (link is None or not link.secret) and len(self._awaited) < 256:
+            waiter = self._awaited.setdefault(link_id, asyncio.get_running_loop().create_future())
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._awaited.pop(link_id, None)
+            link = self.links.get(link_id)
         if link is None or not link.secret:
             return None
         return link.peer, link.secret, link.attach_direct
 
+    async def _dial(self, link: PeerLink) -> bool:
+        """One attempt at a direct path; True when the link now has one."""
+        if link.closed or link.direct is not None:
+            return not link.closed
+        if not link.peer_addrs:
+            return False
+        path = await dial(link.peer_addrs, link.link_id, self.me, link.secret, self.config.frame_bytes * 2)
+        if path is not None:
+            await link.attach_direct(path)
+        return path is not None
+
     def try_direct(self, link: PeerLink, delay: float = 0.0) -> None:
+        """Keep trying for a direct path in the background, every ``direct_retry_interval``."""
         async def attempt() -> None:
             await asyncio.sleep(delay)
-            if link.closed or link.direct is not None or not link.peer_addrs:
-                return
-            path = await dial(link.peer_addrs, link.link_id, self.me, link.secret, self.config.frame_bytes * 2)
-            if path is not None:
-                await link.attach_direct(path)
-            elif not link.closed:
+            if not await self._dial(link) and not link.closed and link.peer_addrs:
                 self.try_direct(link, delay=self.config.direct_retry_interval)
 
         self._spawn(attempt())

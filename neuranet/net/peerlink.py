@@ -154,10 +154,11 @@ class PeerLink:
         self.peer_down_since = None
         self._rewind()
         self._ack_due = True
+        renewal = self.granted.is_set()
         self.granted.set()
         self._changed.set()
-        if self.initiator and self.direct is None:
-            self.manager.try_direct(self)
+        if renewal and self.initiator and self.direct is None:
+            self.manager.try_direct(self)  # the first attempt is made by LinkManager.open
 
     def on_refused(self, reason: str) -> None:
         if reason.startswith("offline"):
