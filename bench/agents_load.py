@@ -364,6 +364,40 @@ class ServerMeter:
         return self.proc.rlimit(psutil.RLIMIT_NOFILE)[0]
 
 
+class Profiler:
+    """Optional ``py-spy record`` of the server, one raw (collapsed-stack) file per phase."""
+
+    def __init__(self, pid: int, out_dir: str | None) -> None:
+        self.pid, self.out_dir, self.proc = pid, Path(out_dir) if out_dir else None, None
+
+    def start(self, phase: str) -> None:
+        if self.out_dir is None:
+            return
+        import shutil
+        import subprocess
+
+        self.stop()
+        exe = shutil.which("py-spy")
+        if exe is None:
+            print("py-spy not found (pip install py-spy); not profiling")
+            self.out_dir = None
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([exe, "record", "-p", str(self.pid), "-r", "100", "-f", "raw", "--nonblocking",
+                                      "-o", str(self.out_dir / f"server-{phase}.txt")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            try:
+                self.proc.wait(15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
 def create_join_tokens(fabric: Any, n: int, deadline: float) -> list[str]:
     tokens: list[str] = []
     with fabric.client() as c:
@@ -391,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
     ctl = {"progress": ctx.Queue(), "results": ctx.Queue(), "measure": ctx.Event(), "stop": ctx.Event(),
            "report": ctx.Event()}
     workers: list[Any] = []
+    profiler: Profiler | None = None
     with tempfile.TemporaryDirectory(prefix="neuranet-agents-load-") as tmp:
         fabric = LocalFabric(Path(tmp), server_args=["--max-connections-per-user", str(n + 100),
                                                      "--heartbeat", str(args.heartbeat)])
@@ -399,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
             assert fabric.server is not None
             meter = ServerMeter(fabric.server.pid)
             print(f"server: pid {fabric.server.pid} at {fabric.url}, its RLIMIT_NOFILE {meter.nofile()}")
+            profiler = Profiler(fabric.server.pid, args.py_spy)
 
             t0 = time.monotonic()
             tokens = create_join_tokens(fabric, n, t0 + 300)
@@ -410,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
             opts = {"rate": args.rate / procs, "max_inflight": max(1, args.max_inflight // procs),
                     "telemetry_interval": args.telemetry_interval, "max_attempts": 4,
                     "ramp_timeout": n / args.rate + 120.0, "steady_timeout": seconds + 120.0}
+            profiler.start("ramp")
             t_ramp = time.monotonic()
             for i in range(procs):
                 p = ctx.Process(target=client_process, args=(i, fabric.url, share[i], opts, ctl), daemon=True,
@@ -446,6 +483,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
             # steady state: measure heartbeats for `seconds`
+            profiler.start("steady")
             ctl["measure"].set()
             t_meas = time.monotonic()
             mid_online: list[int | None] = []
@@ -456,6 +494,7 @@ def run(args: argparse.Namespace) -> int:
                 if len(mid_online) < 1 and time.monotonic() - t_meas > seconds / 2:
                     mid_online.append(healthz(fabric.url))
             cpu2, rss2 = meter.cpu(), meter.rss()
+            profiler.stop()
             online_end = healthz(fabric.url)
             ctl["report"].set()
             held: dict[int, int] = {}
@@ -527,6 +566,8 @@ def run(args: argparse.Namespace) -> int:
             print("=" * 78)
             return 0 if (held_ok and p99_ok and not crashes) else 1
         finally:
+            if profiler is not None:
+                profiler.stop()
             ctl["stop"].set()
             for p in workers:
                 p.join(timeout=15)
@@ -555,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inflight", type=int, default=64, help="handshakes in flight at once (default 64)")
     ap.add_argument("--heartbeat", type=float, default=3.0, help="heartbeat interval the server hands out (default 3)")
     ap.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds between telemetry samples (default 10)")
+    ap.add_argument("--py-spy", metavar="DIR", help="record the server with py-spy during ramp and steady phase")
     ap.add_argument("--keep-log", action="store_true", help="print the tail of the server log at the end")
     args = ap.parse_args(argv)
     if args.quick:

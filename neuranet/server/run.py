@@ -16,7 +16,10 @@ from neuranet.server.app import FirstAdmin, create_app
 
 def _bind(config: ServerConfig) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: accepted sockets inherit it, and asyncio only sets TCP_NODELAY on
+    # sockets whose proto is IPPROTO_TCP. With proto 0 every response written in two parts (HTTP
+    # headers, then body) waited ~40 ms for the peer's delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
     sock.listen(2048)

@@ -1,0 +1,703 @@
+#!/usr/bin/env python
+"""Loopback benchmark: PeerLink (direct and relayed) against raw-socket baselines, in one run.
+
+    python bench/links.py            # full run (about 2-3 minutes on 2 cores)
+    python bench/links.py --quick    # short run
+
+Every figure is measured in this run and reported as a ratio of the baselines
+measured next to it, so the numbers mean something on any machine:
+
+  a. blocking socket   two processes, sendall / recv_into(MSG_WAITALL) into a
+                       preallocated buffer: the machine's practical limit;
+  b. asyncio stream    two processes, StreamReader/StreamWriter, length-prefixed
+                       messages (what a direct PeerLink path is built on);
+  c. PeerLink direct   two agent processes enrolled to a real coordinator
+                       (``LocalFabric``); the link runs on the direct TCP path;
+  d. PeerLink relay    the same with ``advertise=()``: frames go through the
+                       coordinator's WebSocket relay.
+
+Then the hub's aggregate relayed throughput with 8 pairs sending at once
+(one process holds the 8 senders, another the 8 receivers).
+
+Throughput: one-way stream of N messages of the size, timed from the first
+send until the 8-byte ack of the last one arrives. RTT: one message of the size
+sent, answered by an 8-byte ack (so it is one transfer of the size plus a small
+reply). MB = 10**6 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import shutil
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+KiB = 1024
+MiB = 1024 * KiB
+MB = 1e6
+HDR = struct.Struct(">IB")  # raw baselines: payload length, flag (1 = answer with an ack)
+ACK = b"ack!ack!"  # the 8-byte reply
+ACK_META = {"a": 1}
+CHANNEL = "bench"
+ACK_TIMEOUT = 60.0  # no single message may take longer than this to be acknowledged
+CMD_TIMEOUT = 120.0  # no command to a worker process may take longer than this
+AIMS = {"direct": 0.70, "relay": 0.40}  # fraction of the asyncio stream, at 1 MiB and above
+AIM_MIN_SIZE = MiB
+N_PAIRS = 8
+
+
+def size_name(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def plans(quick: bool) -> dict[str, Any]:
+    """Message sizes with their byte budgets and sample counts; every loop is also time-capped."""
+    if quick:
+        return {
+            "sizes": [(4 * KiB, 4 * MiB, 100), (MiB, 32 * MiB, 20), (16 * MiB, 64 * MiB, 4)],
+            "tput_s": 4.0, "rtt_s": 2.0, "agg_bytes": 64 * MiB, "agg_s": 8.0,
+        }
+    return {
+        # (size, throughput bytes, RTT samples)
+        "sizes": [(4 * KiB, 32 * MiB, 500), (MiB, 256 * MiB, 100), (16 * MiB, 256 * MiB, 12)],
+        "tput_s": 10.0, "rtt_s": 6.0, "agg_bytes": 256 * MiB, "agg_s": 15.0,
+    }
+
+
+# --- the measurement loops (shared by every transport) ------------------------------------
+
+
+def _tput_result(n: int, size: int, dt: float) -> dict[str, Any]:
+    return {"msgs": n, "bytes": n * size, "seconds": dt, "mbps": n * size / dt / MB}
+
+
+async def tput_async(send: Callable[[bool], Awaitable[None]], recv_ack: Callable[[], Awaitable[None]],
+                     size: int, n_max: int, secs: float) -> dict[str, Any]:
+    """Stream up to ``n_max`` messages (bounded by ``secs``); the last asks for an ack."""
+    t0 = time.perf_counter()
+    deadline, n = t0 + secs, 0
+    while True:
+        n += 1
+        last = n >= n_max or time.perf_counter() > deadline
+        await send(last)
+        if last:
+            break
+    await recv_ack()
+    return _tput_result(n, size, time.perf_counter() - t0)
+
+
+async def rtt_async(send: Callable[[bool], Awaitable[None]], recv_ack: Callable[[], Awaitable[None]],
+                    count: int, secs: float) -> list[float]:
+    out: list[float] = []
+    deadline = time.perf_counter() + secs
+    for _ in range(count):
+        t = time.perf_counter()
+        await send(True)
+        await recv_ack()
+        out.append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() > deadline:
+            break
+    return out
+
+
+def tput_sync(send: Callable[[bool], None], recv_ack: Callable[[], None], size: int, n_max: int,
+              secs: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    deadline, n = t0 + secs, 0
+    while True:
+        n += 1
+        last = n >= n_max or time.perf_counter() > deadline
+        send(last)
+        if last:
+            break
+    recv_ack()
+    return _tput_result(n, size, time.perf_counter() - t0)
+
+
+def rtt_sync(send: Callable[[bool], None], recv_ack: Callable[[], None], count: int, secs: float) -> list[float]:
+    out: list[float] = []
+    deadline = time.perf_counter() + secs
+    for _ in range(count):
+        t = time.perf_counter()
+        send(True)
+        recv_ack()
+        out.append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() > deadline:
+            break
+    return out
+
+
+def warm_count(size: int) -> int:
+    return 2 if size >= MiB else 50
+
+
+# --- (a) blocking sockets ------------------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, n: int) -> bool:
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:n], n - got, socket.MSG_WAITALL)
+        if r == 0:
+            return False
+        got += r
+    return True
+
+
+def blocking_responder(port_q: Any, max_size: int) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_q.put(srv.getsockname()[1])
+    srv.settimeout(60)
+    conn, _ = srv.accept()
+    srv.close()
+    conn.settimeout(None)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    hdr = memoryview(bytearray(HDR.size))
+    body = memoryview(bytearray(max_size))
+    with conn:
+        while _recv_exact(conn, hdr, HDR.size):
+            size, flag = HDR.unpack(hdr)
+            if not _recv_exact(conn, body, size):
+                break
+            if flag:
+                conn.sendall(ACK)
+
+
+def blocking_driver(port: int, cmd_q: Any, out_q: Any) -> None:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.settimeout(None)  # blocking: the parent bounds every command in time
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ack = memoryview(bytearray(len(ACK)))
+        msgs: list[bytes] = []
+        size = 0
+
+        def send(last: bool) -> None:
+            sock.sendall(msgs[last])
+
+        def recv_ack() -> None:
+            if not _recv_exact(sock, ack, len(ACK)):
+                raise ConnectionError("responder closed the connection")
+
+        out_q.put(("ready", None))
+        while True:
+            cmd = cmd_q.get()
+            op = cmd[0]
+            if op == "stop":
+                break
+            if op == "tput":
+                _, _key, size, n_max, secs = cmd
+                payload = os.urandom(size)
+                msgs = [HDR.pack(size, 0) + payload, HDR.pack(size, 1) + payload]
+                for _ in range(warm_count(size)):
+                    send(True)
+                    recv_ack()
+                out_q.put(("ok", tput_sync(send, recv_ack, size, n_max, secs)))
+            elif op == "rtt":
+                _, _key, size_, count, secs = cmd
+                assert size_ == size
+                out_q.put(("ok", rtt_sync(send, recv_ack, count, secs)))
+        sock.close()
+    except BaseException:
+        out_q.put(("error", traceback.format_exc()))
+
+
+# --- (b) asyncio streams --------------------------------------------------------------------
+
+
+def asyncio_responder(port_q: Any, max_size: int) -> None:
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                while True:
+                    size, flag = HDR.unpack(await reader.readexactly(HDR.size))
+                    await reader.readexactly(size)
+                    if flag:
+                        writer.write(ACK)
+                        await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+                done.set()
+
+        # limit=1 MiB like neuranet's DirectListener
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=MiB)
+        port_q.put(server.sockets[0].getsockname()[1])
+        await asyncio.wait_for(done.wait(), 600)
+        server.close()
+
+    asyncio.run(main())
+
+
+def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
+    async def main() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MiB)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msgs: list[bytes] = []
+        size = 0
+
+        async def send(last: bool) -> None:
+            writer.write(msgs[last])
+            await writer.drain()
+
+        async def recv_ack() -> None:
+            await asyncio.wait_for(reader.readexactly(len(ACK)), ACK_TIMEOUT)
+
+        out_q.put(("ready", None))
+        while True:
+            cmd = await asyncio.to_thread(cmd_q.get)
+            op = cmd[0]
+            if op == "stop":
+                break
+            if op == "tput":
+                _, _key, size, n_max, secs = cmd
+                payload = os.urandom(size)
+                msgs = [HDR.pack(size, 0) + payload, HDR.pack(size, 1) + payload]
+                for _ in range(warm_count(size)):
+                    await send(True)
+                    await recv_ack()
+                out_q.put(("ok", await tput_async(send, recv_ack, size, n_max, secs)))
+            elif op == "rtt":
+                _, _key, size_, count, secs = cmd
+                assert size_ == size
+                out_q.put(("ok", await rtt_async(send, recv_ack, count, secs)))
+        writer.close()
+
+    try:
+        asyncio.run(main())
+    except BaseException:
+        out_q.put(("error", traceback.format_exc()))
+
+
+# --- (c, d) PeerLink agents -----------------------------------------------------------------
+
+
+def agent_process(role: str, server_url: str, specs: list[dict[str, Any]], cmd_q: Any, out_q: Any) -> None:
+    """One process holding several agents. ``tx`` opens links and measures; ``rx`` accepts and acks."""
+    try:
+        asyncio.run(_agent_main(role, server_url, specs, cmd_q, out_q))
+    except BaseException:
+        out_q.put(("error", traceback.format_exc()))
+
+
+async def _agent_main(role: str, server_url: str, specs: list[dict[str, Any]], cmd_q: Any, out_q: Any) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=f"[{role}] %(name)s %(levelname)s %(message)s")
+    from neuranet.agent.runtime import Agent
+    from neuranet.config import AgentConfig
+    from neuranet.net.peerlink import LinkClosed, PeerLink
+    from neuranet.protocol.errors import PeerUnavailable, ProtocolError
+
+    links: dict[str, PeerLink] = {}
+    accepted: dict[int, list[PeerLink]] = {}
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def respond(link: PeerLink) -> None:
+        with contextlib.suppress(LinkClosed, PeerUnavailable, ProtocolError, ConnectionError):
+            while True:
+                msg = await link.recv()
+                if msg.meta.get("a"):
+                    await link.send(ACK)
+
+    async def acceptor(i: int, agent: Agent) -> None:
+        while True:
+            link = await agent.links.accept(CHANNEL)
+            accepted.setdefault(i, []).append(link)
+            tasks.append(asyncio.create_task(respond(link)))
+
+    def endpoint(link: PeerLink, size: int) -> tuple[Callable[[bool], Awaitable[None]], Callable[[], Awaitable[None]]]:
+        payload = os.urandom(size)
+
+        async def send(last: bool) -> None:
+            await link.send(payload, ACK_META if last else None)
+
+        async def recv_ack() -> None:
+            msg = await asyncio.wait_for(link.recv(), ACK_TIMEOUT)
+            if bytes(msg.payload) != ACK:
+                raise AssertionError(f"unexpected reply of {len(msg.payload)} bytes")
+
+        return send, recv_ack
+
+    def path_info(link: PeerLink) -> dict[str, Any]:
+        return {"path": link.path, "paths_used": sorted(link.paths_used)}
+
+    async with contextlib.AsyncExitStack() as stack:
+        agents: list[Agent] = []
+        for spec in specs:
+            cfg = AgentConfig(server_url=server_url, data_dir=Path(spec["data_dir"]), name=spec["name"],
+                              join_token=spec["join_token"], listen_host="127.0.0.1", measure=False,
+                              advertise=spec["advertise"], direct_retry_interval=1.0)
+            agents.append(await stack.enter_async_context(Agent(cfg)))
+        await asyncio.gather(*(a.wait_connected(60) for a in agents))
+        if role == "rx":
+            for i, a in enumerate(agents):
+                tasks.append(asyncio.create_task(acceptor(i, a)))
+        out_q.put(("ready", [a.device_id for a in agents]))
+        sizes: dict[str, int] = {}
+        try:
+            while True:
+                cmd = await asyncio.to_thread(cmd_q.get)
+                op = cmd[0]
+                if op == "stop":
+                    break
+                if op == "open":  # key, agent index, peer device id, wanted path
+                    _, key, i, peer, want = cmd
+                    link = await agents[i].links.open(peer, channel=CHANNEL)
+                    deadline = time.monotonic() + 15
+                    while link.path != want and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)
+                    links[key] = link
+                    out_q.put(("ok", path_info(link)))
+                elif op == "tput":
+                    _, key, size, n_max, secs = cmd
+                    sizes[key] = size
+                    send, recv_ack = endpoint(links[key], size)
+                    for _ in range(warm_count(size)):
+                        await send(True)
+                        await recv_ack()
+                    res = await tput_async(send, recv_ack, size, n_max, secs)
+                    out_q.put(("ok", {**res, **path_info(links[key])}))
+                elif op == "rtt":
+                    _, key, size, count, secs = cmd
+                    send, recv_ack = endpoint(links[key], size)
+                    out_q.put(("ok", await rtt_async(send, recv_ack, count, secs)))
+                elif op == "agg":  # every link sends at once; one shared clock
+                    _, keys, size, n_max, secs = cmd
+                    eps = [endpoint(links[k], size) for k in keys]
+                    for send, recv_ack in eps:
+                        await send(True)
+                        await recv_ack()
+                    t0 = time.perf_counter()
+                    per = await asyncio.gather(*(tput_async(s, r, size, n_max, secs) for s, r in eps))
+                    wall = time.perf_counter() - t0
+                    total = sum(p["bytes"] for p in per)
+                    out_q.put(("ok", {"per_link": per, "wall": wall, "bytes": total, "mbps": total / wall / MB,
+                                      "paths": [path_info(links[k]) for k in keys]}))
+                elif op == "paths":  # rx: paths of the links agent i accepted
+                    _, i = cmd
+                    out_q.put(("ok", [path_info(link) for link in accepted.get(i, [])]))
+                elif op == "close":
+                    _, key = cmd
+                    await asyncio.wait_for(links.pop(key).close(), 15)
+                    out_q.put(("ok", None))
+                else:
+                    raise ValueError(f"unknown command {op!r}")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- the parent: processes, commands, CPU accounting ----------------------------------------
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A child process driven by commands; every reply is awaited with a deadline."""
+
+    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.name = name
+        self.cmd_q = ctx.Queue()
+        self.out_q = ctx.Queue()
+        self.proc = ctx.Process(target=target, args=(*args, self.cmd_q, self.out_q), name=name, daemon=True)
+        self.proc.start()
+
+    def reply(self, timeout: float = CMD_TIMEOUT) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                tag, value = self.out_q.get(timeout=0.2)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise WorkerError(f"{self.name} exited with code {self.proc.exitcode}") from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"{self.name} did not answer within {timeout:.0f}s") from None
+                continue
+            if tag == "error":
+                raise WorkerError(f"{self.name} failed:\n{value}")
+            return value
+
+    def call(self, *cmd: Any, timeout: float = CMD_TIMEOUT) -> Any:
+        self.cmd_q.put(cmd)
+        return self.reply(timeout)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            with contextlib.suppress(Exception):
+                self.cmd_q.put(("stop",))
+            self.proc.join(10)
+        reap(self.proc)
+
+
+def reap(proc: Any) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+def measure_sizes(drv: Worker, key: str, plan: dict[str, Any], pids: dict[str, int], label: str) -> dict[int, dict[str, Any]]:
+    """Throughput (with per-process CPU use) then RTT, for every size, through one driver."""
+    out: dict[int, dict[str, Any]] = {}
+    for size, budget, count in plan["sizes"]:
+        before, t0 = cpu_seconds(pids), time.perf_counter()
+        res = drv.call("tput", key, size, max(1, budget // size), plan["tput_s"])
+        wall = time.perf_counter() - t0
+        after = cpu_seconds(pids)
+        res["cpu"] = {n: (after[n] - before[n]) / wall for n in pids}
+        res["rtt_ms"] = drv.call("rtt", key, size, count, plan["rtt_s"])
+        out[size] = res
+        print(f"  {label:<18} {size_name(size):>7}: {res['mbps']:9.1f} MB/s  p50 {pct(res['rtt_ms'], 50):8.3f} ms"
+              f"  ({res['msgs']} msgs, {len(res['rtt_ms'])} rtts)", flush=True)
+    return out
+
+
+def run_raw(ctx: Any, kind: str, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    responder = blocking_responder if kind == "blocking" else asyncio_responder
+    driver = blocking_driver if kind == "blocking" else asyncio_driver
+    port_q = ctx.Queue()
+    max_size = max(s for s, _, _ in plan["sizes"])
+    rproc = ctx.Process(target=responder, args=(port_q, max_size), name=f"{kind}-responder", daemon=True)
+    rproc.start()
+    drv = None
+    try:
+        port = port_q.get(timeout=30)
+        drv = Worker(ctx, f"{kind}-driver", driver, port)
+        drv.reply(30)
+        return measure_sizes(drv, kind, plan, {"tx": drv.proc.pid, "rx": rproc.pid}, kind)
+    finally:
+        if drv is not None:
+            drv.stop()
+        reap(rproc)
+
+
+def wait_profiles(fab: Any, ids: list[str], timeout: float = 60.0) -> None:
+    """The hub must know every agent's listen addresses before a link is granted."""
+    deadline = time.monotonic() + timeout
+    with fab.client() as c:
+        while True:
+            devs = {d["id"]: d for d in c.devices()}
+            if all(i in devs and devs[i].get("online") and "listen_addrs" in (devs[i].get("profile") or {}) for i in ids):
+                return
+            if time.monotonic() > deadline:
+                raise WorkerError("agents did not report their profiles in time")
+            time.sleep(0.1)
+
+
+def run_peerlink(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    from neuranet.fabric import LocalFabric
+
+    results: dict[str, Any] = {}
+    workers: list[Worker] = []
+    with LocalFabric(root / "fabric") as fab:
+        fab.start_server()
+        n_agents = 1 + N_PAIRS  # one direct-capable agent and N_PAIRS relay-only agents per side
+        with fab.client() as c:
+            tokens = [c.create_join_token()["join_token"] for _ in range(2 * n_agents)]
+        try:
+            for side in ("tx", "rx"):
+                specs = []
+                for i in range(n_agents):
+                    name = f"{side}-direct" if i == 0 else f"{side}-relay{i}"
+                    specs.append({"name": name, "data_dir": str(root / "agents" / name), "join_token": tokens.pop(),
+                                  "advertise": None if i == 0 else ()})
+                workers.append(Worker(ctx, f"agents-{side}", agent_process, side, fab.url, specs))
+            tx, rx = workers
+            tx_ids, rx_ids = tx.reply(90), rx.reply(90)
+            wait_profiles(fab, tx_ids + rx_ids)
+            assert fab.server is not None
+            pids = {"tx": tx.proc.pid, "rx": rx.proc.pid, "server": fab.server.pid}
+
+            for label, key, i, want in (("PeerLink direct", "direct", 0, "direct"), ("PeerLink relay", "relay", 1, "relay")):
+                opened = tx.call("open", key, i, rx_ids[i], want)
+                if opened["path"] != want:
+                    raise WorkerError(f"{label}: link came up on path {opened['path']!r}, wanted {want!r}")
+                res = measure_sizes(tx, key, plan, pids, label)
+                rx_paths = rx.call("paths", i)
+                results[key] = {"sizes": res, "rx_paths": rx_paths[-1] if rx_paths else None}
+                if key == "direct":
+                    tx.call("close", key)
+
+            # the hub's aggregate: N_PAIRS relayed links sending at once (pair 1 is the link above)
+            keys = ["relay"] + [f"relay{i}" for i in range(2, N_PAIRS + 1)]
+            for i, key in enumerate(keys[1:], start=2):
+                opened = tx.call("open", key, i, rx_ids[i], "relay")
+                if opened["path"] != "relay":
+                    raise WorkerError(f"aggregate pair {i} came up on path {opened['path']!r}")
+            per_link = max(1, plan["agg_bytes"] // N_PAIRS // MiB)
+            before, t0 = cpu_seconds(pids), time.perf_counter()
+            agg = tx.call("agg", keys, MiB, per_link, plan["agg_s"])
+            wall = time.perf_counter() - t0
+            after = cpu_seconds(pids)
+            agg["cpu"] = {n: (after[n] - before[n]) / wall for n in pids}
+            results["aggregate"] = agg
+            print(f"  hub aggregate, {N_PAIRS} pairs x 1 MiB: {agg['mbps']:9.1f} MB/s", flush=True)
+        finally:
+            for w in workers:
+                w.stop()
+    return results
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
+
+
+def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: float) -> str:
+    rows = [("size", "transport", "path (tx / rx used)", "MB/s", "of asyncio", "of blocking", "RTT p50 ms",
+             "RTT p99 ms", "msgs", "rtts", "CPU% tx/rx/srv", "aim (of asyncio, >=1 MiB)")]
+    names = {"blocking": "a. blocking socket", "asyncio": "b. asyncio stream", "direct": "c. PeerLink direct",
+             "relay": "d. PeerLink relay"}
+    path_problems = []
+    for size, _, _ in plan["sizes"]:
+        base_a = results["asyncio"][size]["mbps"]
+        base_b = results["blocking"][size]["mbps"]
+        for i, kind in enumerate(("blocking", "asyncio", "direct", "relay")):
+            r = results[kind]["sizes"][size] if kind in ("direct", "relay") else results[kind][size]
+            if kind in ("direct", "relay"):
+                rx = results[kind]["rx_paths"] or {"paths_used": []}
+                used_tx, used_rx = "+".join(r["paths_used"]) or "-", "+".join(rx["paths_used"]) or "-"
+                path = f"{r['path']} ({used_tx} / {used_rx})"
+                if r["paths_used"] != [kind] or rx["paths_used"] != [kind] or r["path"] != kind:
+                    path_problems.append(f"{names[kind]} at {size_name(size)}: path {path}")
+            else:
+                path = "tcp"
+            aim = ""
+            if kind in AIMS and size >= AIM_MIN_SIZE:
+                frac = r["mbps"] / base_a
+                aim = f">= {AIMS[kind]:.0%}: {'MET' if frac >= AIMS[kind] else 'MISSED'}"
+            cpu = r["cpu"]
+            cpu_s = f"{cpu['tx'] * 100:.0f}/{cpu['rx'] * 100:.0f}" + (f"/{cpu['server'] * 100:.0f}" if "server" in cpu else "/-")
+            rows.append((size_name(size) if i == 0 else "", names[kind], path, f"{r['mbps']:.1f}",
+                         f"{r['mbps'] / base_a:.0%}", f"{r['mbps'] / base_b:.0%}", f"{pct(r['rtt_ms'], 50):.3f}",
+                         f"{pct(r['rtt_ms'], 99):.3f}", str(r["msgs"]), str(len(r["rtt_ms"])), cpu_s, aim))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    right = {3, 4, 5, 6, 7, 8, 9}
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.rjust(widths[c]) if c in right else cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip()
+
+    lines = [
+        f"NeuraNet link benchmark ({'quick' if quick else 'full'} run, loopback, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {elapsed:.0f}s)",
+        "throughput: one-way stream of N messages timed until the ack of the last; "
+        "RTT: one message of the size answered by an 8-byte ack; MB = 10^6 bytes",
+        "CPU%: CPU time of each process over the throughput run's wall time (100 = one core)",
+        "",
+        fmt(rows[0]),
+        "  ".join("-" * w for w in widths),
+    ]
+    for row in rows[1:]:
+        if row[0] and len(lines) > 6:
+            lines.append("")
+        lines.append(fmt(row))
+    agg = results["aggregate"]
+    single = results["relay"]["sizes"].get(MiB)
+    per = sorted(p["mbps"] for p in agg["per_link"])
+    paths = sorted({p["path"] for p in agg["paths"]} | {u for p in agg["paths"] for u in p["paths_used"]})
+    lines += [
+        "",
+        f"Hub aggregate relay: {N_PAIRS} pairs sending 1 MiB messages at once (2 agent processes x {N_PAIRS} agents, "
+        f"paths {'+'.join(paths)})",
+        f"  total {agg['mbps']:.1f} MB/s through the server ({agg['bytes'] / MiB:.0f} MiB in {agg['wall']:.2f}s); "
+        f"per pair min {per[0]:.1f} / median {statistics.median(per):.1f} / max {per[-1]:.1f} MB/s",
+    ]
+    if single:
+        lines.append(f"  = {agg['mbps'] / single['mbps']:.2f}x one relayed pair, "
+                     f"{agg['mbps'] / results['asyncio'][MiB]['mbps']:.0%} of one asyncio stream at 1 MiB")
+    cpu = agg["cpu"]
+    lines.append(f"  CPU%: server {cpu['server'] * 100:.0f}, senders' process {cpu['tx'] * 100:.0f}, "
+                 f"receivers' process {cpu['rx'] * 100:.0f}")
+    lines += ["", "Aims (issue): PeerLink direct >= 70% and relayed >= 40% of the asyncio stream at 1 MiB and above."]
+    for kind in ("direct", "relay"):
+        for size, _, _ in plan["sizes"]:
+            if size >= AIM_MIN_SIZE:
+                frac = results[kind]["sizes"][size]["mbps"] / results["asyncio"][size]["mbps"]
+                lines.append(f"  {kind:<6} {size_name(size):>6}: {frac:6.1%} of asyncio (aim {AIMS[kind]:.0%}) "
+                             f"{'MET' if frac >= AIMS[kind] else 'MISSED'}")
+    if path_problems:
+        lines += ["", "WARNING: paths not as expected:"] + [f"  {p}" for p in path_problems]
+    else:
+        lines += ["", "Paths verified: direct cases used only the direct path and relay cases only the relay, on both ends."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run (fewer bytes and samples)")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (server and agent logs)")
+    args = ap.parse_args()
+    plan = plans(args.quick)
+    ctx = mp.get_context("spawn")
+    root = Path(tempfile.mkdtemp(prefix="neuranet-bench-"))
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    try:
+        print("baselines", flush=True)
+        results["blocking"] = run_raw(ctx, "blocking", plan)
+        results["asyncio"] = run_raw(ctx, "asyncio", plan)
+        print("PeerLink (coordinator and two agent processes)", flush=True)
+        results.update(run_peerlink(ctx, root, plan))
+    except BaseException:
+        log = root / "fabric" / "server.log"
+        if log.exists():
+            print("--- server log tail ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
+        raise
+    finally:
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print()
+    print(render(results, plan, args.quick, time.perf_counter() - start))
+    if args.json:
+        args.json.write_text(json.dumps({k: v for k, v in results.items()}, default=str, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""A real server facing misbehaving clients: each is refused alone, everyone else keeps being served."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from fabric_helpers import free_port
+from neuranet.agent.runtime import Agent, EnrolmentError
+from neuranet.config import AgentConfig
+from neuranet.fabric import LocalFabric
+from neuranet.protocol import messages as m
+from neuranet.protocol.auth import auth_payload
+from neuranet.protocol.envelope import PROTOCOL_VERSION, decode_frame, encode_frame
+
+pytestmark = pytest.mark.slow
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory: pytest.TempPathFactory):
+    with LocalFabric(tmp_path_factory.mktemp("hostile")) as f:
+        f.start_server(port=free_port())
+        f.start_agent("honest", extra=["--listen-host", "127.0.0.1", "--no-measure"])
+        f.wait_online(["honest"])
+        yield f
+
+
+def ws_url(fabric: LocalFabric) -> str:
+    return fabric.url.replace("http://", "ws://") + "/agent"
+
+
+async def recv_msg(ws) -> m.Message:
+    return m.parse(decode_frame(await asyncio.wait_for(ws.recv(), 10)))
+
+
+async def enrolled_socket(fabric: LocalFabric):
+    """A hand-driven connection that completes the real handshake; returns (ws, device_id)."""
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    with fabric.client() as c:
+        jt = c.create_join_token()["join_token"]
+    ws = await connect(ws_url(fabric), max_size=None, compression=None)
+    hello = m.Hello(version=PROTOCOL_VERSION, enrol=m.Enrolment(join_token=jt, public_key=pub, name="raw"))
+    await ws.send(encode_frame(hello.envelope()))
+    challenge = await recv_msg(ws)
+    await ws.send(encode_frame(m.Auth(signature=key.sign(auth_payload(challenge.nonce, challenge.device_id))).envelope()))
+    welcome = await recv_msg(ws)
+    assert isinstance(welcome, m.Welcome)
+    return ws, welcome.device_id
+
+
+async def expect_error_then_close(ws, code: str) -> None:
+    err = await recv_msg(ws)
+    assert isinstance(err, m.Error) and err.code == code, err
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 10)
+
+
+def honest_still_served(fabric: LocalFabric) -> None:
+    with fabric.client() as c:
+        assert any(d["name"] == "honest" and d["online"] for d in c.devices())
+
+
+async def test_malformed_frame_closes_only_that_connection(fabric: LocalFabric) -> None:
+    ws, _ = await enrolled_socket(fabric)
+    await ws.send(b"\x01\x00\x00\x00\x05garbage")
+    await expect_error_then_close(ws, "malformed_frame")
+    honest_still_served(fabric)
+
+
+async def test_text_frames_are_refused(fabric: LocalFabric) -> None:
+    ws, _ = await enrolled_socket(fabric)
+    await ws.send("hello?")
+    await expect_error_then_close(ws, "malformed_frame")
+
+
+async def test_wrong_protocol_version_is_refused(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    header = msgpack.packb(["heartbeat", 1, device_id, "server", {"seq": 1}])
+    await ws.send(struct.pack(">BI", 99, len(header)) + header)
+    await expect_error_then_close(ws, "version_mismatch")
+    async with connect(ws_url(fabric)) as ws2:
+        await ws2.send(encode_frame(m.Hello(version=99, device_id="x").envelope()))
+        await expect_error_then_close(ws2, "version_mismatch")
+
+
+async def test_unknown_type_gets_an_error_and_the_connection_lives(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    from neuranet.protocol.envelope import Envelope
+
+    await ws.send(encode_frame(Envelope(type="teleport", body={}, src=device_id, dst="server")))
+    err = await recv_msg(ws)
+    assert isinstance(err, m.Error) and err.code == "unknown_type"
+    await ws.send(encode_frame(m.Heartbeat(seq=7).envelope(src=device_id, dst="server")))
+    while not isinstance(reply := await recv_msg(ws), m.HeartbeatAck):
+        pass
+    assert reply.seq == 7
+    await ws.close()
+
+
+async def test_invalid_body_gets_an_error_naming_the_field(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    from neuranet.protocol.envelope import Envelope
+
+    await ws.send(encode_frame(Envelope(type="heartbeat", body={"seq": "soon"}, src=device_id, dst="server")))
+    err = await recv_msg(ws)
+    assert isinstance(err, m.Error) and err.code == "invalid_message" and "seq" in err.message
+    await ws.close()
+
+
+async def test_oversized_message_is_refused(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    big = m.Echo().envelope(src=device_id, dst="server", payload=b"\0" * (MAX_MESSAGE + 1024))
+    await ws.send(encode_frame(big))
+    await expect_error_then_close(ws, "too_large")
+    ws2, _ = await enrolled_socket(fabric)
+    with pytest.raises(ConnectionClosed) as closed:  # far past the limit: the WebSocket layer cuts it
+        await ws2.send(b"\0" * (3 * MAX_MESSAGE))
+        await asyncio.wait_for(ws2.recv(), 10)
+    assert closed.value.rcvd is None or closed.value.rcvd.code == 1009
+    honest_still_served(fabric)
+
+
+async def test_spoofed_source_is_refused(fabric: LocalFabric) -> None:
+    ws, _ = await enrolled_socket(fabric)
+    await ws.send(encode_frame(m.Heartbeat(seq=1).envelope(src="someone-else", dst="server")))
+    await expect_error_then_close(ws, "auth_failed")
+
+
+async def test_relay_without_a_granted_link_is_refused(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    with fabric.client() as c:
+        honest = next(d for d in c.devices() if d["name"] == "honest")
+    frame = m.LinkData(link="nope", seq=0, off=0, end=True).envelope(src=device_id, dst=honest["id"], payload=b"x")
+    await ws.send(encode_frame(frame))
+    refused = await recv_msg(ws)
+    assert isinstance(refused, m.LinkRefusedMsg) and "forbidden" in refused.reason
+    await ws.close()
+
+
+async def test_bad_signature_is_refused(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    await ws.close()
+    async with connect(ws_url(fabric)) as ws2:
+        await ws2.send(encode_frame(m.Hello(version=PROTOCOL_VERSION, device_id=device_id).envelope()))
+        await recv_msg(ws2)
+        forged = Ed25519PrivateKey.generate().sign(b"anything")
+        await ws2.send(encode_frame(m.Auth(signature=forged).envelope()))
+        await expect_error_then_close(ws2, "auth_failed")
+
+
+async def test_used_join_token_gives_a_clear_enrolment_error(fabric: LocalFabric, tmp_path: Path) -> None:
+    with fabric.client() as c:
+        jt = c.create_join_token()["join_token"]
+    first = Agent(AgentConfig(server_url=fabric.url, data_dir=tmp_path / "one", join_token=jt, measure=False,
+                              listen_host="127.0.0.1"))
+    async with first:
+        await first.wait_connected()
+    second = Agent(AgentConfig(server_url=fabric.url, data_dir=tmp_path / "two", join_token=jt, measure=False,
+                               listen_host="127.0.0.1"))
+    with pytest.raises(EnrolmentError, match="already used"):
+        async with second:
+            await second.wait_connected()
+    missing = Agent(AgentConfig(server_url=fabric.url, data_dir=tmp_path / "three", measure=False))
+    with pytest.raises(EnrolmentError, match="join-token"):
+        async with missing:
+            await missing.wait_connected()
