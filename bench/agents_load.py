@@ -263,7 +263,7 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
             t = loop.time()
             await asyncio.sleep(0.05)
             if measuring.is_set():
-                lag_ms.append((loop.time() - t - 0.05) * 1000.0)
+                lag_ms.append(max(0.0, (loop.time() - t - 0.05) * 1000.0))
             if len(lag_ms) > 100_000:
                 return
 

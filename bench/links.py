@@ -199,17 +199,19 @@ def blocking_driver(port: int, cmd_q: Any, out_q: Any) -> None:
             op = cmd[0]
             if op == "stop":
                 break
-            if op == "tput":
-                _, _key, size, n_max, secs = cmd
+            if op == "prep":  # key, size: build the messages, warm up
+                _, _key, size = cmd
                 payload = os.urandom(size)
                 msgs = [HDR.pack(size, 0) + payload, HDR.pack(size, 1) + payload]
                 for _ in range(warm_count(size)):
                     send(True)
                     recv_ack()
+                out_q.put(("ok", None))
+            elif op == "tput":
+                _, _key, n_max, secs = cmd
                 out_q.put(("ok", tput_sync(send, recv_ack, size, n_max, secs)))
             elif op == "rtt":
-                _, _key, size_, count, secs = cmd
-                assert size_ == size
+                _, _key, count, secs = cmd
                 out_q.put(("ok", rtt_sync(send, recv_ack, count, secs)))
         sock.close()
     except BaseException:
@@ -267,17 +269,19 @@ def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
             op = cmd[0]
             if op == "stop":
                 break
-            if op == "tput":
-                _, _key, size, n_max, secs = cmd
+            if op == "prep":
+                _, _key, size = cmd
                 payload = os.urandom(size)
                 msgs = [HDR.pack(size, 0) + payload, HDR.pack(size, 1) + payload]
                 for _ in range(warm_count(size)):
                     await send(True)
                     await recv_ack()
+                out_q.put(("ok", None))
+            elif op == "tput":
+                _, _key, n_max, secs = cmd
                 out_q.put(("ok", await tput_async(send, recv_ack, size, n_max, secs)))
             elif op == "rtt":
-                _, _key, size_, count, secs = cmd
-                assert size_ == size
+                _, _key, count, secs = cmd
                 out_q.put(("ok", await rtt_async(send, recv_ack, count, secs)))
         writer.close()
 
@@ -352,7 +356,7 @@ async def _agent_main(role: str, server_url: str, specs: list[dict[str, Any]], c
             for i, a in enumerate(agents):
                 tasks.append(asyncio.create_task(acceptor(i, a)))
         out_q.put(("ready", [a.device_id for a in agents]))
-        sizes: dict[str, int] = {}
+        eps: dict[str, tuple[int, Callable[[bool], Awaitable[None]], Callable[[], Awaitable[None]]]] = {}
         try:
             while True:
                 cmd = await asyncio.to_thread(cmd_q.get)
@@ -367,27 +371,30 @@ async def _agent_main(role: str, server_url: str, specs: list[dict[str, Any]], c
                         await asyncio.sleep(0.02)
                     links[key] = link
                     out_q.put(("ok", path_info(link)))
-                elif op == "tput":
-                    _, key, size, n_max, secs = cmd
-                    sizes[key] = size
-                    send, recv_ack = endpoint(links[key], size)
+                elif op == "prep":
+                    _, key, size = cmd
+                    eps[key] = (size, *endpoint(links[key], size))
                     for _ in range(warm_count(size)):
-                        await send(True)
-                        await recv_ack()
+                        await eps[key][1](True)
+                        await eps[key][2]()
+                    out_q.put(("ok", None))
+                elif op == "tput":
+                    _, key, n_max, secs = cmd
+                    size, send, recv_ack = eps[key]
                     res = await tput_async(send, recv_ack, size, n_max, secs)
                     out_q.put(("ok", {**res, **path_info(links[key])}))
                 elif op == "rtt":
-                    _, key, size, count, secs = cmd
-                    send, recv_ack = endpoint(links[key], size)
+                    _, key, count, secs = cmd
+                    _, send, recv_ack = eps[key]
                     out_q.put(("ok", await rtt_async(send, recv_ack, count, secs)))
                 elif op == "agg":  # every link sends at once; one shared clock
                     _, keys, size, n_max, secs = cmd
-                    eps = [endpoint(links[k], size) for k in keys]
-                    for send, recv_ack in eps:
+                    agg_eps = [endpoint(links[k], size) for k in keys]
+                    for send, recv_ack in agg_eps:
                         await send(True)
                         await recv_ack()
                     t0 = time.perf_counter()
-                    per = await asyncio.gather(*(tput_async(s, r, size, n_max, secs) for s, r in eps))
+                    per = await asyncio.gather(*(tput_async(s, r, size, n_max, secs) for s, r in agg_eps))
                     wall = time.perf_counter() - t0
                     total = sum(p["bytes"] for p in per)
                     out_q.put(("ok", {"per_link": per, "wall": wall, "bytes": total, "mbps": total / wall / MB,

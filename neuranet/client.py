@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def load_client_config(server: str | None, token: str | None, home: Path | None 
 
 class Client:
     def __init__(self, cfg: ClientConfig, timeout: float = 30.0) -> None:
-        verify: Any = str(cfg.ca_cert) if cfg.ca_cert else True
+        verify: Any = ssl.create_default_context(cafile=str(cfg.ca_cert)) if cfg.ca_cert else True
         self._http = httpx.Client(base_url=cfg.server_url, headers={"Authorization": f"Bearer {cfg.token}"},
                                   timeout=timeout, verify=verify)
 

@@ -124,7 +124,7 @@ class Agent:
                 except AuthenticationFailed as exc:
                     raise EnrolmentError(str(exc)) from None
                 except (OSError, asyncio.TimeoutError, websockets.WebSocketException, ProtocolError) as exc:
-                    log.info("connection to %s lost: %s", self.config.server_url, exc)
+                    log.warning("connection to %s failed or was lost: %s", self.config.server_url, exc or type(exc).__name__)
                 if self.connections > before:
                     attempt = 0  # that attempt got through: start the backoff over
                 delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)

@@ -103,6 +103,7 @@ class ReceiveWindow:
     consumed_seq: int = -1
     consumed_off: int = 0
     acked_off: int = 0
+    acked_seq: int = -1
     _parts: list[bytes] = field(default_factory=list)
     _meta: dict[str, Any] | None = None
     _buffered: int = 0
@@ -133,9 +134,14 @@ class ReceiveWindow:
         self.consumed_off = msg.end_off
 
     def should_ack(self, inbox_empty: bool) -> bool:
+        # Count messages as well as bytes: an empty message frees no credit but the
+        # sender still holds its frame (and ``flush`` waits) until it is acked.
+        if self.consumed_seq <= self.acked_seq:
+            return False
         pending = self.consumed_off - self.acked_off
-        return pending > 0 and (inbox_empty or pending >= self.window // 4)
+        return inbox_empty or (pending > 0 and pending >= self.window // 4)
 
     def ack(self) -> tuple[int, int]:
         self.acked_off = self.consumed_off
+        self.acked_seq = self.consumed_seq
         return self.consumed_seq, self.consumed_off
