@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -68,13 +69,13 @@ def plans(quick: bool) -> dict[str, Any]:
     """Message sizes with their byte budgets and sample counts; every loop is also time-capped."""
     if quick:
         return {
-            "sizes": [(4 * KiB, 4 * MiB, 100), (MiB, 32 * MiB, 20), (16 * MiB, 64 * MiB, 4)],
-            "tput_s": 4.0, "rtt_s": 2.0, "agg_bytes": 64 * MiB, "agg_s": 8.0,
+            "sizes": [(4 * KiB, 2 * MiB, 100), (MiB, 16 * MiB, 20), (16 * MiB, 32 * MiB, 4)],
+            "rounds": 2, "trial_s": 1.5, "rtt_s": 2.0, "agg_bytes": 64 * MiB, "agg_s": 4.0,
         }
     return {
-        # (size, throughput bytes, RTT samples)
-        "sizes": [(4 * KiB, 32 * MiB, 500), (MiB, 256 * MiB, 100), (16 * MiB, 256 * MiB, 12)],
-        "tput_s": 10.0, "rtt_s": 6.0, "agg_bytes": 256 * MiB, "agg_s": 15.0,
+        # (size, bytes per throughput trial, RTT samples in all); every case gets `rounds` trials
+        "sizes": [(4 * KiB, 8 * MiB, 400), (MiB, 64 * MiB, 100), (16 * MiB, 64 * MiB, 12)],
+        "rounds": 4, "trial_s": 3.0, "rtt_s": 6.0, "agg_bytes": 256 * MiB, "agg_s": 6.0,
     }
 
 
@@ -480,39 +481,26 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def measure_sizes(drv: Worker, key: str, plan: dict[str, Any], pids: dict[str, int], label: str) -> dict[int, dict[str, Any]]:
-    """Throughput (with per-process CPU use) then RTT, for every size, through one driver."""
-    out: dict[int, dict[str, Any]] = {}
-    for size, budget, count in plan["sizes"]:
-        before, t0 = cpu_seconds(pids), time.perf_counter()
-        res = drv.call("tput", key, size, max(1, budget // size), plan["tput_s"])
-        wall = time.perf_counter() - t0
-        after = cpu_seconds(pids)
-        res["cpu"] = {n: (after[n] - before[n]) / wall for n in pids}
-        res["rtt_ms"] = drv.call("rtt", key, size, count, plan["rtt_s"])
-        out[size] = res
-        print(f"  {label:<18} {size_name(size):>7}: {res['mbps']:9.1f} MB/s  p50 {pct(res['rtt_ms'], 50):8.3f} ms"
-              f"  ({res['msgs']} msgs, {len(res['rtt_ms'])} rtts)", flush=True)
-    return out
+@dataclasses.dataclass
+class Transport:
+    name: str  # blocking / asyncio / direct / relay
+    worker: Worker
+    key: str
+    pids: dict[str, int]
 
 
-def run_raw(ctx: Any, kind: str, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def start_raw(ctx: Any, kind: str, max_size: int, stack: contextlib.ExitStack) -> Transport:
     responder = blocking_responder if kind == "blocking" else asyncio_responder
     driver = blocking_driver if kind == "blocking" else asyncio_driver
     port_q = ctx.Queue()
-    max_size = max(s for s, _, _ in plan["sizes"])
     rproc = ctx.Process(target=responder, args=(port_q, max_size), name=f"{kind}-responder", daemon=True)
     rproc.start()
-    drv = None
-    try:
-        port = port_q.get(timeout=30)
-        drv = Worker(ctx, f"{kind}-driver", driver, port)
-        drv.reply(30)
-        return measure_sizes(drv, kind, plan, {"tx": drv.proc.pid, "rx": rproc.pid}, kind)
-    finally:
-        if drv is not None:
-            drv.stop()
-        reap(rproc)
+    stack.callback(reap, rproc)
+    port = port_q.get(timeout=60)
+    drv = Worker(ctx, f"{kind}-driver", driver, port)
+    stack.callback(drv.stop)
+    drv.reply(60)
+    return Transport(kind, drv, kind, {"tx": drv.proc.pid, "rx": rproc.pid})
 
 
 def wait_profiles(fab: Any, ids: list[str], timeout: float = 60.0) -> None:
@@ -528,57 +516,101 @@ def wait_profiles(fab: Any, ids: list[str], timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def run_peerlink(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
+def timed_call(t: Transport, *cmd: Any) -> dict[str, Any]:
+    """Run a throughput command and add each process's CPU use over its wall time."""
+    before, t0 = cpu_seconds(t.pids), time.perf_counter()
+    res = t.worker.call(*cmd)
+    wall = time.perf_counter() - t0
+    after = cpu_seconds(t.pids)
+    res["cpu"] = {n: (after[n] - before[n]) / wall for n in t.pids}
+    return res
+
+
+def measure(transports: list[Transport], plan: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """For each size: interleaved throughput trials (order rotated per round), then interleaved RTT samples."""
+    rounds = plan["rounds"]
+    out: dict[str, dict[int, dict[str, Any]]] = {t.name: {} for t in transports}
+    for size, trial_bytes, rtt_count in plan["sizes"]:
+        for t in transports:
+            t.worker.call("prep", t.key, size)
+        trials: dict[str, list[dict[str, Any]]] = {t.name: [] for t in transports}
+        rtts: dict[str, list[float]] = {t.name: [] for t in transports}
+        for r in range(rounds):
+            for t in transports[r % len(transports):] + transports[: r % len(transports)]:
+                trials[t.name].append(timed_call(t, "tput", t.key, max(1, trial_bytes // size), plan["trial_s"]))
+        for r in range(rounds):
+            for t in transports[r % len(transports):] + transports[: r % len(transports)]:
+                rtts[t.name] += t.worker.call("rtt", t.key, max(1, rtt_count // rounds), plan["rtt_s"] / rounds)
+        for t in transports:
+            ts = trials[t.name]
+            rates = [x["mbps"] for x in ts]
+            res = {
+                "mbps": statistics.median(rates), "mbps_min": min(rates), "mbps_max": max(rates), "trials": ts,
+                "msgs": sum(x["msgs"] for x in ts), "bytes": sum(x["bytes"] for x in ts), "rtt_ms": rtts[t.name],
+                "cpu": {n: statistics.median(x["cpu"][n] for x in ts) for n in t.pids},
+                "path": ts[-1].get("path", "tcp"), "paths_used": sorted({p for x in ts for p in x.get("paths_used", [])}),
+            }
+            out[t.name][size] = res
+            print(f"  {t.name:<9} {size_name(size):>7}: {res['mbps']:8.1f} MB/s (trials {res['mbps_min']:.0f}-"
+                  f"{res['mbps_max']:.0f})  RTT p50 {pct(res['rtt_ms'], 50):8.3f} ms  path {res['path']}", flush=True)
+    return out
+
+
+def run_all(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
     from neuranet.fabric import LocalFabric
 
-    results: dict[str, Any] = {}
-    workers: list[Worker] = []
-    with LocalFabric(root / "fabric") as fab:
+    max_size = max(s for s, _, _ in plan["sizes"])
+    with contextlib.ExitStack() as stack:
+        print("starting: blocking and asyncio socket pairs, coordinator, two agent processes", flush=True)
+        transports = [start_raw(ctx, "blocking", max_size, stack), start_raw(ctx, "asyncio", max_size, stack)]
+        fab = stack.enter_context(LocalFabric(root / "fabric"))
         fab.start_server()
-        n_agents = 1 + N_PAIRS  # one direct-capable agent and N_PAIRS relay-only agents per side
+        assert fab.server is not None
+        n_agents = 1 + N_PAIRS  # per side: one direct-capable agent and N_PAIRS relay-only agents
         with fab.client() as c:
             tokens = [c.create_join_token()["join_token"] for _ in range(2 * n_agents)]
-        try:
-            for side in ("tx", "rx"):
-                specs = []
-                for i in range(n_agents):
-                    name = f"{side}-direct" if i == 0 else f"{side}-relay{i}"
-                    specs.append({"name": name, "data_dir": str(root / "agents" / name), "join_token": tokens.pop(),
-                                  "advertise": None if i == 0 else ()})
-                workers.append(Worker(ctx, f"agents-{side}", agent_process, side, fab.url, specs))
-            tx, rx = workers
-            tx_ids, rx_ids = tx.reply(90), rx.reply(90)
-            wait_profiles(fab, tx_ids + rx_ids)
-            assert fab.server is not None
-            pids = {"tx": tx.proc.pid, "rx": rx.proc.pid, "server": fab.server.pid}
+        workers = []
+        for side in ("tx", "rx"):
+            specs = []
+            for i in range(n_agents):
+                name = f"{side}-direct" if i == 0 else f"{side}-relay{i}"
+                specs.append({"name": name, "data_dir": str(root / "agents" / name), "join_token": tokens.pop(),
+                              "advertise": None if i == 0 else ()})
+            w = Worker(ctx, f"agents-{side}", agent_process, side, fab.url, specs)
+            stack.callback(w.stop)
+            workers.append(w)
+        tx, rx = workers
+        tx_ids, rx_ids = tx.reply(120), rx.reply(120)
+        wait_profiles(fab, tx_ids + rx_ids)
+        pids = {"tx": tx.proc.pid, "rx": rx.proc.pid, "server": fab.server.pid}
+        for key, i in (("direct", 0), ("relay", 1)):
+            opened = tx.call("open", key, i, rx_ids[i], key)
+            if opened["path"] != key:
+                raise WorkerError(f"the {key} link came up on path {opened['path']!r}")
+            transports.append(Transport(key, tx, key, pids))
 
-            for label, key, i, want in (("PeerLink direct", "direct", 0, "direct"), ("PeerLink relay", "relay", 1, "relay")):
-                opened = tx.call("open", key, i, rx_ids[i], want)
-                if opened["path"] != want:
-                    raise WorkerError(f"{label}: link came up on path {opened['path']!r}, wanted {want!r}")
-                res = measure_sizes(tx, key, plan, pids, label)
-                rx_paths = rx.call("paths", i)
-                results[key] = {"sizes": res, "rx_paths": rx_paths[-1] if rx_paths else None}
-                if key == "direct":
-                    tx.call("close", key)
+        print(f"measuring ({plan['rounds']} interleaved rounds per size)", flush=True)
+        results: dict[str, Any] = measure(transports, plan)
+        for key, i in (("direct", 0), ("relay", 1)):
+            rx_paths = rx.call("paths", i)
+            results[key + "_rx_paths"] = rx_paths[-1] if rx_paths else None
+        tx.call("close", "direct")
 
-            # the hub's aggregate: N_PAIRS relayed links sending at once (pair 1 is the link above)
-            keys = ["relay"] + [f"relay{i}" for i in range(2, N_PAIRS + 1)]
-            for i, key in enumerate(keys[1:], start=2):
-                opened = tx.call("open", key, i, rx_ids[i], "relay")
-                if opened["path"] != "relay":
-                    raise WorkerError(f"aggregate pair {i} came up on path {opened['path']!r}")
-            per_link = max(1, plan["agg_bytes"] // N_PAIRS // MiB)
-            before, t0 = cpu_seconds(pids), time.perf_counter()
-            agg = tx.call("agg", keys, MiB, per_link, plan["agg_s"])
-            wall = time.perf_counter() - t0
-            after = cpu_seconds(pids)
-            agg["cpu"] = {n: (after[n] - before[n]) / wall for n in pids}
-            results["aggregate"] = agg
-            print(f"  hub aggregate, {N_PAIRS} pairs x 1 MiB: {agg['mbps']:9.1f} MB/s", flush=True)
-        finally:
-            for w in workers:
-                w.stop()
+        # the hub's aggregate: N_PAIRS relayed links sending at once (pair 1 is the relay link above)
+        keys = ["relay"] + [f"relay{i}" for i in range(2, N_PAIRS + 1)]
+        for i, key in enumerate(keys[1:], start=2):
+            opened = tx.call("open", key, i, rx_ids[i], "relay")
+            if opened["path"] != "relay":
+                raise WorkerError(f"aggregate pair {i} came up on path {opened['path']!r}")
+        agg_t = Transport("aggregate", tx, "", pids)
+        per_link = max(1, plan["agg_bytes"] // plan["rounds"] // N_PAIRS // MiB)
+        aggs = [timed_call(agg_t, "agg", keys, MiB, per_link, plan["agg_s"]) for _ in range(plan["rounds"])]
+        aggs.sort(key=lambda a: a["mbps"])
+        agg = aggs[len(aggs) // 2]
+        agg["trials"] = [a["mbps"] for a in aggs]
+        results["aggregate"] = agg
+        print(f"  hub aggregate, {N_PAIRS} pairs x 1 MiB: {agg['mbps']:8.1f} MB/s (trials "
+              f"{aggs[0]['mbps']:.0f}-{aggs[-1]['mbps']:.0f})", flush=True)
     return results
 
 

@@ -389,8 +389,8 @@ class GoBackN(RuleBasedStateMachine):
 
 
 GoBackN.TestCase.settings = settings(
-    max_examples=250,
-    stateful_step_count=60,
+    max_examples=150,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

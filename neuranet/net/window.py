@@ -68,7 +68,7 @@ class SendWindow:
 
     def rewind(self) -> None:
         """A new path: retransmit everything not yet acknowledged."""
-        self.cursor = self._frames[0].seq if self._frames else self.next_seq
+        pass
 
     def on_ack(self, seq: int, consumed: int) -> None:
         if seq >= self.next_seq or consumed > self.next_off:
