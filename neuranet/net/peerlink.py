@@ -233,12 +233,13 @@ class PeerLink:
 
     async def _write(self, frame: bytes) -> str:
         """Put one frame on the best path; returns the path's name."""
-        if self.direct is not None:
+        direct = self.direct
+        if direct is not None:
             try:
-                await self.direct.write(frame)
+                await direct.write(frame)
                 return "direct"
             except (ConnectionError, OSError):
-                self._drop_direct(self.direct)
+                self._drop_direct(direct)
                 raise PathChanged("direct path failed") from None
         if not self.relay_ready:
             raise RelayUnavailable("no path to the peer right now")

@@ -68,7 +68,7 @@ class SendWindow:
 
     def rewind(self) -> None:
         """A new path: retransmit everything not yet acknowledged."""
-        pass
+        self.cursor = self._frames[0].seq if self._frames else self.next_seq
 
     def on_ack(self, seq: int, consumed: int) -> None:
         if seq >= self.next_seq or consumed > self.next_off:
@@ -112,7 +112,7 @@ class ReceiveWindow:
         """Take a frame. Returns a Delivered message when one completes, None when
         the frame was taken but the message is incomplete, False when the frame was
         a duplicate or out of order and was dropped."""
-        if seq != self.expected:
+        if seq < self.expected:
             return False
         if self._buffered + len(payload) > self.window:
             raise WindowError(f"peer sent past its credit ({self._buffered + len(payload)} > {self.window} bytes)")

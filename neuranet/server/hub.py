@@ -131,6 +131,7 @@ class Hub:
         self.config = config
         self.store = store
         self.conns: dict[str, AgentConnection] = {}
+        self._per_user: collections.Counter[str] = collections.Counter()  # len(conns) by user_id
         self._pairs: set[frozenset[str]] = set()
         self.linktests: dict[str, LinkTestState] = {}
         self._dirty_seen: dict[str, float] = {}
@@ -139,12 +140,15 @@ class Hub:
     # --- membership -----------------------------------------------------------
 
     def connections_of(self, user_id: str) -> int:
-        return sum(1 for c in self.conns.values() if c.user_id == user_id)
+        # O(1): scanning every connection here made each handshake O(N) and a ramp of N agents O(N^2).
+        return self._per_user[user_id]
 
     async def register(self, conn: AgentConnection) -> None:
         old = self.conns.get(conn.device_id)
         self.conns[conn.device_id] = conn
+        self._per_user[conn.user_id] += 1
         if old is not None:
+            self._user_left(old.user_id)
             await old.close(4000, "replaced by a newer connection")
         await self.store.open_presence(conn.device_id, conn.connected_at)
 
@@ -152,12 +156,18 @@ class Hub:
         if self.conns.get(conn.device_id) is not conn:
             return  # a newer connection took over; its presence stays open
         del self.conns[conn.device_id]
+        self._user_left(conn.user_id)
         await self.store.close_presence(conn.device_id, conn.last_seen)
         for pair in self._pairs:
             if conn.device_id in pair:
                 (other,) = pair - {conn.device_id}
                 if other in self.conns:
                     self.conns[other].send(m.PeerDown(peer=conn.device_id))
+
+    def _user_left(self, user_id: str) -> None:
+        self._per_user[user_id] -= 1
+        if self._per_user[user_id] <= 0:
+            del self._per_user[user_id]
 
     def seen(self, conn: AgentConnection) -> None:
         conn.last_seen = time.time()

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import and_, event, select, update
+from sqlalchemy import and_, bindparam, event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from neuranet.server.models import ApiToken, Device, JoinToken, PresenceInterval, Run, RunDevice, TelemetryRow, User
@@ -166,9 +166,14 @@ class Store:
         """Record when each device was last heard from (batched by the hub)."""
         if not last_seen:
             return
+        # One executemany instead of one UPDATE per device: at a few thousand agents the per-statement
+        # round trips (ORM compile + a hop to the driver thread each) cost most of a core and held the
+        # SQLite write lock long enough to stall enrolments.
+        table = Device.__table__
+        stmt = table.update().where(table.c.id == bindparam("_device_id")).values(last_seen=bindparam("_last_seen"))
+        params = [{"_device_id": device_id, "_last_seen": ts} for device_id, ts in last_seen.items()]
         async with self._tx() as s:
-            for device_id, ts in last_seen.items():
-                await s.execute(update(Device).where(Device.id == device_id).values(last_seen=ts))
+            await s.execute(stmt, params)
 
     async def may_link(self, device_a: str, device_b: str) -> bool:
         """Two devices may open a PeerLink if they share an owner or a run."""
