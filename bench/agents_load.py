@@ -86,6 +86,7 @@ class _Stats:
         self.drops = 0
         self.handshake_ms: list[float] = []
         self.rtt_ms: list[float] = []  # heartbeats sent inside the measurement window
+        self.rtt_at: list[float] = []  # wall-clock send time of each rtt_ms sample
         self.hb_sent_window = 0
         self.hb_acked_window = 0
         self.telemetry_sent = 0
@@ -141,7 +142,7 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
 
     async def session(ws: Any, device_id: str, welcome: m.Welcome) -> None:
         """Heartbeat + telemetry + reader on one welcomed connection, until it closes or we stop."""
-        pending: dict[int, tuple[float, bool]] = {}
+        pending: dict[int, tuple[float, bool, float]] = {}
         interval = welcome.heartbeat_interval
         tel_every = opts["telemetry_interval"]
 
@@ -153,9 +154,10 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
                 if env.type == "heartbeat_ack":
                     sent = pending.pop(env.body.get("seq"), None)
                     if sent is not None:
-                        t0, in_window = sent
+                        t0, in_window, wall = sent
                         if in_window:
                             stats.rtt_ms.append((time.perf_counter() - t0) * 1000.0)
+                            stats.rtt_at.append(wall)
                             stats.hb_acked_window += 1
                 elif env.type == "error":
                     stats.server_errors += 1
@@ -172,7 +174,7 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
                 seq += 1
                 in_window = measuring.is_set() and not stopping.is_set()
                 frame = encode_frame(m.Heartbeat(seq=seq).envelope(src=device_id, dst="server"))
-                pending[seq] = (time.perf_counter(), in_window)
+                pending[seq] = (time.perf_counter(), in_window, time.time())
                 if in_window:
                     stats.hb_sent_window += 1
                 await ws.send(frame)
@@ -309,7 +311,7 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
     return {
         "idx": idx, "agents": len(tokens), "held_at_stop": held_at_stop, "ever_connected": stats.ever_connected,
         "enrol_failed": stats.enrol_failed, "reconnects": stats.reconnects, "drops": stats.drops,
-        "handshake_ms": stats.handshake_ms, "rtt_ms": stats.rtt_ms, "hb_sent": stats.hb_sent_window,
+        "handshake_ms": stats.handshake_ms, "rtt_ms": stats.rtt_ms, "rtt_at": stats.rtt_at, "hb_sent": stats.hb_sent_window,
         "hb_acked": stats.hb_acked_window, "telemetry_sent": stats.telemetry_sent, "server_errors": stats.server_errors,
         "errors": stats.errors, "lag_ms": lag_ms,
     }
@@ -398,6 +400,40 @@ class Profiler:
         self.proc = None
 
 
+class HealthProbe:
+    """Times ``GET /healthz`` (no database work) every ``period`` s: the server's event-loop responsiveness."""
+
+    def __init__(self, url: str, period: float = 0.1) -> None:
+        import threading
+
+        self.url, self.period = url, period
+        self.samples: list[tuple[float, float]] = []  # (wall time, ms)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="healthz-probe", daemon=True)
+
+    def start(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=10, trust_env=False) as c:
+            while not self._stop.is_set() and len(self.samples) < 100_000:
+                t = time.perf_counter()
+                try:
+                    c.get("/healthz")
+                    self.samples.append((time.time(), (time.perf_counter() - t) * 1000.0))
+                except Exception:
+                    pass
+                self._stop.wait(self.period)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join(15)
+        return self.samples
+
+
 def create_join_tokens(fabric: Any, n: int, deadline: float) -> list[str]:
     tokens: list[str] = []
     with fabric.client() as c:
@@ -484,7 +520,9 @@ def run(args: argparse.Namespace) -> int:
 
             # steady state: measure heartbeats for `seconds`
             profiler.start("steady")
+            probe = HealthProbe(fabric.url).start()
             ctl["measure"].set()
+            wall_meas = time.time()
             t_meas = time.monotonic()
             mid_online: list[int | None] = []
             while time.monotonic() - t_meas < seconds:
@@ -495,6 +533,7 @@ def run(args: argparse.Namespace) -> int:
                     mid_online.append(healthz(fabric.url))
             cpu2, rss2 = meter.cpu(), meter.rss()
             profiler.stop()
+            probe_samples = probe.stop()
             online_end = healthz(fabric.url)
             ctl["report"].set()
             held: dict[int, int] = {}
@@ -521,6 +560,12 @@ def run(args: argparse.Namespace) -> int:
             results = [r for r in results if "crash" not in r]
 
             rtts = sorted(x for r in results for x in r["rtt_ms"])
+            per_sec: dict[int, list[float]] = {}
+            for r in results:
+                for at, x in zip(r["rtt_at"], r["rtt_ms"]):
+                    per_sec.setdefault(int(at - wall_meas), []).append(x)
+            worst = sorted(per_sec.items(), key=lambda kv: -max(kv[1]))[:5]
+            hz = sorted(x for _, x in probe_samples)
             lags = sorted(x for r in results for x in r["lag_ms"])
             hs = sorted(x for r in results for x in r["handshake_ms"])
             sent = sum(r["hb_sent"] for r in results)
@@ -545,6 +590,11 @@ def run(args: argparse.Namespace) -> int:
                   f"p99 {fmt_ms(percentile(lags, 99))}, max {fmt_ms(lags[-1] if lags else float('nan'))}; "
                   f"telemetry frames sent {sum(r['telemetry_sent'] for r in results)}, "
                   f"server error frames {sum(r['server_errors'] for r in results)})")
+            print(f"  slowest seconds of the window (t+s: max/p99 ms, n): " + ", ".join(
+                f"t+{sec}: {max(xs):.0f}/{percentile(sorted(xs), 99):.0f} ({len(xs)})" for sec, xs in sorted(worst)))
+            print(f"  server /healthz latency (event-loop responsiveness, every 0.1 s): n={len(hz)}, "
+                  f"p50 {fmt_ms(percentile(hz, 50))}, p99 {fmt_ms(percentile(hz, 99))}, "
+                  f"max {fmt_ms(hz[-1] if hz else float('nan'))}")
             print(f"server RSS: {rss0 / MiB:.1f} MiB before ramp, {rss1 / MiB:.1f} MiB after, "
                   f"{rss2 / MiB:.1f} MiB at end -> {rss_per_conn / 1024:.1f} KiB per connection")
             print(f"server CPU time: ramp {cpu1 - cpu0:.2f} s, steady {steady_cpu:.2f} s over {steady_s:.1f} s "

@@ -626,8 +626,8 @@ def pct(values: list[float], p: float) -> float:
 
 
 def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: float) -> str:
-    rows = [("size", "transport", "path (tx / rx used)", "MB/s", "of asyncio", "of blocking", "RTT p50 ms",
-             "RTT p99 ms", "msgs", "rtts", "CPU% tx/rx/srv", "aim (of asyncio, >=1 MiB)")]
+    rows = [("size", "transport", "path (tx: used / rx: used)", "MB/s", "trials min-max", "of asyncio", "of blocking",
+             "RTT p50 ms", "RTT p99 ms", "rtts", "CPU% tx/rx/srv", "aim (of asyncio)")]
     names = {"blocking": "a. blocking socket", "asyncio": "b. asyncio stream", "direct": "c. PeerLink direct",
              "relay": "d. PeerLink relay"}
     path_problems = []
@@ -635,78 +635,82 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
         base_a = results["asyncio"][size]["mbps"]
         base_b = results["blocking"][size]["mbps"]
         for i, kind in enumerate(("blocking", "asyncio", "direct", "relay")):
-            r = results[kind]["sizes"][size] if kind in ("direct", "relay") else results[kind][size]
+            r = results[kind][size]
             if kind in ("direct", "relay"):
-                rx = results[kind]["rx_paths"] or {"paths_used": []}
-                used_tx, used_rx = "+".join(r["paths_used"]) or "-", "+".join(rx["paths_used"]) or "-"
-                path = f"{r['path']} ({used_tx} / {used_rx})"
-                if r["paths_used"] != [kind] or rx["paths_used"] != [kind] or r["path"] != kind:
-                    path_problems.append(f"{names[kind]} at {size_name(size)}: path {path}")
+                rx = results[kind + "_rx_paths"] or {"path": "?", "paths_used": []}
+                path = f"{r['path']}: {'+'.join(r['paths_used']) or '-'} / {rx['path']}: {'+'.join(rx['paths_used']) or '-'}"
+                if r["paths_used"] != [kind] or rx["paths_used"] != [kind] or r["path"] != kind or rx["path"] != kind:
+                    path_problems.append(f"{names[kind]} at {size_name(size)}: {path}")
             else:
                 path = "tcp"
             aim = ""
             if kind in AIMS and size >= AIM_MIN_SIZE:
                 frac = r["mbps"] / base_a
-                aim = f">= {AIMS[kind]:.0%}: {'MET' if frac >= AIMS[kind] else 'MISSED'}"
+                aim = f">={AIMS[kind]:.0%} {'MET' if frac >= AIMS[kind] else 'MISSED'}"
             cpu = r["cpu"]
-            cpu_s = f"{cpu['tx'] * 100:.0f}/{cpu['rx'] * 100:.0f}" + (f"/{cpu['server'] * 100:.0f}" if "server" in cpu else "/-")
+            cpu_s = f"{cpu['tx'] * 100:.0f}/{cpu['rx'] * 100:.0f}/" + (f"{cpu['server'] * 100:.0f}" if "server" in cpu else "-")
             rows.append((size_name(size) if i == 0 else "", names[kind], path, f"{r['mbps']:.1f}",
-                         f"{r['mbps'] / base_a:.0%}", f"{r['mbps'] / base_b:.0%}", f"{pct(r['rtt_ms'], 50):.3f}",
-                         f"{pct(r['rtt_ms'], 99):.3f}", str(r["msgs"]), str(len(r["rtt_ms"])), cpu_s, aim))
+                         f"{r['mbps_min']:.0f}-{r['mbps_max']:.0f}", f"{r['mbps'] / base_a:.0%}",
+                         f"{r['mbps'] / base_b:.0%}", f"{pct(r['rtt_ms'], 50):.3f}", f"{pct(r['rtt_ms'], 99):.3f}",
+                         str(len(r["rtt_ms"])), cpu_s, aim))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    right = {3, 4, 5, 6, 7, 8, 9}
+    right = {3, 4, 5, 6, 7, 8, 9, 10}
 
     def fmt(row: tuple[str, ...]) -> str:
         return "  ".join(cell.rjust(widths[c]) if c in right else cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip()
 
+    sizes_desc = ", ".join(f"{size_name(s)}: {plan['rounds']} x {b // MiB} MiB" for s, b, _ in plan["sizes"])
     lines = [
         f"NeuraNet link benchmark ({'quick' if quick else 'full'} run, loopback, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {elapsed:.0f}s)",
-        "throughput: one-way stream of N messages timed until the ack of the last; "
-        "RTT: one message of the size answered by an 8-byte ack; MB = 10^6 bytes",
-        "CPU%: CPU time of each process over the throughput run's wall time (100 = one core)",
+        f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}, {elapsed:.0f}s)",
+        f"throughput: median of {plan['rounds']} interleaved trials, each a one-way stream of messages timed until the "
+        f"8-byte ack of the last ({sizes_desc}; each trial also capped at {plan['trial_s']:.1f}s)",
+        "RTT: one message of the size answered by an 8-byte ack. MB = 10^6 bytes. "
+        "CPU%: median CPU time per wall time of each process in the trials (100 = one core)",
         "",
         fmt(rows[0]),
         "  ".join("-" * w for w in widths),
     ]
     for row in rows[1:]:
-        if row[0] and len(lines) > 6:
+        if row[0] and lines[-1][:1] != "-":
             lines.append("")
         lines.append(fmt(row))
     agg = results["aggregate"]
-    single = results["relay"]["sizes"].get(MiB)
+    single = results["relay"].get(MiB)
     per = sorted(p["mbps"] for p in agg["per_link"])
     paths = sorted({p["path"] for p in agg["paths"]} | {u for p in agg["paths"] for u in p["paths_used"]})
+    cpu = agg["cpu"]
     lines += [
         "",
-        f"Hub aggregate relay: {N_PAIRS} pairs sending 1 MiB messages at once (2 agent processes x {N_PAIRS} agents, "
-        f"paths {'+'.join(paths)})",
-        f"  total {agg['mbps']:.1f} MB/s through the server ({agg['bytes'] / MiB:.0f} MiB in {agg['wall']:.2f}s); "
-        f"per pair min {per[0]:.1f} / median {statistics.median(per):.1f} / max {per[-1]:.1f} MB/s",
+        f"Hub aggregate relay: {N_PAIRS} pairs sending 1 MiB messages at once (one process holds the {N_PAIRS} senders, "
+        f"another the {N_PAIRS} receivers; paths: {'+'.join(paths)})",
+        f"  total {agg['mbps']:.1f} MB/s through the server (median of {len(agg['trials'])} trials: "
+        f"{', '.join(f'{x:.0f}' for x in agg['trials'])}; median trial moved {agg['bytes'] / MiB:.0f} MiB in "
+        f"{agg['wall']:.2f}s; per pair min {per[0]:.1f} / median {statistics.median(per):.1f} / max {per[-1]:.1f} MB/s)",
     ]
     if single:
-        lines.append(f"  = {agg['mbps'] / single['mbps']:.2f}x one relayed pair, "
+        lines.append(f"  = {agg['mbps'] / single['mbps']:.2f}x one relayed pair at 1 MiB, "
                      f"{agg['mbps'] / results['asyncio'][MiB]['mbps']:.0%} of one asyncio stream at 1 MiB")
-    cpu = agg["cpu"]
     lines.append(f"  CPU%: server {cpu['server'] * 100:.0f}, senders' process {cpu['tx'] * 100:.0f}, "
                  f"receivers' process {cpu['rx'] * 100:.0f}")
     lines += ["", "Aims (issue): PeerLink direct >= 70% and relayed >= 40% of the asyncio stream at 1 MiB and above."]
     for kind in ("direct", "relay"):
         for size, _, _ in plan["sizes"]:
             if size >= AIM_MIN_SIZE:
-                frac = results[kind]["sizes"][size]["mbps"] / results["asyncio"][size]["mbps"]
-                lines.append(f"  {kind:<6} {size_name(size):>6}: {frac:6.1%} of asyncio (aim {AIMS[kind]:.0%}) "
+                frac = results[kind][size]["mbps"] / results["asyncio"][size]["mbps"]
+                lines.append(f"  {kind:<6} {size_name(size):>6}: {frac:6.1%} of asyncio (aim {AIMS[kind]:.0%})  "
                              f"{'MET' if frac >= AIMS[kind] else 'MISSED'}")
     if path_problems:
         lines += ["", "WARNING: paths not as expected:"] + [f"  {p}" for p in path_problems]
     else:
-        lines += ["", "Paths verified: direct cases used only the direct path and relay cases only the relay, on both ends."]
+        lines += ["", "Paths verified: c. used only the direct path and d. only the relay, on both ends "
+                      "(link.path and link.paths_used)."]
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short run (fewer bytes and samples)")
+    ap.add_argument("--quick", action="store_true", help="short run (fewer bytes, trials and samples)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (server and agent logs)")
     args = ap.parse_args()
@@ -714,17 +718,13 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     root = Path(tempfile.mkdtemp(prefix="neuranet-bench-"))
     start = time.perf_counter()
-    results: dict[str, Any] = {}
     try:
-        print("baselines", flush=True)
-        results["blocking"] = run_raw(ctx, "blocking", plan)
-        results["asyncio"] = run_raw(ctx, "asyncio", plan)
-        print("PeerLink (coordinator and two agent processes)", flush=True)
-        results.update(run_peerlink(ctx, root, plan))
+        results = run_all(ctx, root, plan)
     except BaseException:
-        log = root / "fabric" / "server.log"
-        if log.exists():
-            print("--- server log tail ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
+        for log in sorted(root.glob("fabric/*.log")):
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            if tail:
+                print(f"--- {log.name} (tail) ---\n{tail}", file=sys.stderr)
         raise
     finally:
         if args.keep:
@@ -734,7 +734,7 @@ def main() -> int:
     print()
     print(render(results, plan, args.quick, time.perf_counter() - start))
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in results.items()}, default=str, indent=1))
+        args.json.write_text(json.dumps(results, default=str, indent=1))
     return 0
 
 

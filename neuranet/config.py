@@ -21,7 +21,7 @@ class Limits:
     max_message_bytes: int = 4 * MiB  # one WebSocket message; PeerLink frames are ~1 MiB
     max_queued_bytes_per_peer: int = 64 * MiB  # relayed bytes from one source waiting for one destination
     max_connections_per_user: int = 256
-    max_links_per_device: int = 256
+    max_peers_per_device: int = 256  # distinct devices one device may hold links with
 
 
 @dataclass(frozen=True)

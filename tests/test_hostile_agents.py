@@ -174,3 +174,26 @@ async def test_used_join_token_gives_a_clear_enrolment_error(fabric: LocalFabric
     with pytest.raises(EnrolmentError, match="join-token"):
         async with missing:
             await missing.wait_connected()
+
+
+async def test_flooding_a_stalled_peer_cuts_off_only_the_flooder(fabric: LocalFabric) -> None:
+    flooder, flooder_id = await enrolled_socket(fabric)
+    sleeper, sleeper_id = await enrolled_socket(fabric)  # never reads again: its queue on the hub fills
+    await flooder.send(encode_frame(m.LinkOpen(link_id="flood", peer=sleeper_id).envelope(src=flooder_id, dst="server")))
+    grant = await recv_msg(flooder)
+    assert isinstance(grant, m.LinkGrant)
+    chunk = b"\0" * (1 << 20)
+    with pytest.raises(ConnectionClosed):
+        for seq in range(256):  # 256 MiB: far past the 64 MiB the hub queues per source
+            frame = m.LinkData(link="flood", seq=seq, off=seq << 20, end=True).envelope(
+                src=flooder_id, dst=sleeper_id, payload=chunk)
+            await asyncio.wait_for(flooder.send(encode_frame(frame)), 10)
+        while True:
+            msg = await recv_msg(flooder)
+            if isinstance(msg, m.Error):
+                assert msg.code == "queue_limit"
+    honest_still_served(fabric)
+    with fabric.client() as c:
+        online = {d["id"] for d in c.devices() if d["online"]}
+    assert sleeper_id in online and flooder_id not in online
+    await sleeper.close()

@@ -75,7 +75,7 @@ class SendWindow:
             raise WindowError(f"ack for seq {seq} / offset {consumed} beyond what was sent ({self.next_seq}, {self.next_off})")
         while self._frames and self._frames[0].seq <= seq:
             self._frames.popleft()
-        self.peer_consumed = max(self.peer_consumed, consumed)
+        self.peer_consumed = consumed
 
     @property
     def unacked(self) -> int:
@@ -112,7 +112,7 @@ class ReceiveWindow:
         """Take a frame. Returns a Delivered message when one completes, None when
         the frame was taken but the message is incomplete, False when the frame was
         a duplicate or out of order and was dropped."""
-        if seq < self.expected:
+        if seq != self.expected:
             return False
         if self._buffered + len(payload) > self.window:
             raise WindowError(f"peer sent past its credit ({self._buffered + len(payload)} > {self.window} bytes)")

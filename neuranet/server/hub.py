@@ -183,7 +183,14 @@ class Hub:
         if peer is None:
             conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
             return
-        self._pairs.add(frozenset((conn.device_id, req.peer)))
+        pair = frozenset((conn.device_id, req.peer))
+        if pair not in self._pairs:
+            limit = self.config.limits.max_peers_per_device
+            if any(sum(1 for p in self._pairs if d in p) >= limit for d in pair):
+                conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
+                                           reason=f"limit: a device may link with at most {limit} peers"))
+                return
+            self._pairs.add(pair)
         secret = secrets.token_bytes(32)
         conn.send(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
                               peer_addrs=_addrs(peer.profile), secret=secret))
