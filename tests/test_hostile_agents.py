@@ -111,9 +111,10 @@ async def test_invalid_body_gets_an_error_naming_the_field(fabric: LocalFabric) 
     ws, device_id = await enrolled_socket(fabric)
     from neuranet.protocol.envelope import Envelope
 
-    await ws.send(encode_frame(Envelope(type="heartbeat", body={"seq": "soon"}, src=device_id, dst="server")))
+    await ws.send(encode_frame(Envelope(type="heartbeat", body={"seq": "soon"}, id=41, src=device_id, dst="server")))
     err = await recv_msg(ws)
     assert isinstance(err, m.Error) and err.code == "invalid_message" and "seq" in err.message
+    assert err.ref == 41  # the reply names the message it refuses
     await ws.close()
 
 

@@ -70,6 +70,7 @@ class Agent:
         self.server_rtt_ms: float | None = None
         self.server_bandwidth_bps: float | None = None
         self.connections = 0  # successful handshakes so far
+        self._next_id = 0  # message ids, so the server's error replies can name the message
         self._ws: ClientConnection | None = None
         self._last_rx = 0.0
         self._echoes: collections.deque[asyncio.Future[float]] = collections.deque()
@@ -197,7 +198,8 @@ class Agent:
         ws = self._ws
         if ws is None:
             raise RelayUnavailable("not connected to the server")
-        await ws.send(encode_frame(msg.envelope(src=self.device_id or "", dst="server", payload=payload)))
+        self._next_id += 1
+        await ws.send(encode_frame(msg.envelope(id=self._next_id, src=self.device_id or "", dst="server", payload=payload)))
 
     async def _relay_send(self, frame: bytes) -> None:
         ws = self._ws

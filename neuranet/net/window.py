@@ -75,7 +75,7 @@ class SendWindow:
             raise WindowError(f"ack for seq {seq} / offset {consumed} beyond what was sent ({self.next_seq}, {self.next_off})")
         while self._frames and self._frames[0].seq <= seq:
             self._frames.popleft()
-        self.peer_consumed = consumed
+        self.peer_consumed = max(self.peer_consumed, consumed)
 
     @property
     def unacked(self) -> int:

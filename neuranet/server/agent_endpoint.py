@@ -128,6 +128,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
             return
         hub.seen(conn)
         data = msg.get("bytes")
+        env = None
         try:
             if data is None:
                 raise MalformedFrame("text frames are not part of the protocol; send binary frames")
@@ -139,7 +140,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
             else:
                 await _handle(hub, conn, env)
         except ProtocolError as exc:
-            conn.send_error(exc, ref=None)
+            conn.send_error(exc, ref=env.id if env is not None else None)
             if exc.fatal:
                 log.info("closing agent %s: %s", conn.device_id, exc)
                 await conn.drained(timeout=1.0)  # let the error frame go out first

@@ -68,7 +68,7 @@ class AgentConnection:
         self._empty.clear()
         self._ready.set()
 
-    def send(self, msg: m.Message, *, ref: int | None = None, payload: bytes = b"") -> None:
+    def send(self, msg: m.Message, *, payload: bytes = b"") -> None:
         self._next_id += 1
         env = msg.envelope(id=self._next_id, src="server", dst=self.device_id, payload=payload)
         self.enqueue(encode_frame(env))

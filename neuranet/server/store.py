@@ -201,23 +201,14 @@ class Store:
     # --- presence history and telemetry -------------------------------------------
 
     async def open_presence(self, device_id: str, now: float) -> None:
+        """The device connected: end any interval still open and start a new one."""
         async with self._tx() as s:
-            await s.execute(
-                update(PresenceInterval)
-                .where(and_(PresenceInterval.device_id == device_id, PresenceInterval.end.is_(None)))
-                .values(end=now)
-            )
+            await _end_presence(s, device_id, now)
             s.add(PresenceInterval(device_id=device_id, start=now, end=None))
-            await s.execute(update(Device).where(Device.id == device_id).values(last_seen=now))
 
     async def close_presence(self, device_id: str, end: float) -> None:
         async with self._tx() as s:
-            await s.execute(
-                update(PresenceInterval)
-                .where(and_(PresenceInterval.device_id == device_id, PresenceInterval.end.is_(None)))
-                .values(end=end)
-            )
-            await s.execute(update(Device).where(Device.id == device_id).values(last_seen=end))
+            await _end_presence(s, device_id, end)
 
     async def close_stale_presence(self) -> int:
         """After a restart, end every interval left open at the device's last sign of life."""
@@ -258,6 +249,16 @@ class Store:
                                             "battery_percent", "power_plugged")}
                 for r in reversed(list(rows.scalars()))
             ]
+
+
+async def _end_presence(s: AsyncSession, device_id: str, at: float) -> None:
+    """Close the device's open interval (if any) at ``at``; that is also when it was last seen."""
+    await s.execute(
+        update(PresenceInterval)
+        .where(and_(PresenceInterval.device_id == device_id, PresenceInterval.end.is_(None)))
+        .values(end=at)
+    )
+    await s.execute(update(Device).where(Device.id == device_id).values(last_seen=at))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
