@@ -1,9 +1,12 @@
-"""Pure encode/decode of NeuraNet messages and tensor frames (sans-I/O)."""
+"""Pure encode/decode of NeuraNet messages and tensor frames (sans-I/O).
+
+Tensor frames live in ``neuranet.protocol.tensors`` (it imports torch, which the
+coordinator itself never needs).
+"""
 
 from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
 from neuranet.protocol.errors import ProtocolError
 from neuranet.protocol.messages import MESSAGE_TYPES, Message, parse
-from neuranet.protocol.tensors import decode_tensor, encode_tensor
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -14,6 +17,4 @@ __all__ = [
     "MESSAGE_TYPES",
     "Message",
     "parse",
-    "decode_tensor",
-    "encode_tensor",
 ]
