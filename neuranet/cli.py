@@ -64,6 +64,7 @@ def server(
 ) -> None:
     """Run the coordinator (REST API, agent WebSocket and relay hub)."""
     from neuranet.config import Limits
+    from neuranet.server.app import StartupError
     from neuranet.server.run import serve
 
     _logging(verbose)
@@ -93,7 +94,7 @@ def server(
         asyncio.run(serve(cfg, first_admin, listening))
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # a bad --db-url or an unusable port: say so plainly
+    except StartupError as exc:
         _fail(exc)
 
 

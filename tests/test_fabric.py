@@ -138,3 +138,9 @@ def test_killed_agent_goes_offline(fabric: LocalFabric) -> None:
         with pytest.raises(ClientError, match="offline"):
             alpha, gamma = device_by_name(c, "alpha"), device_by_name(c, "gamma")
             c.start_linktest(alpha["id"], gamma["id"], 1 << 20, 1 << 20)
+
+
+def test_server_refuses_a_bad_database_url_clearly(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["server", "--port", "0", "--data-dir", str(tmp_path), "--db-url", "nosuchdb://x"])
+    assert result.exit_code == 1
+    assert "cannot use the database URL" in result.output

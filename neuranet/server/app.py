@@ -8,6 +8,7 @@ import logging
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, WebSocket
+from sqlalchemy.engine import make_url
 
 from neuranet import __version__
 from neuranet.config import ServerConfig
@@ -21,15 +22,13 @@ log = logging.getLogger("neuranet.server")
 FirstAdmin = Callable[[str, str], None]  # (user name, API token)
 
 
-def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None) -> FastAPI:
-    """Build the app; state is created in the lifespan so one config can serve many apps."""
+def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, store: Store | None = None) -> FastAPI:
+    """Build the app. The lifespan owns the store (``open_store``'s, or one it opens) and closes it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        config.blob_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(config.database_url)
-        await store.migrate()
+        nonlocal store
+        store = store or await open_store(config)
         closed = await store.close_stale_presence()
         if closed:
             log.info("closed %d presence intervals left open by the last run", closed)
@@ -62,3 +61,24 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None) -
         await serve_agent(ws, app.state.hub)
 
     return app
+
+
+class StartupError(Exception):
+    """The coordinator cannot start as configured; the message says what to fix."""
+
+
+async def open_store(config: ServerConfig) -> Store:
+    """Create the data dirs and open the database at the newest schema, or explain why not."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.blob_dir.mkdir(parents=True, exist_ok=True)
+    shown = make_url(config.database_url).render_as_string(hide_password=True) if "://" in config.database_url else config.database_url
+    try:
+        store = Store(config.database_url)
+    except Exception as exc:  # SQLAlchemy raises several types for a bad URL or a missing driver
+        raise StartupError(f"cannot use the database URL {shown}: {exc}") from None
+    try:
+        await store.migrate()
+    except Exception as exc:
+        await store.close()
+        raise StartupError(f"cannot open the database at {shown}: {exc}") from None
+    return store

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Iterable
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import and_, bindparam, event, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from neuranet.server.models import ApiToken, Device, JoinToken, PresenceInterval, Run, RunDevice, TelemetryRow, User
@@ -94,11 +95,14 @@ class Store:
 
     async def create_user(self, name: str, *, is_admin: bool = False) -> tuple[Principal, str]:
         """Create a user and its first API token; returns the token in clear, once."""
-        async with self._tx() as s:
-            if (await s.execute(select(User).where(User.name == name))).scalar_one_or_none():
-                raise StoreError(f"user {name!r} already exists")
-            user = User(id=new_id(), name=name, is_admin=is_admin, created_at=time.time())
-            s.add(user)
+        try:
+            async with self._tx() as s:
+                if (await s.execute(select(User).where(User.name == name))).scalar_one_or_none():
+                    raise StoreError(f"user {name!r} already exists")
+                user = User(id=new_id(), name=name, is_admin=is_admin, created_at=time.time())
+                s.add(user)
+        except IntegrityError:  # a concurrent create_user won the race for the name
+            raise StoreError(f"user {name!r} already exists") from None
         token = await self.create_api_token(user.id, "initial")
         return Principal(user.id, user.name, user.is_admin), token
 
@@ -128,6 +132,12 @@ class Store:
 
     async def enrol_device(self, join_token: str, public_key: bytes, name: str) -> Device:
         """Spend a one-time join token to register a device under the token's owner."""
+        try:
+            return await self._enrol_device(join_token, public_key, name)
+        except IntegrityError:  # a concurrent enrolment with another token took the key
+            raise StoreError("a device with this public key is already enrolled") from None
+
+    async def _enrol_device(self, join_token: str, public_key: bytes, name: str) -> Device:
         now = time.time()
         async with self._tx() as s:
             jt = (
