@@ -62,8 +62,11 @@ class LinkManager:
         return await self._queue(channel).get()
 
     async def close(self) -> None:
-        for link in list(self.links.values()):
-            await link.close()
+        links = list(self.links.values())
+        for link in links:
+            await link.close(flush_timeout=2.0)
+        for link in links:
+            await link.wait_stopped()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

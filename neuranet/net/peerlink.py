@@ -80,7 +80,7 @@ class PeerLink:
         self.last_rx = time.monotonic()
         self._ack_due = False
         self._epoch = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # owned; cancelled when the link ends
 
     # --- public API -------------------------------------------------------------
 
@@ -141,11 +141,16 @@ class PeerLink:
                 pass
             self._shutdown(None)
 
+    async def wait_stopped(self) -> None:
+        """After the link ended: wait until its own tasks have finished."""
+        current = asyncio.current_task()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+
     # --- driven by the manager ----------------------------------------------------
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._pump(), name=f"pump-{self.link_id}"))
-        self._tasks.append(asyncio.create_task(self._watchdog(), name=f"watch-{self.link_id}"))
+        self._spawn(self._pump(), f"pump-{self.link_id}")
+        self._spawn(self._watchdog(), f"watch-{self.link_id}")
 
     def on_grant(self, grant: m.LinkGrant) -> None:
         """The server (re)authorised the link: relay works, and direct may be tried."""
@@ -186,7 +191,7 @@ class PeerLink:
         self._rewind()
         self._ack_due = True
         self._changed.set()
-        self._tasks.append(asyncio.create_task(self._read_direct(path), name=f"direct-{self.link_id}"))
+        self._spawn(self._read_direct(path), f"direct-{self.link_id}")
 
     def on_frame(self, env: Envelope) -> None:
         """Handle a frame that arrived on any path."""
@@ -246,16 +251,20 @@ class PeerLink:
         await self.manager.relay_send(frame)
         return "relay"
 
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _spawn_write(self, frame: bytes) -> None:
+        """Send a control frame (pong, ping) without waiting; losing one is harmless."""
         async def write() -> None:
             try:
                 await self._write(frame)
             except (ConnectionError, OSError):
                 pass
 
-        task = asyncio.create_task(write())
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._spawn(write(), f"ctl-{self.link_id}")
 
     async def _pump(self) -> None:
         """The only task that puts data frames on a path, so their order is the window's."""
@@ -334,6 +343,6 @@ class PeerLink:
         self.granted.set()
         self.manager.forget(self)
         current = asyncio.current_task()
-        for task in self._tasks:
+        for task in list(self._tasks):
             if task is not current:
                 task.cancel()
