@@ -1,0 +1,240 @@
+"""The hub's per-agent outbound queue (AgentConnection) and the agent's reconnect backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neuranet.agent.runtime import backoff_delay
+from neuranet.protocol import messages as m
+from neuranet.protocol.envelope import decode_frame
+from neuranet.protocol.errors import QueueLimitExceeded
+from neuranet.server.hub import AgentConnection
+
+
+class FakeSocket:
+    """Stands in for the WebSocket: records frames; optionally holds each write until released."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.sent: list[bytes] = []
+        self.closes: list[tuple[int, str]] = []
+        self.gated = gated
+        self._permits = asyncio.Semaphore(0)
+        self._writing = asyncio.Condition()
+        self.fail_close = False
+
+    async def send_bytes(self, frame: bytes) -> None:
+        async with self._writing:
+            self.sent.append(frame)
+            self._writing.notify_all()
+        if self.gated:
+            await self._permits.acquire()
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._permits.release()
+
+    async def wait_sent(self, n: int) -> None:
+        """Until the n-th write has started."""
+        async with self._writing:
+            await asyncio.wait_for(self._writing.wait_for(lambda: len(self.sent) >= n), 5)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+        if self.fail_close:
+            raise ConnectionError("already gone")
+
+
+def conn_for(sock: FakeSocket, max_queued: int = 100) -> AgentConnection:
+    return AgentConnection("dev-b", "user-1", sock.send_bytes, sock.close, max_queued)
+
+
+async def _settle() -> None:
+    """Let every ready task run (no wall-clock wait)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+# --- queue limits ---------------------------------------------------------------------------
+
+
+async def test_one_source_over_its_limit_is_refused_while_others_still_fit() -> None:
+    conn = conn_for(FakeSocket(), max_queued=100)
+    conn.enqueue(b"a" * 60, source="flood")
+    conn.enqueue(b"b" * 40, source="flood")  # exactly at the limit is fine
+    with pytest.raises(QueueLimitExceeded, match=r"100 bytes from flood already wait for dev-b; limit is 100"):
+        conn.enqueue(b"c", source="flood")
+    assert conn.queued_bytes == 100  # the refused frame was not queued
+
+    conn.enqueue(b"d" * 100, source="polite")  # another peer is unaffected
+    conn.enqueue(b"s" * 1000)  # the server's own frames are not limited per peer
+    assert conn.queued_bytes == 1200
+    with pytest.raises(QueueLimitExceeded):
+        conn.enqueue(b"e", source="polite")
+    with pytest.raises(QueueLimitExceeded):
+        conn.enqueue(b"f" * 101, source="newcomer")  # one frame bigger than the limit never fits
+    conn.enqueue(b"g" * 100, source="newcomer")
+    assert conn.queued_bytes == 1300
+
+
+async def test_writer_drains_fifo_and_releases_accounting() -> None:
+    sock = FakeSocket(gated=True)
+    conn = conn_for(sock, max_queued=16)
+    frames = [(b"p1-first", "p1"), (b"p2-x", "p2"), (b"srv", ""), (b"p1-2", "p1")]
+    for frame, source in frames:
+        conn.enqueue(frame, source=source)
+    writer = asyncio.create_task(conn.writer())
+    try:
+        await sock.wait_sent(1)
+        assert conn._queued_from["p1"] == len(b"p1-first") + len(b"p1-2")  # counted until written
+        with pytest.raises(QueueLimitExceeded):
+            conn.enqueue(b"xxxxx", source="p1")  # 12 + 5 > 16
+        sock.release()
+        await sock.wait_sent(2)
+        assert conn._queued_from["p1"] == len(b"p1-2")  # the written frame's bytes are free again
+        conn.enqueue(b"p1-3", source="p1")
+
+        # drained() swallows its own timeout, so give it a long one and bound it from outside:
+        # returning means the queue really emptied.
+        drained = asyncio.create_task(asyncio.wait_for(conn.drained(timeout=600), 5))
+        sock.release(3)
+        await sock.wait_sent(5)
+        await _settle()
+        assert not drained.done()  # the last write has not finished yet
+        sock.release()
+        await drained
+        assert sock.sent == [f for f, _ in frames] + [b"p1-3"]
+        assert conn.queued_bytes == 0
+        assert dict(conn._queued_from) == {}  # no empty counters left behind per peer
+        conn.enqueue(b"q" * 16, source="p1")  # the full allowance is back
+    finally:
+        await conn.close()
+        sock.release(10)
+        await asyncio.wait_for(writer, 5)
+
+
+async def test_accounting_is_released_when_a_write_fails() -> None:
+    async def broken(frame: bytes) -> None:
+        raise ConnectionError("socket gone")
+
+    async def close(code: int, reason: str) -> None:
+        pass
+
+    conn = AgentConnection("dev-b", "user-1", broken, close, 10)
+    conn.enqueue(b"x" * 10, source="p1")
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(conn.writer(), 5)
+    assert conn.queued_bytes == 0
+
+
+async def test_drained_returns_when_empty_and_is_bounded_when_stuck() -> None:
+    sock = FakeSocket(gated=True)
+    conn = conn_for(sock)
+    await asyncio.wait_for(conn.drained(timeout=600), 5)  # nothing queued: at once
+
+    conn.enqueue(b"stuck", source="p1")
+    writer = asyncio.create_task(conn.writer())
+    try:
+        await sock.wait_sent(1)
+        await conn.drained(timeout=0.01)  # the socket never finishes: gives up without raising
+        assert conn.queued_bytes == 5
+    finally:
+        await conn.close()
+        sock.release()
+        await asyncio.wait_for(writer, 5)
+
+
+async def test_server_messages_get_increasing_ids_and_are_not_peer_limited() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, max_queued=1)
+    conn.send(m.PeerDown(peer="dev-a"))
+    conn.send(m.PeerDown(peer="dev-c"))
+    writer = asyncio.create_task(conn.writer())
+    await asyncio.wait_for(conn.drained(timeout=600), 5)
+    envs = [decode_frame(f) for f in sock.sent]
+    assert [(e.type, e.src, e.dst, e.body["peer"]) for e in envs] == [
+        ("peer_down", "server", "dev-b", "dev-a"),
+        ("peer_down", "server", "dev-b", "dev-c"),
+    ]
+    assert envs[0].id < envs[1].id
+    await conn.close()
+    await asyncio.wait_for(writer, 5)
+
+
+# --- close -------------------------------------------------------------------------------------
+
+
+async def test_close_is_idempotent_and_stops_the_writer() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    writer = asyncio.create_task(conn.writer())
+    await _settle()  # the writer is now waiting for frames
+    assert not writer.done()
+
+    await conn.close(4001, "silent " * 40)
+    await conn.close(4000, "again")
+    await conn.close()
+    assert conn.closed
+    assert len(sock.closes) == 1
+    code, reason = sock.closes[0]
+    assert code == 4001 and reason == ("silent " * 40)[:120]  # WebSocket close reasons are short
+    await asyncio.wait_for(writer, 5)  # woke up and ended
+
+    conn.enqueue(b"late", source="p1")  # frames for a closed agent are dropped quietly
+    assert conn.queued_bytes == 0
+
+
+async def test_close_swallows_a_failing_socket_close() -> None:
+    sock = FakeSocket()
+    sock.fail_close = True
+    conn = conn_for(sock)
+    await conn.close(1000, "bye")
+    await conn.close(1000, "bye")
+    assert conn.closed and sock.closes == [(1000, "bye")]
+
+
+# --- agent reconnect backoff --------------------------------------------------------------------
+
+
+@given(
+    attempt=st.integers(0, 10_000),
+    base=st.floats(0.001, 10.0),
+    cap=st.floats(0.001, 600.0),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_delay_stays_within_full_jitter_bounds(attempt: int, base: float, cap: float, seed: int) -> None:
+    d = backoff_delay(attempt, base, cap, random.Random(seed))
+    bound = min(cap, base * 2.0 ** min(attempt, 1000))
+    assert 0.0 <= d <= bound * (1 + 1e-12)
+    assert d <= cap * (1 + 1e-12)
+
+
+def test_backoff_delay_is_capped_for_huge_attempts() -> None:
+    rng = random.Random(7)
+    for attempt in (31, 64, 1_000, 10**6, 10**9):
+        draws = [backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(200)]
+        assert all(0.0 <= d <= 30.0 for d in draws)
+        assert max(draws) > 25.0  # the cap, not some overflowed or collapsed value, is the ceiling
+
+
+def test_backoff_delay_grows_then_caps() -> None:
+    rng = random.Random(11)
+    for attempt, bound in [(0, 0.5), (1, 1.0), (3, 4.0), (5, 16.0), (6, 30.0), (20, 30.0)]:
+        draws = [backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(400)]
+        assert max(draws) <= bound
+        assert max(draws) > 0.9 * bound  # reaches close to its bound
+        assert min(draws) < 0.1 * bound  # full jitter: starts near zero
+
+
+def test_backoff_delay_is_jittered() -> None:
+    rng = random.Random(3)
+    draws = [backoff_delay(4, 1.0, 60.0, rng) for _ in range(300)]
+    assert len(set(draws)) > 290  # not a constant (or a handful of values)
+    mean = sum(draws) / len(draws)
+    assert 6.5 < mean < 9.5  # uniform on [0, 16] averages 8
+    # the default generator jitters too: agents restarted together must not retry in lockstep
+    assert len({backoff_delay(4, 1.0, 60.0) for _ in range(50)}) > 45

@@ -1,0 +1,382 @@
+"""Store: the coordinator's database layer, on SQLite and (when available) PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from sqlalchemy import select, text
+
+from neuranet.server.models import ApiToken, Base, JoinToken
+from neuranet.server.store import Store, StoreError
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_store_url(postgres_url: str) -> Iterator[str]:
+    """A database of this module's own on the session's PostgreSQL server, so that
+    wiping it between tests cannot disturb other modules that share the server."""
+    base, _, _ = postgres_url.rpartition("/")
+    name = "store_" + uuid.uuid4().hex[:16]
+    asyncio.run(_pg_admin(postgres_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A URL of an empty database: a fresh SQLite file, or this module's PostgreSQL
+    database with its schema dropped and recreated (skipped without PostgreSQL)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("pg_store_url")
+    asyncio.run(_pg_admin(url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    return url
+
+
+async def _pg_admin(server_url: str, sql: str) -> None:
+    import asyncpg  # only needed when PostgreSQL is there
+
+    conn = await asyncpg.connect(server_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = Store(db_url)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def _device(store: Store, user_id: str, key: bytes | None = None, name: str = "dev") -> str:
+    token, _ = await store.create_join_token(user_id)
+    return (await store.enrol_device(token, key or uuid.uuid4().bytes * 2, name)).id
+
+
+async def _all_values(store: Store) -> list[object]:
+    values: list[object] = []
+    async with store.engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            for row in (await conn.execute(table.select())).all():
+                values.extend(row)
+    return values
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+async def test_migrate_is_idempotent(store: Store, db_url: str) -> None:
+    alice, _ = await store.create_user("alice")
+    await store.migrate()  # again on the same engine
+    again = Store(db_url)  # and from a fresh process's point of view
+    try:
+        await again.migrate()
+        async with again.engine.connect() as conn:
+            versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+        assert len(versions) == 1
+        assert await again.user_count() == 1  # data survives re-running migrations
+        assert (await again.list_devices(alice.user_id)) == []
+    finally:
+        await again.close()
+
+
+# --- users and tokens -------------------------------------------------------------------
+
+
+async def test_create_user_and_authenticate(store: Store) -> None:
+    assert await store.user_count() == 0
+    admin, admin_token = await store.create_user("root", is_admin=True)
+    bob, bob_token = await store.create_user("bob")
+    assert (admin.name, admin.is_admin) == ("root", True)
+    assert (bob.name, bob.is_admin) == ("bob", False)
+    assert admin.user_id != bob.user_id
+    assert await store.user_count() == 2
+
+    assert await store.authenticate(admin_token) == admin
+    assert await store.authenticate(bob_token) == bob
+    assert await store.authenticate(bob_token + "x") is None
+    assert await store.authenticate("") is None
+
+    second = await store.create_api_token(bob.user_id, "laptop")
+    assert second != bob_token
+    assert await store.authenticate(second) == bob
+
+
+async def test_secrets_are_stored_hashed_only(store: Store) -> None:
+    alice, api_token = await store.create_user("alice")
+    extra = await store.create_api_token(alice.user_id, "ci")
+    join_token, _ = await store.create_join_token(alice.user_id)
+
+    values = await _all_values(store)
+    for secret in (api_token, extra, join_token):
+        assert not any(secret in v for v in values if isinstance(v, str)), "a clear token is in the database"
+        assert not any(secret.encode() in v for v in values if isinstance(v, bytes))
+
+    async with store.session() as s:
+        api_hashes = set((await s.execute(select(ApiToken.token_hash))).scalars())
+        join_hashes = set((await s.execute(select(JoinToken.token_hash))).scalars())
+    assert api_hashes == {hashlib.sha256(t.encode()).hexdigest() for t in (api_token, extra)}
+    assert join_hashes == {hashlib.sha256(join_token.encode()).hexdigest()}
+
+
+async def test_duplicate_user_name_is_refused(store: Store) -> None:
+    first, token = await store.create_user("carol")
+    with pytest.raises(StoreError, match="'carol' already exists"):
+        await store.create_user("carol")
+    with pytest.raises(StoreError, match="already exists"):
+        await store.create_user("carol", is_admin=True)
+    assert await store.user_count() == 1
+    assert await store.authenticate(token) == first
+
+
+async def _race(*coros):  # type: ignore[no-untyped-def]
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    return [r for r in results if not isinstance(r, BaseException)], [r for r in results if isinstance(r, BaseException)]
+
+
+async def test_concurrent_duplicate_user_gives_store_error(store: Store) -> None:
+    """Two admins racing for one name: the loser gets a StoreError, not a database error."""
+    await asyncio.gather(*(store.user_count() for _ in range(4)))  # open pooled connections so the race is real
+    for round_ in range(3):
+        ok, errors = await _race(*(store.create_user(f"dave{round_}") for _ in range(4)))
+        assert len(ok) == 1
+        assert errors and all(isinstance(e, StoreError) and "already exists" in str(e) for e in errors), errors
+    assert await store.user_count() == 3
+
+
+# --- join tokens and enrolment ------------------------------------------------------------
+
+
+async def test_join_token_enrols_a_device_under_its_owner(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    token, expires = await store.create_join_token(alice.user_id)
+    assert token.startswith("nj_")
+    assert expires > time.time() + 3600
+    dev = await store.enrol_device(token, b"k" * 32, "laptop")
+    assert (dev.user_id, dev.name, dev.public_key) == (alice.user_id, "laptop", b"k" * 32)
+    got = await store.get_device(dev.id)
+    assert got is not None and got.user_id == alice.user_id
+    assert [d.id for d in await store.list_devices(alice.user_id)] == [dev.id]
+
+
+async def test_join_token_is_single_use(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    token, _ = await store.create_join_token(alice.user_id)
+    dev = await store.enrol_device(token, b"a" * 32, "one")
+    with pytest.raises(StoreError, match="join token was already used; create a new one"):
+        await store.enrol_device(token, b"b" * 32, "two")
+    assert [d.id for d in await store.list_devices(alice.user_id)] == [dev.id]
+
+
+async def test_reenrol_with_same_token_and_key_is_idempotent(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    token, _ = await store.create_join_token(alice.user_id)
+    first = await store.enrol_device(token, b"s" * 32, "box")
+    again = await store.enrol_device(token, b"s" * 32, "box")  # the agent never saw the first answer
+    assert again.id == first.id
+    assert len(await store.list_devices(alice.user_id)) == 1
+    with pytest.raises(StoreError, match="already used"):
+        await store.enrol_device(token, b"t" * 32, "box")
+
+
+async def test_expired_join_token_is_refused(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    token, expires = await store.create_join_token(alice.user_id, ttl=-1.0)
+    assert expires < time.time()
+    with pytest.raises(StoreError, match="join token has expired; create a new one"):
+        await store.enrol_device(token, b"e" * 32, "late")
+    assert await store.list_devices(alice.user_id) == []
+
+
+async def test_unknown_join_token_is_refused(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    api_token = await store.create_api_token(alice.user_id, "x")
+    for bogus in ("nj_nonsense", "", api_token):  # an API token is not a join token
+        with pytest.raises(StoreError, match="unknown join token"):
+            await store.enrol_device(bogus, b"u" * 32, "nope")
+
+
+async def test_public_key_can_only_be_enrolled_once(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    bob, _ = await store.create_user("bob")
+    await _device(store, alice.user_id, key=b"p" * 32)
+    token, _ = await store.create_join_token(bob.user_id)
+    with pytest.raises(StoreError, match="public key is already enrolled"):
+        await store.enrol_device(token, b"p" * 32, "stolen")
+    assert await store.list_devices(bob.user_id) == []
+    # the refused attempt did not burn the token
+    dev = await store.enrol_device(token, b"q" * 32, "own")
+    assert dev.user_id == bob.user_id
+
+
+async def test_concurrent_enrolment_of_one_key_gives_store_error(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    await asyncio.gather(*(store.user_count() for _ in range(4)))  # open pooled connections so the race is real
+    for round_ in range(3):
+        tokens = [(await store.create_join_token(alice.user_id))[0] for _ in range(3)]
+        key = bytes([round_]) * 32
+        ok, errors = await _race(*(store.enrol_device(t, key, "twin") for t in tokens))
+        assert len(ok) == 1
+        assert all(isinstance(e, StoreError) and "already enrolled" in str(e) for e in errors), errors
+    assert len(await store.list_devices(alice.user_id)) == 3
+
+
+async def test_concurrent_reenrol_with_one_token_returns_one_device(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    await asyncio.gather(*(store.user_count() for _ in range(4)))
+    token, _ = await store.create_join_token(alice.user_id)
+    ok, errors = await _race(*(store.enrol_device(token, b"r" * 32, "retry") for _ in range(3)))
+    assert errors == []
+    assert len({d.id for d in ok}) == 1
+    assert len(await store.list_devices(alice.user_id)) == 1
+
+
+async def test_set_profile_round_trips(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    dev = await _device(store, alice.user_id)
+    profile = {"os": "linux", "listen_addrs": [["10.0.0.2", 7000]], "gpu": None}
+    await store.set_profile(dev, profile)
+    got = await store.get_device(dev)
+    assert got is not None and got.profile == profile
+
+
+# --- presence, liveness and telemetry ---------------------------------------------------------
+
+
+async def test_presence_open_close_and_history_order(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    dev = await _device(store, alice.user_id)
+    other = await _device(store, alice.user_id)
+
+    await store.open_presence(dev, 500.0)
+    await store.close_presence(dev, 600.0)
+    await store.open_presence(dev, 100.0)  # recorded later, started earlier
+    await store.close_presence(dev, 200.0)
+    await store.open_presence(dev, 700.0)
+    await store.open_presence(other, 650.0)
+    assert await store.presence_history(dev) == [(100.0, 200.0), (500.0, 600.0), (700.0, None)]
+    assert await store.presence_history(other) == [(650.0, None)]
+
+    # A new connection while one is open ends the old interval where the new one starts.
+    await store.open_presence(dev, 800.0)
+    assert await store.presence_history(dev) == [(100.0, 200.0), (500.0, 600.0), (700.0, 800.0), (800.0, None)]
+    # since= keeps intervals still open or ending at/after it
+    assert await store.presence_history(dev, since=650.0) == [(700.0, 800.0), (800.0, None)]
+    assert await store.presence_history(dev, since=600.0) == [(500.0, 600.0), (700.0, 800.0), (800.0, None)]
+
+    await store.close_presence(dev, 900.0)
+    assert (await store.presence_history(dev))[-1] == (800.0, 900.0)
+    got = await store.get_device(dev)
+    assert got is not None and got.last_seen == 900.0
+
+
+async def test_close_stale_presence_after_restart(store: Store, db_url: str) -> None:
+    alice, _ = await store.create_user("alice")
+    heard = await _device(store, alice.user_id)
+    silent = await _device(store, alice.user_id)
+    tidy = await _device(store, alice.user_id)
+    await store.open_presence(heard, 100.0)
+    await store.touch_devices({heard: 180.0})  # the hub's batched liveness, then the server dies
+    await store.open_presence(silent, 50.0)  # never heard from after connecting
+    await store.open_presence(tidy, 10.0)
+    await store.close_presence(tidy, 20.0)
+    await store.close()
+
+    restarted = Store(db_url)
+    try:
+        await restarted.migrate()
+        assert await restarted.close_stale_presence() == 2
+        assert await restarted.presence_history(heard) == [(100.0, 180.0)]
+        assert await restarted.presence_history(silent) == [(50.0, 50.0)]
+        assert await restarted.presence_history(tidy) == [(10.0, 20.0)]
+        assert await restarted.close_stale_presence() == 0  # nothing left open
+    finally:
+        await restarted.close()
+
+
+async def test_close_stale_presence_never_ends_before_start(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    dev = await _device(store, alice.user_id)
+    await store.open_presence(dev, 300.0)
+    await store.touch_devices({dev: 250.0})  # a late batch with an older timestamp
+    assert await store.close_stale_presence() == 1
+    assert await store.presence_history(dev) == [(300.0, 300.0)]
+
+
+async def test_touch_devices_updates_last_seen(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    a = await _device(store, alice.user_id)
+    b = await _device(store, alice.user_id)
+    c = await _device(store, alice.user_id)
+    assert (await store.get_device(a)).last_seen is None  # type: ignore[union-attr]
+    await store.touch_devices({a: 10.5, b: 20.25})
+    await store.touch_devices({})  # nothing to do
+    await store.touch_devices({b: 30.0, "no-such-device": 1.0})
+    seen = {d: (await store.get_device(d)).last_seen for d in (a, b, c)}  # type: ignore[union-attr]
+    assert seen == {a: 10.5, b: 30.0, c: None}
+
+
+async def test_telemetry_insert_and_read(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    dev = await _device(store, alice.user_id)
+    other = await _device(store, alice.user_id)
+
+    def row(device: str, ts: float, cpu: float = 1.5) -> dict[str, object]:
+        return {"device_id": device, "ts": ts, "cpu_percent": cpu, "mem_percent": 40.0, "mem_used": 3 * 2**33,
+                "net_sent": 2**40, "net_recv": 7, "battery_percent": None, "power_plugged": None}
+
+    await store.add_telemetry([])  # no-op
+    await store.add_telemetry([row(dev, 30.0, 3.0), row(dev, 10.0, 1.0), row(other, 15.0)])
+    await store.add_telemetry([row(dev, 20.0, 2.0) | {"battery_percent": 55.5, "power_plugged": True}])
+
+    got = await store.telemetry(dev)
+    assert [r["ts"] for r in got] == [10.0, 20.0, 30.0]  # oldest first
+    assert [r["cpu_percent"] for r in got] == [1.0, 2.0, 3.0]
+    assert got[1] == {"ts": 20.0, "cpu_percent": 2.0, "mem_percent": 40.0, "mem_used": 3 * 2**33, "net_sent": 2**40,
+                      "net_recv": 7, "battery_percent": 55.5, "power_plugged": True}
+    assert got[0]["battery_percent"] is None and got[0]["power_plugged"] is None
+    # limit keeps the newest rows, still oldest first
+    assert [r["ts"] for r in await store.telemetry(dev, limit=2)] == [20.0, 30.0]
+    assert [r["ts"] for r in await store.telemetry(other)] == [15.0]
+    assert await store.telemetry("no-such-device") == []
+
+
+# --- link authorisation -------------------------------------------------------------------------
+
+
+async def test_may_link(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    bob, _ = await store.create_user("bob")
+    eve, _ = await store.create_user("eve")
+    a1 = await _device(store, alice.user_id)
+    a2 = await _device(store, alice.user_id)
+    b1 = await _device(store, bob.user_id)
+    e1 = await _device(store, eve.user_id)
+
+    assert await store.may_link(a1, a2) and await store.may_link(a2, a1)  # same owner
+    assert not await store.may_link(a1, b1) and not await store.may_link(b1, a1)  # strangers
+    assert not await store.may_link(a1, a1)  # a device never links to itself
+    assert not await store.may_link(a1, "no-such-device")
+
+    run = await store.create_run(alice.user_id, "pipeline", [a1, b1, a1])  # duplicates are fine
+    assert isinstance(run, str) and run
+    assert await store.may_link(a1, b1) and await store.may_link(b1, a1)  # a shared run
+    assert not await store.may_link(a2, b1)  # a2 is not in the run
+    assert not await store.may_link(b1, e1) and not await store.may_link(a1, e1)
+
+    await store.create_run(eve.user_id, "job", [e1])
+    await store.create_run(bob.user_id, "job", [b1])
+    assert not await store.may_link(b1, e1)  # each in a run, but not the same one
