@@ -78,9 +78,10 @@ async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
         # for ~0.4 s, which every agent sees as heartbeat latency.
         gc.collect()
         gc.freeze()
-        _write_json(config.data_dir / "server.json", {"url": url, "pid": os.getpid(), "port": port})
         if on_listening:
             on_listening(url)
+        # Last, so whoever waits for server.json also finds what on_listening wrote (the saved login).
+        _write_json(config.data_dir / "server.json", {"url": url, "pid": os.getpid(), "port": port})
 
     announcer = asyncio.create_task(announce())
     try:
