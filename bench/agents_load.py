@@ -16,6 +16,18 @@ Printed: connections held (server ``/healthz`` and client side), heartbeat
 round trip p50/p99/max, the server's RSS per connection and its CPU time, next
 to the aim (2,000 agents held, heartbeat p99 under 100 ms, on a 2-core box).
 
+Also printed, to explain the numbers: the client event-loop lag (is the
+bench itself the bottleneck?), the slowest seconds of the window, ``/healthz``
+latency sampled every 0.1 s (the server's event-loop responsiveness), the
+server's garbage-collection pauses and tracked objects per connection, and how
+busy the machine was (other processes on a 2-core box distort everything).
+The GC/object figures come from a ``sitecustomize`` hook put on the server's
+PYTHONPATH (it shadows any other sitecustomize); the server's code is unchanged.
+
+Options: ``--py-spy DIR`` records the server with py-spy during the ramp and
+the steady phase (raw collapsed stacks; ``AGENTS_LOAD_PY_SPY_ARGS=--gil`` adds
+flags); ``--server-uvloop`` runs the unchanged server on uvloop (experiment).
+
 Every loop is bounded in count and time, and every process started here is
 stopped on the way out, error or not.
 """
@@ -31,7 +43,6 @@ import queue
 import random
 import resource
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -100,14 +111,13 @@ class _Stats:
 
 
 async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, Any], ctl: dict[str, Any]) -> dict[str, Any]:
-    import websockets
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from websockets.asyncio.client import connect
 
     from neuranet.protocol import messages as m
     from neuranet.protocol.auth import auth_payload
-    from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
+    from neuranet.protocol.envelope import PROTOCOL_VERSION, decode_frame, encode_frame
 
     ws_url = "ws://" + url.split("://", 1)[1].rstrip("/") + "/agent"
     rate = opts["rate"]  # new connections per second, this process
@@ -205,8 +215,8 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
         name = f"bench-{idx}-{i}"
         device_id: str | None = None
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        attempts = 0
-        while not stopping.is_set() and attempts < opts["max_attempts"]:
+        attempts = sessions = 0
+        while not stopping.is_set() and attempts < opts["max_attempts"] and sessions < 20:
             attempts += 1
             ws = None
             welcomed = False
@@ -227,6 +237,7 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
                     stats.reconnects += 1
                 device_id = welcome.device_id
                 welcomed = True
+                sessions += 1
                 stats.connected += 1
                 stats.ever_connected += 1
                 attempts = 0  # a welcomed session resets the retry budget
@@ -271,15 +282,18 @@ async def _client_main(idx: int, url: str, tokens: list[str], opts: dict[str, An
 
     async def control() -> None:
         """Report progress to the parent and follow its measure/stop events (bounded by time)."""
-        ramp_reported = held_reported = False
+        ramp_reported = held_reported = window_closed = False
         hard_deadline = time.monotonic() + opts["ramp_timeout"] + opts["steady_timeout"]
         while time.monotonic() < hard_deadline:
             settled = stats.ever_connected + stats.enrol_failed >= len(tokens)
             if not ramp_reported and (settled or time.monotonic() > deadline_ramp):
                 ctl["progress"].put(("ramped", idx, stats.connected, stats.enrol_failed))
                 ramp_reported = True
-            if ctl["measure"].is_set() and not measuring.is_set():
+            if ctl["measure"].is_set() and not measuring.is_set() and not window_closed:
                 measuring.set()
+            elif measuring.is_set() and not ctl["measure"].is_set():
+                measuring.clear()  # the parent closed the window
+                window_closed = True
             if ctl["stop"].is_set():
                 break
             if ctl["report"].is_set() and not held_reported:
@@ -335,6 +349,67 @@ def client_process(idx: int, url: str, tokens: list[str], opts: dict[str, Any], 
 
 # --------------------------------------------------------------------------- parent
 
+SERVER_HOOK = """
+import gc, os, time
+_path = os.environ.get("AGENTS_LOAD_GC_LOG")
+if _path:
+    _f = open(_path, "a", buffering=1)
+    _t0 = [0.0]
+    def _gc_timer(phase, info):
+        if phase == "start":
+            _t0[0] = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - _t0[0]) * 1000.0
+            if info["generation"] == 2 or ms > 2.0:
+                _f.write(f"{time.time():.3f} {info['generation']} {ms:.2f} {info['collected']}\\n")
+    gc.callbacks.append(_gc_timer)
+_dump = os.environ.get("AGENTS_LOAD_OBJ_DUMP")
+if _dump:
+    import collections, json, signal
+    def _count_objects(signum, frame):
+        objs = gc.get_objects()
+        types = collections.Counter(type(o).__name__ for o in objs)
+        with open(_dump + ".tmp", "w") as f:
+            json.dump({"total": len(objs), "types": dict(types.most_common(40))}, f)
+        os.replace(_dump + ".tmp", _dump)
+    signal.signal(signal.SIGUSR1, _count_objects)
+    open(_dump + ".ready", "w").close()  # the parent only signals a server that has this handler
+"""
+UVLOOP_HOOK = """
+import asyncio, uvloop
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+"""
+
+
+def count_server_objects(pid: int, path: Path, timeout: float = 15.0) -> dict[str, Any] | None:
+    """Ask the server (through the hook) to count the objects its collector tracks; None if it did not answer."""
+    import json
+
+    if not Path(str(path) + ".ready").exists():
+        return None  # hook not loaded: SIGUSR1 would kill the server
+    path.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.1)
+    return None
+
+
+def gc_pauses(path: Path, t0: float, t1: float) -> list[tuple[int, float, int]]:
+    """(generation, ms, objects collected) of the server's logged collections between wall times t0 and t1."""
+    out: list[tuple[int, float, int]] = []
+    try:
+        for line in path.read_text().splitlines():
+            ts, gen, ms, collected = line.split()
+            if t0 <= float(ts) <= t1:
+                out.append((int(gen), float(ms), int(collected)))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 
 def healthz(url: str) -> int | None:
     import httpx
@@ -385,8 +460,9 @@ class Profiler:
             self.out_dir = None
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        extra = os.environ.get("AGENTS_LOAD_PY_SPY_ARGS", "").split()  # e.g. "--gil" or "--idle"
         self.proc = subprocess.Popen([exe, "record", "-p", str(self.pid), "-r", "100", "-f", "raw", "--nonblocking",
-                                      "-o", str(self.out_dir / f"server-{phase}.txt")],
+                                      *extra, "-o", str(self.out_dir / f"server-{phase}.txt")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def stop(self) -> None:
@@ -434,6 +510,27 @@ class HealthProbe:
         return self.samples
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def procs_cpu(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def create_join_tokens(fabric: Any, n: int, deadline: float) -> list[str]:
     tokens: list[str] = []
     with fabric.client() as c:
@@ -453,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     print(f"NeuraNet agents load: {n} agents in {procs} client process(es), {seconds:.0f} s measured, "
           f"ramp {args.rate:.0f} conn/s, telemetry every {args.telemetry_interval:.0f} s, {cores} cores, "
-          f"RLIMIT_NOFILE {limits[0]}")
+          f"RLIMIT_NOFILE {limits[0]}" + (", server on uvloop (experiment)" if args.server_uvloop else ""))
     print(f"aim: {AIM_AGENTS:,} agents held with heartbeat p99 under {AIM_P99_MS:.0f} ms on this 2-core machine")
     sys.stdout.flush()
 
@@ -463,8 +560,17 @@ def run(args: argparse.Namespace) -> int:
     workers: list[Any] = []
     profiler: Profiler | None = None
     with tempfile.TemporaryDirectory(prefix="neuranet-agents-load-") as tmp:
+        # A sitecustomize hook for the server process only: logs its garbage collections (pauses), and
+        # optionally runs it on uvloop. It does not change the server's code.
+        hook = Path(tmp) / "server-hook"
+        hook.mkdir()
+        gc_log = Path(tmp) / "server-gc.log"
+        (hook / "sitecustomize.py").write_text(SERVER_HOOK + (UVLOOP_HOOK if args.server_uvloop else ""))
+        obj_dump = Path(tmp) / "server-objects.json"
+        env: dict[str, str] = {"AGENTS_LOAD_GC_LOG": str(gc_log), "AGENTS_LOAD_OBJ_DUMP": str(obj_dump),
+                               "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH", "")]))}
         fabric = LocalFabric(Path(tmp), server_args=["--max-connections-per-user", str(n + 100),
-                                                     "--heartbeat", str(args.heartbeat)])
+                                                     "--heartbeat", str(args.heartbeat)], env=env)
         try:
             fabric.start_server()
             assert fabric.server is not None
@@ -477,6 +583,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"join tokens: {n} created over REST in {time.monotonic() - t0:.1f} s")
 
             time.sleep(1.0)
+            objs0 = count_server_objects(fabric.server.pid, obj_dump)
             rss0, cpu0 = meter.rss(), meter.cpu()
             share = [tokens[i::procs] for i in range(procs)]
             opts = {"rate": args.rate / procs, "max_inflight": max(1, args.max_inflight // procs),
@@ -521,6 +628,8 @@ def run(args: argparse.Namespace) -> int:
             # steady state: measure heartbeats for `seconds`
             profiler.start("steady")
             probe = HealthProbe(fabric.url).start()
+            client_pids = [p.pid for p in workers if p.pid is not None]
+            busy0, clients0, load0 = machine_busy(), procs_cpu(client_pids), os.getloadavg()[0]
             ctl["measure"].set()
             wall_meas = time.time()
             t_meas = time.monotonic()
@@ -532,9 +641,14 @@ def run(args: argparse.Namespace) -> int:
                 if len(mid_online) < 1 and time.monotonic() - t_meas > seconds / 2:
                     mid_online.append(healthz(fabric.url))
             cpu2, rss2 = meter.cpu(), meter.rss()
+            busy1, clients1, load1 = machine_busy(), procs_cpu(client_pids), os.getloadavg()[0]
+            wall_end = time.time()
+            ctl["measure"].clear()  # close the window in the clients before anything below disturbs the server
             profiler.stop()
             probe_samples = probe.stop()
             online_end = healthz(fabric.url)
+            time.sleep(1.0)  # answers to heartbeats sent inside the window arrive
+            objs1 = count_server_objects(fabric.server.pid, obj_dump)  # outside the window: its pause is not measured
             ctl["report"].set()
             held: dict[int, int] = {}
             hold_deadline = time.monotonic() + 30
@@ -595,10 +709,29 @@ def run(args: argparse.Namespace) -> int:
             print(f"  server /healthz latency (event-loop responsiveness, every 0.1 s): n={len(hz)}, "
                   f"p50 {fmt_ms(percentile(hz, 50))}, p99 {fmt_ms(percentile(hz, 99))}, "
                   f"max {fmt_ms(hz[-1] if hz else float('nan'))}")
+            all_full = [ms for g, ms, _ in gc_pauses(gc_log, 0.0, wall_end) if g == 2]
+            pauses = gc_pauses(gc_log, wall_meas, wall_end)
+            full = [ms for g, ms, _ in pauses if g == 2]
+            young = max((p for p in pauses if p[0] < 2), key=lambda p: p[1], default=(0, 0.0, 0))
+            print(f"  server GC in the window: {len(full)} full (gen 2) collections, "
+                  f"max {max(full, default=0.0):.0f} ms, total {sum(full):.0f} ms; slowest young collection "
+                  f"{young[1]:.1f} ms (gen {young[0]}, {young[2]} objects freed); since start {len(all_full)} full, "
+                  f"the last {all_full[-1] if all_full else 0.0:.0f} ms, max {max(all_full, default=0.0):.0f} ms")
             print(f"server RSS: {rss0 / MiB:.1f} MiB before ramp, {rss1 / MiB:.1f} MiB after, "
                   f"{rss2 / MiB:.1f} MiB at end -> {rss_per_conn / 1024:.1f} KiB per connection")
+            if objs0 and objs1:
+                conns = max(1, online_end or n)
+                grown = {t: c - objs0["types"].get(t, 0) for t, c in objs1["types"].items()}
+                top = sorted(grown.items(), key=lambda kv: -kv[1])[:8]
+                print(f"  objects the server's collector tracks: {objs0['total']:,} before ramp, {objs1['total']:,} after "
+                      f"-> {(objs1['total'] - objs0['total']) / conns:.0f} per connection; most per connection: "
+                      + ", ".join(f"{t} {c / conns:.0f}" for t, c in top))
             print(f"server CPU time: ramp {cpu1 - cpu0:.2f} s, steady {steady_cpu:.2f} s over {steady_s:.1f} s "
                   f"({100 * steady_cpu / max(steady_s, 1e-9):.1f}% of one core), total {cpu2:.2f} s since start")
+            others = (busy1 - busy0) - (clients1 - clients0) - steady_cpu
+            print(f"machine during the window: {100 * (busy1 - busy0) / steady_s:.0f}% busy of {cores * 100}% "
+                  f"(server {100 * steady_cpu / steady_s:.0f}%, bench clients {100 * (clients1 - clients0) / steady_s:.0f}%, "
+                  f"everything else {100 * max(0.0, others) / steady_s:.0f}%), load average {load0:.1f} -> {load1:.1f}")
             errors: dict[str, int] = {}
             for r in results:
                 for k, v in r["errors"].items():
@@ -647,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heartbeat", type=float, default=3.0, help="heartbeat interval the server hands out (default 3)")
     ap.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds between telemetry samples (default 10)")
     ap.add_argument("--py-spy", metavar="DIR", help="record the server with py-spy during ramp and steady phase")
+    ap.add_argument("--server-uvloop", action="store_true",
+                    help="experiment: run the (unchanged) server on uvloop instead of the default asyncio loop")
     ap.add_argument("--keep-log", action="store_true", help="print the tail of the server log at the end")
     args = ap.parse_args(argv)
     if args.quick:
