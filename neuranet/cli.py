@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -43,6 +43,15 @@ def _client(server: str | None, token: str | None) -> Client:
 def _fail(exc: Exception) -> None:
     err.print(f"[red]error:[/] {exc}")
     raise typer.Exit(1)
+
+
+def _run(main: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (it comes with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _logging(verbose: bool) -> None:
@@ -91,7 +100,7 @@ def server(
                 console.print(f"Saved this login to {saved} for the CLI on this machine.")
 
     try:
-        asyncio.run(serve(cfg, first_admin, listening))
+        _run(serve(cfg, first_admin, listening))
     except KeyboardInterrupt:
         pass
     except StartupError as exc:
@@ -187,7 +196,7 @@ def agent(
             pass
 
     try:
-        asyncio.run(main())
+        _run(main())
     except EnrolmentError as exc:
         _fail(exc)
 

@@ -166,7 +166,9 @@ class PeerLink:
             self.manager.try_direct(self)  # the first attempt is made by LinkManager.open
 
     def on_refused(self, reason: str) -> None:
-        if reason.startswith("offline"):
+        """The server would not relay: wait for the peer if it is away (or the link is being
+        renewed after a reconnect), give up if the link is not allowed at all."""
+        if reason.startswith("offline") or (reason.startswith("ungranted") and self.granted.is_set()):
             self.peer_down_since = self.peer_down_since or time.monotonic()
             self.relay_ready = False
         else:

@@ -44,9 +44,7 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
         finally:
             maintain.cancel()
             await asyncio.gather(maintain, return_exceptions=True)
-            for conn in list(hub.conns.values()):
-                await conn.close(1001, "server shutting down")
-            await hub.flush()
+            await hub.shutdown()
             await store.close()
 
     app = FastAPI(title="NeuraNet coordinator", version=__version__, lifespan=lifespan)

@@ -24,6 +24,7 @@ from neuranet.server.store import Store
 
 log = logging.getLogger("neuranet.hub")
 
+MAX_LINKTESTS = 1000
 RELAYED_TYPES = frozenset({"link_data", "link_ack", "link_close", "ping", "pong"})
 
 SendBytes = Callable[[bytes], Awaitable[None]]
@@ -132,7 +133,8 @@ class Hub:
         self.store = store
         self.conns: dict[str, AgentConnection] = {}
         self._per_user: collections.Counter[str] = collections.Counter()  # len(conns) by user_id
-        self._pairs: set[frozenset[str]] = set()
+        # device -> devices it may exchange relayed frames with (granted links); dropped when it goes offline
+        self._peers: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self.linktests: dict[str, LinkTestState] = {}
         self._dirty_seen: dict[str, float] = {}
         self._telemetry: list[dict[str, Any]] = []
@@ -158,16 +160,26 @@ class Hub:
         del self.conns[conn.device_id]
         self._user_left(conn.user_id)
         await self.store.close_presence(conn.device_id, conn.last_seen)
-        for pair in self._pairs:
-            if conn.device_id in pair:
-                (other,) = pair - {conn.device_id}
-                if other in self.conns:
-                    self.conns[other].send(m.PeerDown(peer=conn.device_id))
+        # Peers stop relaying to it now; when it returns it re-opens its links and they are granted anew.
+        for other in self._peers.pop(conn.device_id, set()):
+            self._peers[other].discard(conn.device_id)
+            if other in self.conns:
+                self.conns[other].send(m.PeerDown(peer=conn.device_id))
 
     def _user_left(self, user_id: str) -> None:
         self._per_user[user_id] -= 1
         if self._per_user[user_id] <= 0:
             del self._per_user[user_id]
+
+    async def shutdown(self) -> None:
+        """Server stopping: end every presence in one transaction, then drop the connections."""
+        conns, self.conns = list(self.conns.values()), {}
+        self._per_user.clear()
+        self._peers.clear()
+        await self.store.close_presences({c.device_id: c.last_seen for c in conns})
+        for conn in conns:
+            await conn.close(1001, "server shutting down")
+        await self.flush()
 
     def seen(self, conn: AgentConnection) -> None:
         conn.last_seen = time.time()
@@ -183,14 +195,14 @@ class Hub:
         if peer is None:
             conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
             return
-        pair = frozenset((conn.device_id, req.peer))
-        if pair not in self._pairs:
+        if req.peer not in self._peers[conn.device_id]:
             limit = self.config.limits.max_peers_per_device
-            if any(sum(1 for p in self._pairs if d in p) >= limit for d in pair):
+            if len(self._peers[conn.device_id]) >= limit or len(self._peers[req.peer]) >= limit:
                 conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
-                                           reason=f"limit: a device may link with at most {limit} peers"))
+                                           reason=f"limit: a device may link with at most {limit} peers at once"))
                 return
-            self._pairs.add(pair)
+            self._peers[conn.device_id].add(req.peer)
+            self._peers[req.peer].add(conn.device_id)
         secret = secrets.token_bytes(32)
         conn.send(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
                               peer_addrs=_addrs(peer.profile), secret=secret))
@@ -201,13 +213,15 @@ class Hub:
         """Forward a frame unchanged to its destination device."""
         if env.type not in RELAYED_TYPES:
             raise ProtocolError(f"message type {env.type!r} cannot be relayed")
-        if frozenset((conn.device_id, env.dst)) not in self._pairs:
-            conn.send(m.LinkRefusedMsg(link_id=str(env.body.get("link", "")), peer=env.dst,
-                                       reason="forbidden: no link was granted to that device"))
-            return
         peer = self.conns.get(env.dst)
         if peer is None:
             conn.send(m.PeerDown(peer=env.dst))
+            return
+        if env.dst not in self._peers.get(conn.device_id, ()):
+            # Also what a live link sees for a moment after its peer reconnected and before the link is
+            # renewed; PeerLink waits for the renewal then, since the link was granted before.
+            conn.send(m.LinkRefusedMsg(link_id=str(env.body.get("link", "")), peer=env.dst,
+                                       reason="ungranted: no link was granted to that device"))
             return
         peer.enqueue(frame, source=conn.device_id)
 
@@ -218,6 +232,9 @@ class Hub:
         if conn is None:
             raise LookupError(f"device {src} is not online")
         test = LinkTestState(secrets.token_hex(8), user_id, src, dst, total_bytes, message_bytes)
+        if len(self.linktests) >= MAX_LINKTESTS:  # results are kept for a while, not forever
+            oldest = min(self.linktests.values(), key=lambda t: (not t.done, t.started))
+            del self.linktests[oldest.test_id]
         self.linktests[test.test_id] = test
         conn.send(m.LinkTestStart(test_id=test.test_id, peer=dst, total_bytes=total_bytes, message_bytes=message_bytes))
         return test

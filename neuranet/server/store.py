@@ -217,8 +217,15 @@ class Store:
             s.add(PresenceInterval(device_id=device_id, start=now, end=None))
 
     async def close_presence(self, device_id: str, end: float) -> None:
+        await self.close_presences({device_id: end})
+
+    async def close_presences(self, ends: dict[str, float]) -> None:
+        """End the open intervals of many devices at once (a shutdown with thousands online)."""
+        if not ends:
+            return
         async with self._tx() as s:
-            await _end_presence(s, device_id, end)
+            for device_id, end in ends.items():
+                await _end_presence(s, device_id, end)
 
     async def close_stale_presence(self) -> int:
         """After a restart, end every interval left open at the device's last sign of life."""
