@@ -7,8 +7,9 @@
 Every figure is measured in this run and reported as a ratio of the baselines
 measured next to it, so the numbers mean something on any machine:
 
-  a. blocking socket   two processes, sendall / recv_into(MSG_WAITALL) into a
-                       preallocated buffer: the machine's practical limit;
+  a. blocking socket   two processes, sendall of each message / recv_into a
+                       preallocated buffer, parsed in place: the machine's
+                       practical limit;
   b. asyncio stream    two processes, StreamReader/StreamWriter, length-prefixed
                        messages (what a direct PeerLink path is built on);
   c. PeerLink direct   two agent processes enrolled to a real coordinator
@@ -20,9 +21,27 @@ Then the hub's aggregate relayed throughput with 8 pairs sending at once
 (one process holds the 8 senders, another the 8 receivers).
 
 Throughput: one-way stream of N messages of the size, timed from the first
-send until the 8-byte ack of the last one arrives. RTT: one message of the size
-sent, answered by an 8-byte ack (so it is one transfer of the size plus a small
-reply). MB = 10**6 bytes.
+send until the 8-byte ack of the last one arrives; each figure is the median of
+several trials, and the trials of the four transports are interleaved (order
+rotated every round) so that load from other processes on the machine hits them
+alike. RTT: one message of the size sent, answered by an 8-byte ack (so it is
+one transfer of the size plus a small reply). MB = 10**6 bytes. For every
+throughput trial the CPU time of each process (sender, receiver, coordinator)
+is reported per wall second and per GB moved.
+
+Allocator settings: with glibc's default malloc settings, a process that
+allocates and frees MiB-sized buffers (asyncio's 256 KiB recv chunks, the
+StreamReader bytearray and the copies readexactly makes, websockets' frame
+buffers) may hand them back to the kernel on free and fault them in again on
+the next allocation. How much depends on the heap's state, so it differs from
+process to process and run to run: the bare asyncio receiver takes 550-800
+minor page faults per MB and spends most of its CPU on them, an agent process
+anywhere from 1 to 200. That made the asyncio baseline look slower than PeerLink
+direct, which is built on it. By default every process here therefore runs with
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised (no such churn anywhere),
+so the ratios compare code paths like for like; ``--malloc default`` measures
+with glibc's own settings instead. The minor faults per MB of each process are
+printed with the progress lines.
 """
 
 from __future__ import annotations
@@ -37,6 +56,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -160,6 +180,7 @@ def _recv_exact(sock: socket.socket, view: memoryview, n: int) -> bool:
 
 
 def blocking_responder(port_q: Any, max_size: int) -> None:
+    """Receive into one preallocated buffer and parse messages in place: one recv per socket-buffer-full."""
     srv = socket.create_server(("127.0.0.1", 0))
     port_q.put(srv.getsockname()[1])
     srv.settimeout(60)
@@ -167,13 +188,31 @@ def blocking_responder(port_q: Any, max_size: int) -> None:
     srv.close()
     conn.settimeout(None)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    hdr = memoryview(bytearray(HDR.size))
-    body = memoryview(bytearray(max_size))
+    buf = bytearray(max_size + HDR.size + 4 * MiB)
+    view = memoryview(buf)
+    start = end = 0  # unparsed bytes are buf[start:end]
+
+    def fill(need: int) -> bool:
+        """Receive until buf[start:end] holds ``need`` bytes (moving them to the front if they would not fit)."""
+        nonlocal start, end
+        if start + need > len(buf):
+            buf[: end - start] = view[start:end]
+            start, end = 0, end - start
+        while end - start < need:
+            r = conn.recv_into(view[end:])
+            if r == 0:
+                return False
+            end += r
+        return True
+
     with conn:
-        while _recv_exact(conn, hdr, HDR.size):
-            size, flag = HDR.unpack(hdr)
-            if not _recv_exact(conn, body, size):
+        while fill(HDR.size):
+            size, flag = HDR.unpack_from(buf, start)
+            if not fill(HDR.size + size):
                 break
+            start += HDR.size + size
+            if start == end:
+                start = end = 0
             if flag:
                 conn.sendall(ACK)
 
@@ -350,7 +389,9 @@ async def _agent_main(role: str, server_url: str, specs: list[dict[str, Any]], c
         for spec in specs:
             cfg = AgentConfig(server_url=server_url, data_dir=Path(spec["data_dir"]), name=spec["name"],
                               join_token=spec["join_token"], listen_host="127.0.0.1", measure=False,
-                              advertise=spec["advertise"], direct_retry_interval=1.0)
+                              advertise=spec["advertise"],
+                              # should a dial ever fail, retry after 1s rather than the default 10s
+                              direct_retry_interval=spec.get("direct_retry_interval", 1.0))
             agents.append(await stack.enter_async_context(Agent(cfg)))
         await asyncio.gather(*(a.wait_connected(60) for a in agents))
         if role == "rx":
@@ -366,12 +407,12 @@ async def _agent_main(role: str, server_url: str, specs: list[dict[str, Any]], c
                     break
                 if op == "open":  # key, agent index, peer device id, wanted path
                     _, key, i, peer, want = cmd
-                    link = await agents[i].links.open(peer, channel=CHANNEL)
                     deadline = time.monotonic() + 15
+                    link = await agents[i].links.open(peer, channel=CHANNEL)
                     while link.path != want and time.monotonic() < deadline:
                         await asyncio.sleep(0.02)
                     links[key] = link
-                    out_q.put(("ok", path_info(link)))
+                    out_q.put(("ok", {**path_info(link), "open_s": time.monotonic() - deadline + 15}))
                 elif op == "prep":
                     _, key, size = cmd
                     eps[key] = (size, *endpoint(links[key], size))
@@ -503,6 +544,24 @@ def start_raw(ctx: Any, kind: str, max_size: int, stack: contextlib.ExitStack) -
     return Transport(kind, drv, kind, {"tx": drv.proc.pid, "rx": rproc.pid})
 
 
+def start_server(fab: Any, timeout: float = 30.0) -> None:
+    """``fab.start_server()``, tolerating the window where server.json exists but client.json does not yet."""
+    from neuranet.client import ClientError, load_client_config
+
+    try:
+        fab.start_server()
+    except ClientError:
+        deadline = time.monotonic() + timeout
+        while True:
+            time.sleep(0.05)
+            try:
+                fab.token = load_client_config(None, None, fab.root).token
+                return
+            except ClientError:
+                if time.monotonic() > deadline or fab.server is None or fab.server.poll() is not None:
+                    raise
+
+
 def wait_profiles(fab: Any, ids: list[str], timeout: float = 60.0) -> None:
     """The hub must know every agent's listen addresses before a link is granted."""
     deadline = time.monotonic() + timeout
@@ -516,13 +575,26 @@ def wait_profiles(fab: Any, ids: list[str], timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
+def minor_faults(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out[name] = float(f.read().rsplit(")", 1)[1].split()[7])
+        except (OSError, IndexError, ValueError):
+            out[name] = float("nan")
+    return out
+
+
 def timed_call(t: Transport, *cmd: Any) -> dict[str, Any]:
-    """Run a throughput command and add each process's CPU use over its wall time."""
-    before, t0 = cpu_seconds(t.pids), time.perf_counter()
+    """Run a throughput command and add each process's CPU use (and minor page faults) over its wall time."""
+    faults, before, t0 = minor_faults(t.pids), cpu_seconds(t.pids), time.perf_counter()
     res = t.worker.call(*cmd)
     wall = time.perf_counter() - t0
     after = cpu_seconds(t.pids)
-    res["cpu"] = {n: (after[n] - before[n]) / wall for n in t.pids}
+    res["faults_per_mb"] = {n: (f - faults[n]) / (res["bytes"] / MB) for n, f in minor_faults(t.pids).items()}
+    res["cpu"] = {n: (after[n] - before[n]) / wall for n in t.pids}  # share of one core
+    res["cpu_s_per_gb"] = {n: (after[n] - before[n]) / (res["bytes"] / 1e9) for n in t.pids}
     return res
 
 
@@ -548,11 +620,14 @@ def measure(transports: list[Transport], plan: dict[str, Any]) -> dict[str, dict
                 "mbps": statistics.median(rates), "mbps_min": min(rates), "mbps_max": max(rates), "trials": ts,
                 "msgs": sum(x["msgs"] for x in ts), "bytes": sum(x["bytes"] for x in ts), "rtt_ms": rtts[t.name],
                 "cpu": {n: statistics.median(x["cpu"][n] for x in ts) for n in t.pids},
+                "cpu_s_per_gb": {n: statistics.median(x["cpu_s_per_gb"][n] for x in ts) for n in t.pids},
+                "faults_per_mb": {n: statistics.median(x["faults_per_mb"][n] for x in ts) for n in t.pids},
                 "path": ts[-1].get("path", "tcp"), "paths_used": sorted({p for x in ts for p in x.get("paths_used", [])}),
             }
             out[t.name][size] = res
             print(f"  {t.name:<9} {size_name(size):>7}: {res['mbps']:8.1f} MB/s (trials {res['mbps_min']:.0f}-"
-                  f"{res['mbps_max']:.0f})  RTT p50 {pct(res['rtt_ms'], 50):8.3f} ms  path {res['path']}", flush=True)
+                  f"{res['mbps_max']:.0f})  RTT p50 {pct(res['rtt_ms'], 50):8.3f} ms  path {res['path']}  "
+                  f"minor faults/MB " + "/".join(f"{k} {v:.0f}" for k, v in res["faults_per_mb"].items()), flush=True)
     return out
 
 
@@ -564,7 +639,7 @@ def run_all(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
         print("starting: blocking and asyncio socket pairs, coordinator, two agent processes", flush=True)
         transports = [start_raw(ctx, "blocking", max_size, stack), start_raw(ctx, "asyncio", max_size, stack)]
         fab = stack.enter_context(LocalFabric(root / "fabric"))
-        fab.start_server()
+        start_server(fab)
         assert fab.server is not None
         n_agents = 1 + N_PAIRS  # per side: one direct-capable agent and N_PAIRS relay-only agents
         with fab.client() as c:
@@ -627,7 +702,7 @@ def pct(values: list[float], p: float) -> float:
 
 def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: float) -> str:
     rows = [("size", "transport", "path (tx: used / rx: used)", "MB/s", "trials min-max", "of asyncio", "of blocking",
-             "RTT p50 ms", "RTT p99 ms", "rtts", "CPU% tx/rx/srv", "aim (of asyncio)")]
+             "RTT p50 ms", "RTT p99 ms", "rtts", "CPU% tx/rx/srv", "CPU s/GB tx/rx/srv", "aim (of asyncio)")]
     names = {"blocking": "a. blocking socket", "asyncio": "b. asyncio stream", "direct": "c. PeerLink direct",
              "relay": "d. PeerLink relay"}
     path_problems = []
@@ -649,12 +724,14 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
                 aim = f">={AIMS[kind]:.0%} {'MET' if frac >= AIMS[kind] else 'MISSED'}"
             cpu = r["cpu"]
             cpu_s = f"{cpu['tx'] * 100:.0f}/{cpu['rx'] * 100:.0f}/" + (f"{cpu['server'] * 100:.0f}" if "server" in cpu else "-")
+            gb = r["cpu_s_per_gb"]
+            gb_s = f"{gb['tx']:.2f}/{gb['rx']:.2f}/" + (f"{gb['server']:.2f}" if "server" in gb else "-")
             rows.append((size_name(size) if i == 0 else "", names[kind], path, f"{r['mbps']:.1f}",
                          f"{r['mbps_min']:.0f}-{r['mbps_max']:.0f}", f"{r['mbps'] / base_a:.0%}",
                          f"{r['mbps'] / base_b:.0%}", f"{pct(r['rtt_ms'], 50):.3f}", f"{pct(r['rtt_ms'], 99):.3f}",
-                         str(len(r["rtt_ms"])), cpu_s, aim))
+                         str(len(r["rtt_ms"])), cpu_s, gb_s, aim))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    right = {3, 4, 5, 6, 7, 8, 9, 10}
+    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
 
     def fmt(row: tuple[str, ...]) -> str:
         return "  ".join(cell.rjust(widths[c]) if c in right else cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip()
@@ -665,8 +742,10 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
         f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}, {elapsed:.0f}s)",
         f"throughput: median of {plan['rounds']} interleaved trials, each a one-way stream of messages timed until the "
         f"8-byte ack of the last ({sizes_desc}; each trial also capped at {plan['trial_s']:.1f}s)",
+        f"glibc malloc: {'tuned (MALLOC_MMAP_THRESHOLD_=64MiB, MALLOC_TRIM_THRESHOLD_=256MiB)' if os.environ.get('MALLOC_MMAP_THRESHOLD_') else 'default settings'} in every process",
         "RTT: one message of the size answered by an 8-byte ack. MB = 10^6 bytes. "
-        "CPU%: median CPU time per wall time of each process in the trials (100 = one core)",
+        "CPU% / CPU s/GB: median over the trials of each process's CPU time per wall time (100 = one core) "
+        "and per GB moved",
         "",
         fmt(rows[0]),
         "  ".join("-" * w for w in widths),
@@ -691,8 +770,9 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
     if single:
         lines.append(f"  = {agg['mbps'] / single['mbps']:.2f}x one relayed pair at 1 MiB, "
                      f"{agg['mbps'] / results['asyncio'][MiB]['mbps']:.0%} of one asyncio stream at 1 MiB")
-    lines.append(f"  CPU%: server {cpu['server'] * 100:.0f}, senders' process {cpu['tx'] * 100:.0f}, "
-                 f"receivers' process {cpu['rx'] * 100:.0f}")
+    gb = agg["cpu_s_per_gb"]
+    lines.append(f"  CPU% (s/GB): server {cpu['server'] * 100:.0f} ({gb['server']:.2f}), senders' process "
+                 f"{cpu['tx'] * 100:.0f} ({gb['tx']:.2f}), receivers' process {cpu['rx'] * 100:.0f} ({gb['rx']:.2f})")
     lines += ["", "Aims (issue): PeerLink direct >= 70% and relayed >= 40% of the asyncio stream at 1 MiB and above."]
     for kind in ("direct", "relay"):
         for size, _, _ in plan["sizes"]:
@@ -713,8 +793,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short run (fewer bytes, trials and samples)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (server and agent logs)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned (default): every process runs with glibc MALLOC_MMAP_THRESHOLD_=64MiB and "
+                         "MALLOC_TRIM_THRESHOLD_=256MiB, so no process pays mmap/munmap churn for transient "
+                         "MiB-sized buffers; default: glibc's own settings (see the module docstring)")
     args = ap.parse_args()
+    if args.malloc == "tuned":  # inherited by every process started below: baselines, coordinator, agents
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(64 * MiB), MALLOC_TRIM_THRESHOLD_=str(256 * MiB))
+    else:
+        for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            os.environ.pop(var, None)
     plan = plans(args.quick)
+    # SIGTERM unwinds like Ctrl-C, so every process started below is still stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     ctx = mp.get_context("spawn")
     root = Path(tempfile.mkdtemp(prefix="neuranet-bench-"))
     start = time.perf_counter()
