@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+from neuranet.allocator import keep_large_buffers
 from neuranet.client import Client, ClientError, load_client_config, save_client_config
 from neuranet.config import AgentConfig, ClientConfig, ServerConfig, default_home
 
@@ -46,7 +47,8 @@ def _fail(exc: Exception) -> None:
 
 
 def _run(main: Any) -> Any:
-    """Run a coroutine on uvloop when it is installed (it comes with uvicorn[standard])."""
+    """Run a long-lived server or agent: large-buffer allocator settings, uvloop when installed."""
+    keep_large_buffers()
     try:
         import uvloop
     except ImportError:
@@ -69,6 +71,8 @@ def server(
     offline_after: float = typer.Option(12.0, help="Seconds of silence before a device is marked offline."),
     heartbeat: float = typer.Option(3.0, help="Heartbeat interval agents are told to use."),
     max_connections_per_user: int = typer.Option(256, help="Agent connections one user may hold."),
+    relay_stall_timeout: float = typer.Option(10.0, help="Seconds a relaying peer may stay paused behind a "
+                                              "destination that does not read before it is cut off."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the coordinator (REST API, agent WebSocket and relay hub)."""
@@ -84,7 +88,8 @@ def server(
             _fail(FileNotFoundError(f"{p} does not exist"))
     cfg = ServerConfig(data_dir=data_dir or default_home() / "server", host=host, port=port, db_url=db_url,
                        tls_cert=tls_cert, tls_key=tls_key, offline_after=offline_after, heartbeat_interval=heartbeat,
-                       limits=Limits(max_connections_per_user=max_connections_per_user))
+                       limits=Limits(max_connections_per_user=max_connections_per_user,
+                                     relay_stall_timeout=relay_stall_timeout))
 
     first_token: list[str] = []
 

@@ -19,7 +19,10 @@ class Limits:
     """Bounds the server enforces on every agent connection."""
 
     max_message_bytes: int = 4 * MiB  # one WebSocket message; PeerLink frames are ~1 MiB
-    max_queued_bytes_per_peer: int = 64 * MiB  # relayed bytes from one source waiting for one destination
+    # Relayed bytes from one source waiting for one destination. Past it the source is paused; still
+    # past it after relay_stall_timeout, the source is cut off (its destination is not reading).
+    max_queued_bytes_per_peer: int = 16 * MiB
+    relay_stall_timeout: float = 10.0
     max_connections_per_user: int = 256
     max_peers_per_device: int = 256  # distinct devices one device may hold links with
 

@@ -27,7 +27,7 @@ MAX_MESSAGE = 4 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory):
-    with LocalFabric(tmp_path_factory.mktemp("hostile")) as f:
+    with LocalFabric(tmp_path_factory.mktemp("hostile"), server_args=["--relay-stall-timeout", "2"]) as f:
         f.start_server(port=free_port())
         f.start_agent("honest", extra=["--listen-host", "127.0.0.1", "--no-measure"])
         f.wait_online(["honest"])
@@ -185,7 +185,7 @@ async def test_flooding_a_stalled_peer_cuts_off_only_the_flooder(fabric: LocalFa
     assert isinstance(grant, m.LinkGrant)
     chunk = b"\0" * (1 << 20)
     with pytest.raises(ConnectionClosed):
-        for seq in range(256):  # 256 MiB: far past the 64 MiB the hub queues per source
+        for seq in range(256):  # 256 MiB: far past the 16 MiB the hub queues per source
             frame = m.LinkData(link="flood", seq=seq, off=seq << 20, end=True).envelope(
                 src=flooder_id, dst=sleeper_id, payload=chunk)
             await asyncio.wait_for(flooder.send(encode_frame(frame)), 10)

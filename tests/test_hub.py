@@ -238,3 +238,39 @@ def test_backoff_delay_is_jittered() -> None:
     assert 6.5 < mean < 9.5  # uniform on [0, 16] averages 8
     # the default generator jitters too: agents restarted together must not retry in lockstep
     assert len({backoff_delay(4, 1.0, 60.0) for _ in range(50)}) > 45
+
+
+# --- relay backpressure ---------------------------------------------------------------------
+
+
+async def test_relay_pauses_a_source_until_the_destination_drains() -> None:
+    sock = FakeSocket(gated=True)
+    conn = AgentConnection("dev-b", "user-1", sock.send_bytes, sock.close, 100, stall_timeout=5.0)
+    writer = asyncio.create_task(conn.writer())
+    await conn.relay_from("src", b"a" * 60)
+    await conn.relay_from("src", b"b" * 40)
+    third = asyncio.create_task(conn.relay_from("src", b"c" * 50))  # would pass the limit: it waits
+    await _settle()
+    assert not third.done()
+    await sock.wait_sent(1)
+    sock.release(1)  # the destination takes the first frame: 60 bytes of room
+    await asyncio.wait_for(third, 5)
+    sock.release(10)
+    await sock.wait_sent(3)
+    assert [f[:1] for f in sock.sent] == [b"a", b"b", b"c"]
+    await conn.close()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_relay_cuts_off_a_source_whose_destination_never_reads() -> None:
+    sock = FakeSocket(gated=True)  # never released: the agent is not reading
+    conn = AgentConnection("dev-b", "user-1", sock.send_bytes, sock.close, 100, stall_timeout=0.05)
+    writer = asyncio.create_task(conn.writer())
+    await conn.relay_from("src", b"a" * 100)
+    with pytest.raises(QueueLimitExceeded, match="not reading"):
+        await conn.relay_from("src", b"b")
+    await conn.relay_from("other", b"c" * 100)  # another source still has its own room
+    await conn.close()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)

@@ -101,9 +101,9 @@ class PeerLink:
                 chunk = view[pos : pos + self.frame_bytes]
                 pos += len(chunk)
                 await self._wait(lambda: self._tx.can_push(len(chunk)))
-                body = m.LinkData(link=self.link_id, seq=self._tx.next_seq, off=self._tx.next_off,
-                                  end=pos >= len(view), meta=(meta or {}) if first else None)
-                frame = encode_frame(body.envelope(src=self.manager.me, dst=self.peer, payload=chunk))
+                body = m.LinkData.body(self.link_id, self._tx.next_seq, self._tx.next_off, pos >= len(view),
+                                       (meta or {}) if first else None)
+                frame = encode_frame(Envelope("link_data", body, 0, self.manager.me, self.peer, chunk))
                 self._tx.push(len(chunk), frame)
                 self._changed.set()
                 first = False
@@ -200,16 +200,14 @@ class PeerLink:
         self.last_rx = time.monotonic()
         try:
             if env.type == "link_data":
-                data = m.parse(env)
-                got = self._rx.accept(data.seq, data.off, data.end, data.meta, env.payload)
+                got = self._rx.accept(*m.LinkData.read(env.body), env.payload)
                 if got is False:
                     self._ack_due = True  # a duplicate: our last ack may have been lost
                 elif got is not None:
                     self._inbox.append(got)
                 self._changed.set()
             elif env.type == "link_ack":
-                ack = m.parse(env)
-                self._tx.on_ack(ack.seq, ack.consumed)
+                self._tx.on_ack(*m.LinkAck.read(env.body))
                 self._changed.set()
             elif env.type == "link_close":
                 self._shutdown(None)

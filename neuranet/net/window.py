@@ -104,7 +104,7 @@ class ReceiveWindow:
     consumed_off: int = 0
     acked_off: int = 0
     acked_seq: int = -1
-    _parts: list[bytes] = field(default_factory=list)
+    _parts: list[bytes | memoryview] = field(default_factory=list)
     _meta: dict[str, Any] | None = None
     _buffered: int = 0
 
@@ -118,12 +118,12 @@ class ReceiveWindow:
             raise WindowError(f"peer sent past its credit ({self._buffered + len(payload)} > {self.window} bytes)")
         if not self._parts:
             self._meta = meta
-        self._parts.append(bytes(payload))
+        self._parts.append(payload)  # a view into the received frame; joined once below
         self._buffered += len(payload)
         self.expected += 1
         if not end:
             return None
-        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        data = bytes(self._parts[0]) if len(self._parts) == 1 else b"".join(self._parts)
         self._parts = []
         return Delivered(self._meta, data, seq, off + len(payload))
 

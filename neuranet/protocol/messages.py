@@ -182,7 +182,11 @@ class PeerDown(Message):
 
 
 class LinkData(Message):
-    """One frame of a PeerLink message. ``meta`` rides on the first frame only."""
+    """One frame of a PeerLink message. ``meta`` rides on the first frame only.
+
+    The data plane sends one of these per ~1 MiB (or per small message), so besides the
+    validating model it has a hand-written body codec that checks the same constraints.
+    """
 
     TYPE: ClassVar[str] = "link_data"
     link: str
@@ -190,6 +194,20 @@ class LinkData(Message):
     off: int = Field(ge=0)
     end: bool
     meta: dict[str, Any] | None = None
+
+    @staticmethod
+    def body(link: str, seq: int, off: int, end: bool, meta: dict[str, Any] | None) -> dict[str, Any]:
+        return {"link": link, "seq": seq, "off": off, "end": end, "meta": meta}
+
+    @staticmethod
+    def read(body: dict[str, Any]) -> tuple[int, int, bool, dict[str, Any] | None]:
+        """``(seq, off, end, meta)`` of a body, or InvalidMessage."""
+        seq, off, end, meta = body.get("seq"), body.get("off"), body.get("end"), body.get("meta")
+        if type(seq) is not int or seq < 0 or type(off) is not int or off < 0:
+            raise InvalidMessage("link_data: seq and off must be non-negative integers")
+        if type(end) is not bool or not (meta is None or isinstance(meta, dict)):
+            raise InvalidMessage("link_data: end must be a bool and meta a map or nil")
+        return seq, off, end, meta
 
 
 class LinkAck(Message):
@@ -199,6 +217,14 @@ class LinkAck(Message):
     link: str
     seq: int = Field(ge=-1)
     consumed: int = Field(ge=0)
+
+    @staticmethod
+    def read(body: dict[str, Any]) -> tuple[int, int]:
+        """``(seq, consumed)`` of a body, or InvalidMessage (the data plane's fast path)."""
+        seq, consumed = body.get("seq"), body.get("consumed")
+        if type(seq) is not int or seq < -1 or type(consumed) is not int or consumed < 0:
+            raise InvalidMessage("link_ack: seq must be an integer >= -1 and consumed >= 0")
+        return seq, consumed
 
 
 class LinkClose(Message):

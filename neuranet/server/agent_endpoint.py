@@ -104,7 +104,9 @@ async def serve_agent(ws: WebSocket, hub: Hub) -> None:
         return
     except WebSocketDisconnect:
         return
-    conn = AgentConnection(device_id, user_id, ws.send_bytes, ws.close, hub.config.limits.max_queued_bytes_per_peer)
+    limits = hub.config.limits
+    conn = AgentConnection(device_id, user_id, ws.send_bytes, ws.close, limits.max_queued_bytes_per_peer,
+                           limits.relay_stall_timeout)
     await hub.register(conn)
     writer = asyncio.create_task(conn.writer(), name=f"writer-{device_id}")
     try:
@@ -136,7 +138,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
             if env.src != conn.device_id:
                 raise AuthenticationFailed(f"frame claims source {env.src!r} but this connection is {conn.device_id}")
             if env.dst and env.dst != "server":
-                hub.relay(conn, env, data)
+                await hub.relay(conn, env, data)
             else:
                 await _handle(hub, conn, env)
         except ProtocolError as exc:

@@ -34,7 +34,8 @@ CloseFn = Callable[[int, str], Awaitable[None]]
 class AgentConnection:
     """One agent's WebSocket as the hub sees it: identity, liveness and an outbound queue."""
 
-    def __init__(self, device_id: str, user_id: str, send_bytes: SendBytes, close: CloseFn, max_queued: int) -> None:
+    def __init__(self, device_id: str, user_id: str, send_bytes: SendBytes, close: CloseFn, max_queued: int,
+                 stall_timeout: float = 10.0) -> None:
         self.device_id = device_id
         self.user_id = user_id
         self.profile: dict[str, Any] = {}
@@ -43,6 +44,8 @@ class AgentConnection:
         self._send_bytes = send_bytes
         self._close = close
         self._max_queued = max_queued
+        self._stall_timeout = stall_timeout
+        self._written = asyncio.Condition()  # notified as the writer drains, for paused sources
         self._queue: collections.deque[tuple[bytes, str]] = collections.deque()
         self._queued_from: collections.Counter[str] = collections.Counter()
         self._ready = asyncio.Event()
@@ -69,6 +72,24 @@ class AgentConnection:
         self._empty.clear()
         self._ready.set()
 
+    async def relay_from(self, source: str, frame: bytes) -> None:
+        """Queue a relayed frame, first pausing the source (its reader waits here) while too many of
+        its bytes wait for this agent. A source still over the limit after ``stall_timeout`` gets
+        QueueLimitExceeded: the destination is not reading, and memory stays bounded either way."""
+        if self._queued_from[source] + len(frame) > self._max_queued and not self.closed:
+            def room() -> bool:
+                return self.closed or self._queued_from[source] + len(frame) <= self._max_queued
+
+            try:
+                async with self._written:
+                    await asyncio.wait_for(self._written.wait_for(room), self._stall_timeout)
+            except asyncio.TimeoutError:
+                raise QueueLimitExceeded(
+                    f"{self._queued_from[source]} bytes from {source} have waited {self._stall_timeout:.0f}s for "
+                    f"{self.device_id}, which is not reading; limit is {self._max_queued}"
+                ) from None
+        self.enqueue(frame, source)
+
     def send(self, msg: m.Message, *, payload: bytes = b"") -> None:
         self._next_id += 1
         env = msg.envelope(id=self._next_id, src="server", dst=self.device_id, payload=payload)
@@ -92,6 +113,9 @@ class AgentConnection:
                 self._queued_from[source] -= len(frame)
                 if self._queued_from[source] <= 0:
                     del self._queued_from[source]
+                if source:
+                    async with self._written:
+                        self._written.notify_all()
 
     async def drained(self, timeout: float) -> None:
         """Wait (bounded) until everything queued so far has been written."""
@@ -104,6 +128,8 @@ class AgentConnection:
         if not self.closed:
             self.closed = True
             self._ready.set()
+            async with self._written:
+                self._written.notify_all()
             try:
                 await self._close(code, reason[:120])
             except Exception:  # the socket may already be gone
@@ -209,7 +235,7 @@ class Hub:
         peer.send(m.LinkGrant(link_id=req.link_id, peer=conn.device_id, channel=req.channel, initiator=False,
                               peer_addrs=_addrs(conn.profile), secret=secret))
 
-    def relay(self, conn: AgentConnection, env: Envelope, frame: bytes) -> None:
+    async def relay(self, conn: AgentConnection, env: Envelope, frame: bytes) -> None:
         """Forward a frame unchanged to its destination device."""
         if env.type not in RELAYED_TYPES:
             raise ProtocolError(f"message type {env.type!r} cannot be relayed")
@@ -223,7 +249,7 @@ class Hub:
             conn.send(m.LinkRefusedMsg(link_id=str(env.body.get("link", "")), peer=env.dst,
                                        reason="ungranted: no link was granted to that device"))
             return
-        peer.enqueue(frame, source=conn.device_id)
+        await peer.relay_from(conn.device_id, frame)
 
     # --- link tests -------------------------------------------------------------
 
