@@ -44,10 +44,15 @@ class PathChanged(ConnectionError):
     """The path a frame was written to failed; the window was rewound for the next one."""
 
 
+ACK_DELAY = 0.002  # seconds an ack may wait for more consumption (cf. TCP's delayed ack)
+
+
 @dataclass(slots=True)
 class LinkMessage:
+    """One received message; ``payload`` is read-only bytes-like (bytes or a memoryview)."""
+
     meta: dict[str, Any]
-    payload: bytes
+    payload: bytes | memoryview
 
     def tensor(self) -> torch.Tensor:
         return decode_tensor(self.meta.get("tensor"), self.payload)
@@ -79,6 +84,7 @@ class PeerLink:
         self.peer_down_since: float | None = None
         self.last_rx = time.monotonic()
         self._ack_due = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._epoch = 0
         self._tasks: set[asyncio.Task[None]] = set()  # owned; cancelled when the link ends
 
@@ -120,9 +126,18 @@ class PeerLink:
         msg = self._inbox.popleft()
         self._rx.consume(msg)
         if self._rx.should_ack(not self._inbox):
-            self._ack_due = True
-            self._changed.set()
+            if self._rx.ack_is_urgent():
+                self._request_ack()
+            elif self._ack_timer is None:  # delayed ack: one per burst of small messages, not one each
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._request_ack)
         return LinkMessage(msg.meta or {}, msg.payload)
+
+    def _request_ack(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._ack_due = True
+        self._changed.set()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until the peer's application has consumed everything sent so far."""
@@ -341,6 +356,8 @@ class PeerLink:
             self.direct.close()
         self._changed.set()
         self.granted.set()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         self.manager.forget(self)
         current = asyncio.current_task()
         for task in list(self._tasks):

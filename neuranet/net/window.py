@@ -91,7 +91,7 @@ class Delivered:
     """A whole message put together from its frames."""
 
     meta: dict[str, Any] | None
-    payload: bytes
+    payload: bytes | memoryview  # read-only
     last_seq: int
     end_off: int
 
@@ -123,7 +123,8 @@ class ReceiveWindow:
         self.expected += 1
         if not end:
             return None
-        data = bytes(self._parts[0]) if len(self._parts) == 1 else b"".join(self._parts)
+        # One frame: hand out the view into the (immutable) received frame, no copy.
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts = []
         return Delivered(self._meta, data, seq, off + len(payload))
 
@@ -140,6 +141,10 @@ class ReceiveWindow:
             return False
         pending = self.consumed_off - self.acked_off
         return inbox_empty or (pending > 0 and pending >= self.window // 4)
+
+    def ack_is_urgent(self) -> bool:
+        """A quarter of the window is waiting to be credited back: ack now, not after a delay."""
+        return self.consumed_off - self.acked_off >= self.window // 4
 
     def ack(self) -> tuple[int, int]:
         self.acked_off = self.consumed_off
