@@ -58,7 +58,7 @@ async def test_messages_stay_in_order_across_direct_failure_and_return(fabric: L
         sender = asyncio.create_task(pump(link, count, size))
         receiver = asyncio.create_task(drain(peer, count, size))
         await async_wait_for(lambda: peer._rx.expected > 50, what="traffic")
-        link.direct.writer.transport.abort()  # the direct path dies mid-stream
+        link.direct.transport.abort()  # the direct path dies mid-stream
         await async_wait_for(lambda: link.path == "relay" or sender.done(), what="fallback to relay")
         seen = await asyncio.wait_for(receiver, 60)
         await sender

@@ -6,16 +6,15 @@ import asyncio
 import hashlib
 import hmac
 import socket
-import struct
 from typing import Awaitable, Callable
 
 import psutil
 
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, decode_frame, encode_frame
-from neuranet.protocol.errors import AuthenticationFailed, MessageTooLarge, ProtocolError
+from neuranet.net.framing import FrameProtocol
+from neuranet.protocol.errors import AuthenticationFailed, ProtocolError
 
-_LEN = struct.Struct(">I")
 HANDSHAKE_TIMEOUT = 3.0
 
 
@@ -28,53 +27,48 @@ class DirectPath:
 
     kind = "direct"
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.max_frame = max_frame
+    def __init__(self, transport: asyncio.Transport, protocol: FrameProtocol) -> None:
+        self.transport = transport
+        self.protocol = protocol
         self.closed = False
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = writer.get_extra_info("peername")
+        self.peer = transport.get_extra_info("peername")
 
     async def write(self, frame: bytes) -> None:
         if self.closed:
             raise ConnectionError("direct path is closed")
-        self.writer.write(_LEN.pack(len(frame)))
-        self.writer.write(frame)
-        await self.writer.drain()
+        await self.protocol.write_frame(frame)
 
-    async def read(self) -> tuple[Envelope, bytes]:
-        head = await self.reader.readexactly(_LEN.size)
-        (size,) = _LEN.unpack(head)
-        if size > self.max_frame:
-            raise MessageTooLarge(f"direct frame of {size} bytes exceeds {self.max_frame}")
-        data = await self.reader.readexactly(size)
+    async def read(self) -> tuple[Envelope, bytes | bytearray]:
+        data = await self.protocol.read_frame()
         return decode_frame(data), data
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.writer.close()
+            self.transport.close()
 
 
 async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: bytes, max_frame: int,
                timeout: float = HANDSHAKE_TIMEOUT) -> DirectPath | None:
     """Try each advertised address in turn; return the first path whose handshake succeeds."""
+    loop = asyncio.get_running_loop()
     for host, port in addrs:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: FrameProtocol(max_frame), host, port), timeout)
         except (OSError, asyncio.TimeoutError):
             continue
-        path = DirectPath(reader, writer, max_frame)
+        path = DirectPath(transport, protocol)  # type: ignore[arg-type]
         try:
             hello = m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me))
             await path.write(encode_frame(hello.envelope(src=me)))
             env, _ = await asyncio.wait_for(path.read(), 2 * timeout)
             if env.type == "direct_ok" and env.body.get("link") == link_id:
                 return path
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+        except (OSError, asyncio.TimeoutError, ProtocolError):
             pass
         path.close()
     return None
@@ -87,20 +81,34 @@ class DirectListener:
                  max_frame: int) -> None:
         self._lookup = lookup  # link id -> (peer device id, secret, attach callback)
         self._max_frame = max_frame
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=2**20)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        path = DirectPath(reader, writer, self._max_frame)
+    def _protocol(self) -> FrameProtocol:
+        return FrameProtocol(self._max_frame, on_connected=self._accepted)
+
+    def _accepted(self, proto: FrameProtocol) -> None:
+        task = asyncio.ensure_future(self._handshake(proto))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, proto: FrameProtocol) -> None:
+        assert proto.transport is not None
+        path = DirectPath(proto.transport, proto)
         try:
             env, _ = await asyncio.wait_for(path.read(), HANDSHAKE_TIMEOUT)
             hello = m.parse(env)
@@ -113,7 +121,7 @@ class DirectListener:
             if env.src != peer or not hmac.compare_digest(hello.proof, link_proof(secret, hello.link, peer)):
                 raise AuthenticationFailed("bad direct-link proof")
             await path.write(encode_frame(m.DirectOk(link=hello.link).envelope()))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+        except (OSError, asyncio.TimeoutError, ProtocolError):
             path.close()
             return
         await attach(path)
