@@ -67,6 +67,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from neuranet.runner import loop_name, run_service
+
 KiB = 1024
 MiB = 1024 * KiB
 MB = 1e6
@@ -286,7 +288,7 @@ def asyncio_responder(port_q: Any, max_size: int) -> None:
         await asyncio.wait_for(done.wait(), 600)
         server.close()
 
-    asyncio.run(main())
+    run_service(main())
 
 
 def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
@@ -326,7 +328,7 @@ def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
         writer.close()
 
     try:
-        asyncio.run(main())
+        run_service(main())
     except BaseException:
         out_q.put(("error", traceback.format_exc()))
 
@@ -337,7 +339,7 @@ def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
 def agent_process(role: str, server_url: str, specs: list[dict[str, Any]], cmd_q: Any, out_q: Any) -> None:
     """One process holding several agents. ``tx`` opens links and measures; ``rx`` accepts and acks."""
     try:
-        asyncio.run(_agent_main(role, server_url, specs, cmd_q, out_q))
+        run_service(_agent_main(role, server_url, specs, cmd_q, out_q))
     except BaseException:
         out_q.put(("error", traceback.format_exc()))
 
@@ -742,6 +744,7 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
         f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}, {elapsed:.0f}s)",
         f"throughput: median of {plan['rounds']} interleaved trials, each a one-way stream of messages timed until the "
         f"8-byte ack of the last ({sizes_desc}; each trial also capped at {plan['trial_s']:.1f}s)",
+        f"event loop: {loop_name()} in the asyncio-stream and agent processes (neuranet.runner.run_service, as the CLI runs agents)",
         f"glibc malloc: {'tuned (MALLOC_MMAP_THRESHOLD_=64MiB, MALLOC_TRIM_THRESHOLD_=256MiB)' if os.environ.get('MALLOC_MMAP_THRESHOLD_') else 'default settings'} in every process",
         "RTT: one message of the size answered by an 8-byte ack. MB = 10^6 bytes. "
         "CPU% / CPU s/GB: median over the trials of each process's CPU time per wall time (100 = one core) "

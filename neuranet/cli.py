@@ -14,9 +14,9 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from neuranet.allocator import keep_large_buffers
 from neuranet.client import Client, ClientError, load_client_config, save_client_config
 from neuranet.config import AgentConfig, ClientConfig, ServerConfig, default_home
+from neuranet.runner import run_service
 
 app = typer.Typer(help="NeuraNet: one fabric of the computers you own.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -44,16 +44,6 @@ def _client(server: str | None, token: str | None) -> Client:
 def _fail(exc: Exception) -> None:
     err.print(f"[red]error:[/] {exc}")
     raise typer.Exit(1)
-
-
-def _run(main: Any) -> Any:
-    """Run a long-lived server or agent: large-buffer allocator settings, uvloop when installed."""
-    keep_large_buffers()
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def _logging(verbose: bool) -> None:
@@ -105,7 +95,7 @@ def server(
                 console.print(f"Saved this login to {saved} for the CLI on this machine.")
 
     try:
-        _run(serve(cfg, first_admin, listening))
+        run_service(serve(cfg, first_admin, listening))
     except KeyboardInterrupt:
         pass
     except StartupError as exc:
@@ -201,7 +191,7 @@ def agent(
             pass
 
     try:
-        _run(main())
+        run_service(main())
     except EnrolmentError as exc:
         _fail(exc)
 
