@@ -135,3 +135,20 @@ async def test_tensors_round_trip_over_a_link(fabric: LocalFabric) -> None:
             assert got.dtype == t.dtype and torch.equal(got, t)
         with pytest.raises(ValueError, match="exceeds the link's limit"):
             await link.send(b"x" * ((4 << 20) + 1))
+
+
+async def test_an_agent_moved_to_another_server_enrols_there_with_a_new_join_token(fabric: LocalFabric, tmp_path: Path) -> None:
+    cfg = agent_config(fabric, "mover")
+    async with Agent(cfg) as first:
+        await first.wait_connected()
+        old_id = first.device_id
+    with LocalFabric(tmp_path / "second") as other:
+        await asyncio.to_thread(other.start_server, 30.0, free_port())
+        with other.client() as c:
+            jt = c.create_join_token()["join_token"]
+        moved = AgentConfig(**{**cfg.__dict__, "server_url": other.url, "join_token": jt})
+        async with Agent(moved) as again:
+            await again.wait_connected()
+            assert again.device_id != old_id
+            with other.client() as c:
+                assert [d["id"] for d in c.devices()] == [again.device_id]

@@ -173,7 +173,8 @@ class Agent:
 
     async def _handshake(self, ws: ClientConnection) -> None:
         ident = self.identity
-        if ident.device_id:
+        moved = ident.server_url is not None and ident.server_url != self.config.server_url
+        if ident.device_id and not (moved and self.config.join_token):
             hello = m.Hello(version=PROTOCOL_VERSION, device_id=ident.device_id, agent_version=__version__)
         elif self.config.join_token:
             name = self.config.name or (self._static or {}).get("hostname") or "device"
@@ -189,7 +190,7 @@ class Agent:
         welcome = await self._recv(ws)
         if not isinstance(welcome, m.Welcome):
             raise ProtocolError(f"expected welcome, got {welcome.TYPE}")
-        if not ident.device_id:
+        if hello.enrol is not None:
             ident.save_enrolment(welcome.device_id, self.config.server_url)
         self.welcome = welcome
         self._last_rx = time.monotonic()

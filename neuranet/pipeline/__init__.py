@@ -1,0 +1,1 @@
+"""Pipelines: split one model across several devices to train or serve it."""
