@@ -27,7 +27,7 @@ class LayerProfile:
     saved_bytes: int | None = None  # kept per sample from forward to backward; None: activation_bytes
 
     def __post_init__(self) -> None:
-        if min(self.flops, self.activation_bytes, self.param_bytes, self.saved or 0) < 0:
+        if min(self.flops, self.activation_bytes, self.param_bytes, self.saved) < 0:
             raise ValueError(f"layer {self.name!r}: sizes and FLOPs must not be negative")
 
     @property
@@ -139,7 +139,7 @@ class Plan:
         if self.objective == "throughput":
             what = f"training step of {w.micro_batches} x {w.micro_batch} samples"
         else:
-            what = f"request of {w.micro_batch} samples"
+            what = f"request of {w.micro_batch} sample{'s' if w.micro_batch > 1 else ''}"
         head = (
             f"{self.objective} plan: {len(self.stages)} stage(s), {what} in {seconds(self.step_time)}; "
             f"bottleneck: {self.bottleneck} ({seconds(self.bottleneck_time)})"
