@@ -44,6 +44,13 @@ async def recv_msg(ws) -> m.Message:
 
 async def enrolled_socket(fabric: LocalFabric):
     """A hand-driven connection that completes the real handshake; returns (ws, device_id)."""
+    ws, welcome = await handshake(fabric)
+    assert isinstance(welcome, m.Welcome), welcome
+    return ws, welcome.device_id
+
+
+async def handshake(fabric: LocalFabric):
+    """Enrol a fresh key by hand; returns the socket and the server's last answer."""
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     with fabric.client() as c:
@@ -53,9 +60,7 @@ async def enrolled_socket(fabric: LocalFabric):
     await ws.send(encode_frame(hello.envelope()))
     challenge = await recv_msg(ws)
     await ws.send(encode_frame(m.Auth(signature=key.sign(auth_payload(challenge.nonce, challenge.device_id))).envelope()))
-    welcome = await recv_msg(ws)
-    assert isinstance(welcome, m.Welcome)
-    return ws, welcome.device_id
+    return ws, await recv_msg(ws)
 
 
 async def expect_error_then_close(ws, code: str) -> None:
@@ -198,3 +203,16 @@ async def test_flooding_a_stalled_peer_cuts_off_only_the_flooder(fabric: LocalFa
         online = {d["id"] for d in c.devices() if d["online"]}
     assert sleeper_id in online and flooder_id not in online
     await sleeper.close()
+
+
+async def test_connections_per_user_are_capped(tmp_path: Path) -> None:
+    with LocalFabric(tmp_path, server_args=["--max-connections-per-user", "2"]) as small:
+        await asyncio.to_thread(small.start_server, 30.0, free_port())
+        first, _ = await enrolled_socket(small)
+        second, _ = await enrolled_socket(small)
+        refused, answer = await handshake(small)
+        assert isinstance(answer, m.Error) and answer.code == "queue_limit" and "2 devices" in answer.message
+        await refused.close()
+        await first.close()
+        third, _ = await enrolled_socket(small)  # room again once one has left
+        await asyncio.gather(second.close(), third.close())
