@@ -23,9 +23,11 @@ app = typer.Typer(help="NeuraNet: one fabric of the computers you own.", no_args
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 users_app = typer.Typer(help="Users (admin only).", no_args_is_help=True)
 links_app = typer.Typer(help="PeerLinks between your devices.", no_args_is_help=True)
+runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
 app.add_typer(links_app, name="links")
+app.add_typer(runs_app, name="runs")
 console = Console()
 err = Console(stderr=True)
 
@@ -137,7 +139,7 @@ def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays va
         except ClientError as exc:
             _fail(exc)
         console.print(jt["join_token"])
-        err.print(f"Enrol a device with:  neuranet agent --server {c._http.base_url} --join-token {jt['join_token']}")
+        err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token {jt['join_token']}")
 
 
 @users_app.command("create")
@@ -166,7 +168,7 @@ def agent(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
-    from neuranet.agent import linktest
+    from neuranet.agent import linktest, stage_worker
     from neuranet.agent.runtime import Agent, EnrolmentError
 
     _logging(verbose)
@@ -179,6 +181,7 @@ def agent(
     except (ValueError, PermissionError) as exc:
         _fail(exc)
     linktest.install(the_agent)
+    stage_worker.install(the_agent)
 
     async def main() -> None:
         task = asyncio.ensure_future(the_agent.run())
@@ -230,6 +233,47 @@ def links_test(src: str, dst: str, mib: int = typer.Option(64, help="MiB to send
     console.print(linktests_table(rows))
     if not all(r["result"].get("ok") for _, r in rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., help="Built-in model: mlp-digits, cnn-digits or gpt-char."),
+    devices: str = typer.Option("auto", help="'auto', a count, or comma-separated device names/ids."),
+    steps: int = typer.Option(100), batch_size: int = typer.Option(32), microbatches: int = typer.Option(4),
+    schedule: str = typer.Option("1f1b", help="1f1b or gpipe."), optimizer: str = typer.Option("sgd"),
+    lr: float = typer.Option(0.05), seed: int = typer.Option(0),
+    all_devices: bool = typer.Option(False, "--all-devices", help="Use every chosen device, in the order given."),
+    server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt,
+) -> None:
+    """Train a model split across your devices; shows the plan and the loss as it falls."""
+    from neuranet.ui import follow_run
+
+    chosen: object = None if devices == "auto" else int(devices) if devices.isdigit() else devices.split(",")
+    with _client(server, token) as c:
+        try:
+            run = c.start_run(model=model, devices=chosen, steps=steps, batch_size=batch_size,
+                              microbatches=microbatches, schedule=schedule, optimizer=optimizer, lr=lr, seed=seed,
+                              use_all_devices=all_devices)
+            console.print(run["plan"])
+            run = follow_run(c, run, console)
+        except ClientError as exc:
+            _fail(exc)
+    if run["status"] != "finished":
+        _fail(RuntimeError(f"run {run['id']} {run['status']}: {run['errors']}"))
+    console.print(f"run {run['id']} finished; fetch its weights with `neuranet runs fetch {run['id']}`")
+
+
+@runs_app.command("fetch")
+def runs_fetch(run_id: str, output: Path = typer.Option(None, "-o", help="Where to write the safetensors file."),
+               server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Download a finished run's weights (safetensors)."""
+    out = output or Path(f"{run_id}.safetensors")
+    with _client(server, token) as c:
+        try:
+            out.write_bytes(c.run_weights(run_id))
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"wrote {out}")
 
 
 @app.command()

@@ -38,7 +38,12 @@ def load_client_config(server: str | None, token: str | None, home: Path | None 
     saved: dict[str, Any] = {}
     path = client_config_path(home)
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise ClientError(f"{path} is not valid JSON; run `neuranet login` again or delete it") from None
+        if not isinstance(saved, dict):
+            raise ClientError(f"{path} does not hold a saved login; run `neuranet login` again or delete it")
     server_url = server or saved.get("server_url")
     tok = token or saved.get("token")
     if not server_url or not tok:
@@ -72,11 +77,20 @@ class Client:
             raise ClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from None
         if resp.status_code >= 400:
             try:
-                detail = resp.json().get("detail", resp.text)
+                body = resp.json()
             except ValueError:
-                detail = resp.text
+                body = None
+            detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
             raise ClientError(f"{resp.status_code}: {detail}")
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:
+            raise ClientError(f"{self._http.base_url} answered {method} {path} with something other than JSON; "
+                              "is that a NeuraNet server?") from None
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
 
     def me(self) -> dict[str, Any]:
         return self.request("GET", "/api/v1/me")
@@ -99,6 +113,18 @@ class Client:
 
     def linktest(self, test_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/linktests/{test_id}")
+
+    def start_run(self, **request: Any) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/runs", json=request)
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/runs/{run_id}")
+
+    def run_weights(self, run_id: str) -> bytes:
+        resp = self._http.get(f"/api/v1/runs/{run_id}/weights")
+        if resp.status_code >= 400:
+            raise ClientError(f"{resp.status_code}: {resp.json().get('detail', resp.text)}")
+        return resp.content
 
     def resolve_device(self, name_or_id: str) -> dict[str, Any]:
         """Find one of the user's devices by id, id prefix or name."""

@@ -11,9 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from neuranet.client import Client
+from neuranet.client import Client, ClientError
 from neuranet.fabric import FabricError, LocalFabric
-from neuranet.ui import devices_table, linktests_table
+from neuranet.ui import devices_table, follow_run, linktests_table
 
 AGENTS = ["demo-a", "demo-b", "demo-c"]
 
@@ -40,6 +40,24 @@ def run_linktests(client: Client, pairs: list[tuple[dict[str, Any], dict[str, An
     return rows
 
 
+DEMO_RUN = dict(model="mlp-digits", devices=AGENTS, use_all_devices=True, steps=80, batch_size=64, microbatches=4, schedule="1f1b",
+                optimizer="adamw", lr=2e-3, model_options={"hidden": 512, "depth": 6})
+
+
+def train_across(client: Client, console: Console) -> bool:
+    """Train a digits classifier split over the demo's agents and show the loss fall."""
+    console.rule("training mlp-digits across the agents (1F1B pipeline)")
+    run = client.start_run(**DEMO_RUN)
+    console.print(run["plan"])
+    run = follow_run(client, run, console)
+    losses = run["losses"]
+    if run["status"] != "finished" or not losses:
+        console.print(f"[red]training {run['status']}:[/] {run['errors']}")
+        return False
+    console.print(f"loss {losses[0]:.3f} → {losses[-1]:.3f} over {len(losses)} steps on {len(run['stages'])} devices")
+    return losses[-1] < losses[0]
+
+
 def run_demo(console: Console, mib: int = 96, keep: bool = False) -> int:
     root = Path(tempfile.mkdtemp(prefix="neuranet-demo-"))
     console.rule("[bold]NeuraNet demo")
@@ -59,8 +77,10 @@ def run_demo(console: Console, mib: int = 96, keep: bool = False) -> int:
             console.print(linktests_table(rows))
             ok = all(r["result"].get("ok") for _, r in rows)
             console.print("[green]all links delivered every tensor in order[/]" if ok else "[red]some links failed[/]")
-            return 0 if ok else 1
-    except FabricError as exc:
+            with fabric.client() as c:
+                trained = train_across(c, console)
+            return 0 if ok and trained else 1
+    except (FabricError, ClientError) as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
     finally:

@@ -45,9 +45,9 @@ class LocalFabric:
         return self.root / "server"
 
     def _spawn(self, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{log_name}.log", "ab")
-        return subprocess.Popen([*(prefix or []), sys.executable, "-m", "neuranet", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        with open(self.root / f"{log_name}.log", "ab") as log:  # the child keeps its own copy of the fd
+            return subprocess.Popen([*(prefix or []), sys.executable, "-m", "neuranet", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def start_server(self, timeout: float = 30.0, port: int = 0) -> str:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,19 @@ def linktests_table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
                       rate, f"{res.get('rtt_ms', 0):.2f} ms",
                       "[green]in order, intact[/]" if res.get("ok") else f"[red]{res.get('error', 'failed')}[/]")
     return table
+
+
+def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 24 * 3600) -> dict[str, Any]:
+    """Poll a run until it ends, with a progress bar of steps and the latest loss."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]}"),
+                  console=console) as progress:
+        bar = progress.add_task("train", total=run["steps"], loss="-")
+        while run["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.25)
+            run = client.run(run["id"])
+            losses = run["losses"]
+            progress.update(bar, completed=len(losses), loss=f"{losses[-1]:.4f}" if losses else "-")
+    return run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,3 +22,5 @@ def test_demo_moves_tensors_around_the_ring(tmp_path) -> None:
         assert name in out
     assert "all links delivered every tensor in order" in out
     assert out.count("direct") >= 3
+    first, last = map(float, re.search(r"loss ([\d.]+) → ([\d.]+) over 80 steps", out).groups())
+    assert last < first / 2  # it ends by training across the agents, and the loss falls

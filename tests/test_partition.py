@@ -247,3 +247,19 @@ def test_many_devices_take_the_heuristic_path_quickly():
     p = plan(layers, devs, "throughput", Workload(micro_batch=4, micro_batches=8))
     assert time.perf_counter() - start < 3
     assert [s.start for s in p.stages[1:]] == [s.stop for s in p.stages[:-1]] and p.stages[-1].stop == 48
+
+
+def test_plan_fixed_uses_every_device_in_order_and_picks_the_best_cuts() -> None:
+    from neuranet.pipeline.partition import evaluate, plan_fixed
+
+    layers = [LayerProfile(f"l{i}", flops=1e9 * (i + 1), activation_bytes=1000, param_bytes=1000) for i in range(6)]
+    devices = [DeviceProfile(f"d{i}", gflops=100.0, free_bytes=1 << 30,
+                             links={f"d{j}": Link(bandwidth=1e9) for j in range(3) if j != i}) for i in range(3)]
+    fixed = plan_fixed(layers, devices)
+    assert [s.device for s in fixed.stages] == ["d0", "d1", "d2"]
+    assert fixed.stages[0].start == 0 and fixed.stages[-1].stop == 6
+    even = evaluate(layers, devices, [(0, 2), (2, 4), (4, 6)])
+    assert fixed.step_time <= even.step_time  # heavier last layers: the cuts move left
+    assert fixed.stages[0].stop - fixed.stages[0].start >= 2
+    with pytest.raises(PlanError, match="cannot each take"):
+        plan_fixed(layers[:2], devices)

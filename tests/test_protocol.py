@@ -280,6 +280,15 @@ SAMPLES: dict[str, list[Message]] = {
         messages.LinkTestDone(test_id="t", ok=False, error="peer went away"),
         messages.LinkTestDone(test_id="t", ok=True, bytes=10, seconds=0.5, path="relay", paths_used=["relay", "direct"]),
     ],
+    "stage_assign": [
+        messages.StageAssign(run_id="r", stage=0, num_stages=2, model="mlp-digits", seed=1, start=0, stop=2,
+                             next="dev-2", steps=5, batch_size=8, model_options={"hidden": 16}),
+    ],
+    "stage_progress": [messages.StageProgress(run_id="r", stage=1, step=3, loss=2.25),
+                       messages.StageProgress(run_id="r", stage=0, step=3)],
+    "stage_weights": [messages.StageWeights(run_id="r", stage=1, part=0, parts=3)],
+    "stage_done": [messages.StageDone(run_id="r", stage=1, ok=True),
+                   messages.StageDone(run_id="r", stage=0, ok=False, error="ValueError: boom")],
 }
 
 

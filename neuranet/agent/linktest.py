@@ -7,15 +7,19 @@ messages with a running CRC, and reports progress and the result back.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 import zlib
 
 import torch
+import websockets
 
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import PeerLink
 from neuranet.protocol import messages as m
+
+log = logging.getLogger("neuranet.linktest")
 
 CHANNEL = "linktest"
 PROGRESS_EVERY = 0.25
@@ -50,8 +54,8 @@ async def run_linktest(agent: Agent, start: m.LinkTestStart) -> None:
         result = m.LinkTestDone(test_id=start.test_id, ok=False, error=f"{type(exc).__name__}: {exc}")
     try:
         await agent.send(result)
-    except ConnectionError:
-        pass
+    except (ConnectionError, websockets.ConnectionClosed):
+        log.warning("could not report the result of link test %s: not connected", start.test_id)
 
 
 async def _measure(agent: Agent, start: m.LinkTestStart) -> m.LinkTestDone:

@@ -163,6 +163,11 @@ class Agent:
                 self._ws = None
                 self.connected.clear()
                 self.links.on_disconnected()
+                # Echo replies lost with this connection will never come: without this, the next
+                # connection's replies would be matched to these stale (cancelled) futures.
+                for waiter in self._echoes:
+                    waiter.cancel()
+                self._echoes.clear()
 
     async def _recv(self, ws: ClientConnection, timeout: float = 15.0) -> m.Message:
         env = decode_frame(await asyncio.wait_for(ws.recv(), timeout))
@@ -230,7 +235,9 @@ class Agent:
         msg = m.parse(env)
         if isinstance(msg, m.Echo):
             if self._echoes:
-                self._echoes.popleft().set_result(time.perf_counter())
+                waiter = self._echoes.popleft()
+                if not waiter.done():  # its _echo may have timed out and been cancelled
+                    waiter.set_result(time.perf_counter())
         elif isinstance(msg, (m.LinkGrant, m.LinkRefusedMsg, m.PeerDown)):
             self.links.on_control(msg)
         elif isinstance(msg, m.Error):

@@ -41,9 +41,8 @@ class DirectPath:
             raise ConnectionError("direct path is closed")
         await self.protocol.write_frame(frame)
 
-    async def read(self) -> tuple[Envelope, bytes | bytearray]:
-        data = await self.protocol.read_frame()
-        return decode_frame(data), data
+    async def read(self) -> Envelope:
+        return decode_frame(await self.protocol.read_frame())
 
     def close(self) -> None:
         if not self.closed:
@@ -55,21 +54,25 @@ async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: byte
                timeout: float = HANDSHAKE_TIMEOUT) -> DirectPath | None:
     """Try each advertised address in turn; return the first path whose handshake succeeds."""
     loop = asyncio.get_running_loop()
+    hello = encode_frame(m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me)).envelope(src=me))
     for host, port in addrs:
         try:
             transport, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: FrameProtocol(max_frame), host, port), timeout)
-        except (OSError, asyncio.TimeoutError):
+        # A peer advertises these addresses itself: a bad host or port is one more address that fails.
+        except (OSError, ValueError, OverflowError, asyncio.TimeoutError):
             continue
         path = DirectPath(transport, protocol)  # type: ignore[arg-type]
         try:
-            hello = m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me))
-            await path.write(encode_frame(hello.envelope(src=me)))
-            env, _ = await asyncio.wait_for(path.read(), 2 * timeout)
+            await path.write(hello)
+            env = await asyncio.wait_for(path.read(), 2 * timeout)
             if env.type == "direct_ok" and env.body.get("link") == link_id:
                 return path
         except (OSError, asyncio.TimeoutError, ProtocolError):
             pass
+        except BaseException:  # cancelled (the link or agent is closing): do not leak the socket
+            path.close()
+            raise
         path.close()
     return None
 
@@ -110,7 +113,7 @@ class DirectListener:
         assert proto.transport is not None
         path = DirectPath(proto.transport, proto)
         try:
-            env, _ = await asyncio.wait_for(path.read(), HANDSHAKE_TIMEOUT)
+            env = await asyncio.wait_for(path.read(), HANDSHAKE_TIMEOUT)
             hello = m.parse(env)
             if not isinstance(hello, m.DirectHello):
                 raise AuthenticationFailed("direct connection must start with direct_hello")
@@ -124,6 +127,9 @@ class DirectListener:
         except (OSError, asyncio.TimeoutError, ProtocolError):
             path.close()
             return
+        except BaseException:  # the listener is closing: do not leak the accepted socket
+            path.close()
+            raise
         await attach(path)
 
 

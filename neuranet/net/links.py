@@ -41,12 +41,15 @@ class LinkManager:
         link = PeerLink(self, f"{self.me[:8]}-{secrets.token_hex(6)}", peer, channel, initiator=True)
         self.links[link.link_id] = link
         link.start()
-        await self._send_control(m.LinkOpen(link_id=link.link_id, peer=peer, channel=channel))
         try:
+            await self._send_control(m.LinkOpen(link_id=link.link_id, peer=peer, channel=channel))
             await asyncio.wait_for(link.granted.wait(), timeout)
         except asyncio.TimeoutError:
             await link.close()
             raise TimeoutError(f"the server did not grant a link to {peer} within {timeout:.0f}s") from None
+        except BaseException as exc:  # not connected, or cancelled: the caller never gets the link
+            link.abort(exc if isinstance(exc, Exception) else None)
+            raise
         if link.error is not None:
             raise link.error
         if not await self._dial(link):
@@ -63,8 +66,8 @@ class LinkManager:
 
     async def close(self) -> None:
         links = list(self.links.values())
-        for link in links:
-            await link.close(flush_timeout=2.0)
+        # Together, so shutdown waits at most one flush timeout rather than one per link.
+        await asyncio.gather(*(link.close(flush_timeout=2.0) for link in links), return_exceptions=True)
         for link in links:
             await link.wait_stopped()
         for task in list(self._tasks):
@@ -77,6 +80,8 @@ class LinkManager:
         if isinstance(msg, m.LinkGrant):
             link = self.links.get(msg.link_id)
             if link is None:
+                if msg.initiator:
+                    return  # a late grant for a link this side already gave up on: not an incoming link
                 link = PeerLink(self, msg.link_id, msg.peer, msg.channel, initiator=False)
                 self.links[link.link_id] = link
                 link.start()

@@ -156,6 +156,10 @@ class PeerLink:
                 pass
             self._shutdown(None)
 
+    def abort(self, error: BaseException | None = None) -> None:
+        """End the link at once, without flushing or telling the peer."""
+        self._shutdown(error)
+
     async def wait_stopped(self) -> None:
         """After the link ended: wait until its own tasks have finished."""
         current = asyncio.current_task()
@@ -173,10 +177,8 @@ class PeerLink:
         self.relay_ready = True
         self.peer_down_since = None
         self._rewind()
-        self._ack_due = True
         renewal = self.granted.is_set()
         self.granted.set()
-        self._changed.set()
         if renewal and self.initiator and self.direct is None:
             self.manager.try_direct(self)  # the first attempt is made by LinkManager.open
 
@@ -206,8 +208,6 @@ class PeerLink:
             self.direct.close()
         self.direct = path
         self._rewind()
-        self._ack_due = True
-        self._changed.set()
         self._spawn(self._read_direct(path), f"direct-{self.link_id}")
 
     def on_frame(self, env: Envelope) -> None:
@@ -235,6 +235,7 @@ class PeerLink:
     # --- internals ------------------------------------------------------------------
 
     def _rewind(self) -> None:
+        """A path appeared or failed: resend from the oldest unacked frame, and re-send our ack."""
         self._epoch += 1
         self._tx.rewind()
         self._ack_due = True
@@ -269,7 +270,15 @@ class PeerLink:
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # The tasks handle every expected failure themselves; anything else would leave the link
+        # hanging with no pump, so end it and let send/recv raise the error instead.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("link %s: task %s failed", self.link_id, task.get_name(), exc_info=exc)
+            self._shutdown(exc)
 
     def _spawn_write(self, frame: bytes) -> None:
         """Send a control frame (pong, ping) without waiting; losing one is harmless."""
@@ -313,7 +322,7 @@ class PeerLink:
     async def _read_direct(self, path: DirectPath) -> None:
         try:
             while not path.closed:
-                env, _ = await path.read()
+                env = await path.read()
                 if env.src != self.peer or env.body.get("link") not in (None, self.link_id):
                     raise ProtocolError("frame for another link on a direct path")
                 self.on_frame(env)
@@ -328,8 +337,6 @@ class PeerLink:
             log.info("link %s: direct path to %s lost, falling back to relay", self.link_id, self.peer)
             self.direct = None
             self._rewind()
-            self._ack_due = True
-            self._changed.set()
             if self.initiator and not self.closed:
                 self.manager.try_direct(self, delay=self.manager.config.direct_retry_interval)
 

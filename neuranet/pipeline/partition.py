@@ -38,6 +38,8 @@ first, greedily along the fastest links), which the same DP finds exactly.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -377,3 +379,37 @@ def _partial_fit(t: CostModel, suffixes: list[_Suffix]) -> str:
     unlinked = any(len(d.links) < len(t.devices) - 1 for d in t.devices)
     hint = " (some devices have no link to each other, which rules out some orders)" if unlinked else ""
     return f"no contiguous split fits in memory: {placed} {head}, but {room}{hint}"
+
+
+MAX_FIXED_SPLITS = 20_000
+
+
+def plan_fixed(
+    layers: Sequence[LayerProfile],
+    devices: Sequence[DeviceProfile],
+    objective: Objective = "throughput",
+    workload: Workload | None = None,
+) -> Plan:
+    """The best split that uses every device, in the given order (the user chose them).
+
+    Searches every placement of the cuts, so it is exact but bounded: past
+    MAX_FIXED_SPLITS candidate splits it raises PlanError and `plan` should choose.
+    """
+    n, k = len(layers), len(devices)
+    if not 1 <= k <= n:
+        raise PlanError(f"{k} devices cannot each take at least one of {n} layers")
+    if math.comb(n - 1, k - 1) > MAX_FIXED_SPLITS:
+        raise PlanError(f"{math.comb(n - 1, k - 1)} ways to split {n} layers over {k} devices are too many to "
+                        "search; let the planner choose the devices")
+    best: Plan | None = None
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = [0, *cuts, n]
+        try:
+            candidate = evaluate(layers, devices, list(zip(bounds, bounds[1:])), objective, workload)
+        except PlanError:
+            continue
+        if best is None or candidate.step_time < best.step_time:
+            best = candidate
+    if best is None:
+        raise PlanError(f"no split of the {n} layers over these {k} devices fits in their memory")
+    return best

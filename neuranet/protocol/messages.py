@@ -285,3 +285,57 @@ class LinkTestDone(Message):
     paths_used: list[str] = Field(default_factory=list)
     rtt_ms: float = 0.0
     error: str = ""
+
+
+# --- pipeline runs -------------------------------------------------------------
+
+
+class StageAssign(Message):
+    """Server tells a device which layers of which model it trains, and who its neighbours are."""
+
+    TYPE: ClassVar[str] = "stage_assign"
+    run_id: str
+    stage: int = Field(ge=0)
+    num_stages: int = Field(ge=1)
+    model: str
+    seed: int
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+    prev: str | None = None
+    next: str | None = None
+    schedule: str = "1f1b"
+    microbatches: int = Field(1, ge=1)
+    optimizer: str = "sgd"
+    lr: float = Field(0.01, gt=0)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    data_seed: int = 0
+
+
+class StageProgress(Message):
+    TYPE: ClassVar[str] = "stage_progress"
+    run_id: str
+    stage: int
+    step: int
+    loss: float | None = None
+
+
+class StageWeights(Message):
+    """Part ``part`` of ``parts`` of a finished stage's safetensors file, in the payload."""
+
+    TYPE: ClassVar[str] = "stage_weights"
+    run_id: str
+    stage: int
+    part: int = Field(ge=0)
+    parts: int = Field(ge=1)
+
+
+class StageDone(Message):
+    """A stage finished (after sending its weights as StageWeights parts) or failed."""
+
+    TYPE: ClassVar[str] = "stage_done"
+    run_id: str
+    stage: int
+    ok: bool
+    error: str = ""

@@ -107,9 +107,10 @@ async def serve_agent(ws: WebSocket, hub: Hub) -> None:
     limits = hub.config.limits
     conn = AgentConnection(device_id, user_id, ws.send_bytes, ws.close, limits.max_queued_bytes_per_peer,
                            limits.relay_stall_timeout)
-    await hub.register(conn)
     writer = asyncio.create_task(conn.writer(), name=f"writer-{device_id}")
     try:
+        # Inside the try: if opening the presence fails, the finally still unregisters the connection.
+        await hub.register(conn)
         await _message_loop(ws, hub, conn)
     except WebSocketDisconnect:
         pass
@@ -160,10 +161,14 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
         conn.profile = msg.profile
         await hub.store.set_profile(conn.device_id, msg.profile)
     elif isinstance(msg, m.Echo):
-        conn.send(m.Echo(reply=True), payload=bytes(env.payload))
+        # Counted against the agent's own bytes: an agent that sends echoes and never reads them
+        # is cut off with queue_limit instead of growing the server's memory without bound.
+        conn.send(m.Echo(reply=True), payload=bytes(env.payload), source=conn.device_id)
     elif isinstance(msg, m.LinkOpen):
         await hub.open_link(conn, msg)
     elif isinstance(msg, (m.LinkTestProgress, m.LinkTestDone)):
         hub.linktest_update(conn, msg)
+    elif isinstance(msg, (m.StageProgress, m.StageWeights, m.StageDone)):
+        hub.runs.on_message(conn, msg, bytes(env.payload))
     else:
         raise UnexpectedMessage(f"{env.type} is not accepted from agents")

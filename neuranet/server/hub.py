@@ -20,6 +20,7 @@ from neuranet.config import ServerConfig
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.errors import ProtocolError, QueueLimitExceeded
+from neuranet.server.runs import RunBook
 from neuranet.server.store import Store
 
 log = logging.getLogger("neuranet.hub")
@@ -90,10 +91,11 @@ class AgentConnection:
                 ) from None
         self.enqueue(frame, source)
 
-    def send(self, msg: m.Message, *, payload: bytes = b"") -> None:
+    def send(self, msg: m.Message, *, payload: bytes = b"", source: str = "") -> None:
+        """Queue a message from the server; ``source`` counts it against that source's limit."""
         self._next_id += 1
         env = msg.envelope(id=self._next_id, src="server", dst=self.device_id, payload=payload)
-        self.enqueue(encode_frame(env))
+        self.enqueue(encode_frame(env), source)
 
     def send_error(self, exc: ProtocolError, ref: int | None = None) -> None:
         self.send(m.Error(code=exc.code, message=str(exc), ref=ref))
@@ -109,6 +111,11 @@ class AgentConnection:
             frame, source = self._queue.popleft()
             try:
                 await self._send_bytes(frame)
+            except Exception:
+                # The socket is gone: stop queueing for it and release sources paused behind it, which
+                # would otherwise wait out relay_stall_timeout and be cut off for the destination's fault.
+                await self.close(1011, "send failed")
+                raise
             finally:
                 self._queued_from[source] -= len(frame)
                 if self._queued_from[source] <= 0:
@@ -162,6 +169,7 @@ class Hub:
         # device -> devices it may exchange relayed frames with (granted links); dropped when it goes offline
         self._peers: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self.linktests: dict[str, LinkTestState] = {}
+        self.runs = RunBook(self, config.blob_dir)
         self._dirty_seen: dict[str, float] = {}
         self._telemetry: list[dict[str, Any]] = []
 
@@ -306,8 +314,11 @@ class Hub:
 
 
 def _addrs(profile: dict[str, Any]) -> list[tuple[str, int]]:
+    """The direct-link addresses a device advertised, keeping only well-formed (host, port) pairs."""
     out = []
-    for item in profile.get("listen_addrs") or []:
-        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int):
+    listed = profile.get("listen_addrs")
+    for item in listed if isinstance(listed, list) else []:
+        if (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and 0 < len(item[0]) <= 255
+                and type(item[1]) is int and 0 < item[1] < 65536):
             out.append((item[0], item[1]))
     return out[:32]

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Callable
 
 import uvicorn
 
@@ -55,7 +56,7 @@ def uvicorn_config(config: ServerConfig, on_first_admin: FirstAdmin | None = Non
 
 
 async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
-                on_listening: "callable | None" = None) -> None:
+                on_listening: Callable[[str], None] | None = None) -> None:
     """Serve until cancelled or signalled; writes ``server.json`` with the URL once listening."""
     store = await open_store(config)  # fail here, with a clear message, before listening
     try:

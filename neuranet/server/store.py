@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import and_, bindparam, event, select, update
+from sqlalchemy import and_, bindparam, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -91,7 +91,7 @@ class Store:
 
     async def user_count(self) -> int:
         async with self.session() as s:
-            return len((await s.execute(select(User.id))).all())
+            return (await s.execute(select(func.count()).select_from(User))).scalar_one()
 
     async def create_user(self, name: str, *, is_admin: bool = False) -> tuple[Principal, str]:
         """Create a user and its first API token; returns the token in clear, once."""

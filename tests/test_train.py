@@ -1,0 +1,103 @@
+"""Training one model across three real agent processes gives the weights one process would."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from fabric_helpers import free_port
+from neuranet.client import ClientError
+from neuranet.fabric import LocalFabric
+from neuranet.pipeline.data import batches, load_dataset
+from neuranet.pipeline.models import build_model
+
+pytestmark = pytest.mark.slow
+AGENTS = ["s0", "s1", "s2"]
+RUN = dict(model="mlp-digits", steps=6, batch_size=32, microbatches=4, schedule="1f1b", optimizer="sgd",
+           lr=0.2, seed=7, data_seed=11, model_options={"hidden": 512, "depth": 6})
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory: pytest.TempPathFactory):
+    with LocalFabric(tmp_path_factory.mktemp("train")) as f:
+        f.start_server(port=free_port())
+        for name in AGENTS:
+            f.start_agent(name, extra=["--listen-host", "127.0.0.1", "--no-measure"])
+        f.wait_online(AGENTS)
+        yield f
+
+
+def one_process(run: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = build_model(run["model"], run["seed"], **run["model_options"])
+    whole = model.sequential()
+    opt = torch.optim.SGD(whole.parameters(), lr=run["lr"])
+    data = batches(load_dataset(model.dataset, **model.data_options), run["batch_size"], run["data_seed"])
+    losses = []
+    for _ in range(run["steps"]):
+        x, y = next(data)
+        opt.zero_grad()
+        loss = model.loss_fn(whole(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    state = {f"{i}.{k}": v for i, layer in enumerate(model.layers) for k, v in layer.state_dict().items()}
+    return losses, state
+
+
+def wait_finished(client, run_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.run(run_id)
+        if run["status"] != "running":
+            return run
+        assert time.monotonic() < deadline, f"run still running: {run}"
+        time.sleep(0.2)
+
+
+def test_pipeline_across_three_agents_matches_one_process(fabric: LocalFabric) -> None:
+    with fabric.client() as c:
+        started = c.start_run(devices=AGENTS, use_all_devices=True, **RUN)
+        run = wait_finished(c, started["id"])
+        assert run["status"] == "finished", run
+        weights = load(c.run_weights(run["id"]))
+    assert len(run["stages"]) == 3  # really split across the three devices
+    assert [s["start"] for s in run["stages"]][0] == 0 and run["stages"][-1]["stop"] == 6
+    losses, state = one_process(RUN)
+    assert torch.allclose(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert weights.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.allclose(weights[key], value, rtol=1e-5, atol=1e-6), key
+
+
+def test_bad_run_requests_get_clear_errors(fabric: LocalFabric) -> None:
+    with fabric.client() as c:
+        with pytest.raises(ClientError, match="unknown model 'resnet-9000'"):
+            c.start_run(**{**RUN, "model": "resnet-9000"})
+        with pytest.raises(ClientError, match="only 3 of yours are online"):
+            c.start_run(**{**RUN, "devices": 5})
+        other = c.create_user("stranger")
+    with fabric.client(other["token"]) as c2:
+        with pytest.raises(ClientError, match="no device 's0' among your devices"):
+            c2.start_run(**{**RUN, "devices": ["s0"]})
+
+
+def test_cli_train_then_fetch(fabric: LocalFabric, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["train", "--model", "mlp-digits", "--devices", "2", "--steps", "5", *auth])
+    assert result.exit_code == 0, result.output
+    assert "finished" in result.output
+    run_id = re.search(r"run ([0-9a-f]{32}) finished", result.output).group(1)
+    out = tmp_path / "w.safetensors"
+    fetched = CliRunner().invoke(app, ["runs", "fetch", run_id, "-o", str(out), *auth])
+    assert fetched.exit_code == 0, fetched.output
+    model = build_model("mlp-digits", 0)
+    expected = {f"{i}.{k}" for i, layer in enumerate(model.layers) for k in layer.state_dict()}
+    assert set(load(out.read_bytes())) == expected
