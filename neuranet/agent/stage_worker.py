@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import torch
 from safetensors.torch import save
 
 from neuranet.agent.runtime import Agent
@@ -17,6 +18,11 @@ from neuranet.protocol import messages as m
 log = logging.getLogger("neuranet.stage")
 LINK_TIMEOUT = 60.0
 WEIGHT_PART_BYTES = 1024 * 1024  # weights go up in parts well under the server's message limit
+
+
+def compute_device() -> str:
+    """CUDA when this device has it (mixed CPU/GPU pipelines work: tensors cross as CPU bytes)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_channel(run_id: str) -> str:
@@ -42,7 +48,8 @@ async def run_stage(agent: Agent, a: m.StageAssign) -> None:
         dataset = load_dataset(model.dataset, **model.data_options)
         prev, nxt = await _neighbours(agent, a)
         config = StageConfig(index=a.stage, num_stages=a.num_stages, layer_range=(a.start, a.stop),
-                             num_microbatches=a.microbatches, schedule=a.schedule, optimizer=a.optimizer, lr=a.lr)
+                             num_microbatches=a.microbatches, schedule=a.schedule, optimizer=a.optimizer, lr=a.lr,
+                             device=compute_device())
         last = a.stage == a.num_stages - 1
         runtime = StageRuntime(config, model.layers[a.start:a.stop],
                                prev=PeerLinkChannel(prev) if prev else None,
@@ -53,7 +60,7 @@ async def run_stage(agent: Agent, a: m.StageAssign) -> None:
             x, y = next(data)
             loss = await runtime.train_step(x if a.stage == 0 else None, y if last else None)
             await agent.send(m.StageProgress(run_id=a.run_id, stage=a.stage, step=step, loss=loss))
-        weights = save({f"{a.start + i}.{name}": t.detach().contiguous()
+        weights = save({f"{a.start + i}.{name}": t.detach().cpu().contiguous()
                         for i, layer in enumerate(runtime.layers) for name, t in layer.state_dict().items()})
         parts = max(1, -(-len(weights) // WEIGHT_PART_BYTES))
         for part in range(parts):
