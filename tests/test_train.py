@@ -101,3 +101,20 @@ def test_cli_train_then_fetch(fabric: LocalFabric, tmp_path) -> None:
     model = build_model("mlp-digits", 0)
     expected = {f"{i}.{k}" for i, layer in enumerate(model.layers) for k in layer.state_dict()}
     assert set(load(out.read_bytes())) == expected
+
+
+def test_a_device_lost_mid_run_fails_the_run_and_frees_the_others(fabric: LocalFabric) -> None:
+    import signal
+
+    with fabric.client() as c:
+        started = c.start_run(**{**RUN, "devices": AGENTS, "use_all_devices": True, "steps": 100_000})
+        deadline = time.monotonic() + 60
+        while not c.run(started["id"])["losses"]:  # training is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        fabric.kill_agent("s1", signal.SIGKILL)
+        run = wait_finished(c, started["id"], timeout=60)
+        assert run["status"] == "failed"
+        assert any("went offline" in e for e in run["errors"].values()), run["errors"]
+        again = wait_finished(c, c.start_run(**{**RUN, "devices": ["s0", "s2"], "use_all_devices": True})["id"])
+        assert again["status"] == "finished", again  # the survivors were released and train again

@@ -78,4 +78,22 @@ async def run_stage(agent: Agent, a: m.StageAssign) -> None:
 
 
 def install(agent: Agent) -> None:
-    agent.on(m.StageAssign, run_stage)
+    running: dict[str, asyncio.Task] = {}  # run id -> this device's stage task
+
+    async def assigned(agent: Agent, a: m.StageAssign) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            running[a.run_id] = task
+        try:
+            await run_stage(agent, a)
+        finally:
+            running.pop(a.run_id, None)
+
+    async def aborted(agent: Agent, abort: m.StageAbort) -> None:
+        task = running.get(abort.run_id)
+        if task is not None:
+            log.warning("run %s aborted: %s", abort.run_id, abort.reason)
+            task.cancel()
+
+    agent.on(m.StageAssign, assigned)
+    agent.on(m.StageAbort, aborted)

@@ -339,3 +339,11 @@ class StageDone(Message):
     stage: int
     ok: bool
     error: str = ""
+
+
+class StageAbort(Message):
+    """Server ends a run on this device: another of its devices went away."""
+
+    TYPE: ClassVar[str] = "stage_abort"
+    run_id: str
+    reason: str

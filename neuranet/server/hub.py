@@ -199,6 +199,7 @@ class Hub:
             self._peers[other].discard(conn.device_id)
             if other in self.conns:
                 self.conns[other].send(m.PeerDown(peer=conn.device_id))
+        self.runs.on_device_lost(conn.device_id)
 
     def _user_left(self, user_id: str) -> None:
         self._per_user[user_id] -= 1

@@ -158,6 +158,22 @@ class RunBook:
             partial.replace(partial.with_suffix(".safetensors"))
             run.done.add(msg.stage)
 
+    def on_device_lost(self, device_id: str) -> None:
+        """A device of a running run went offline: fail the run and stop its other stages.
+
+        (Resuming from a checkpoint on the remaining devices is not built yet.)
+        """
+        for run in self.runs.values():
+            lost = [i for i, s in enumerate(run.stages) if s["device"] == device_id and i not in run.done]
+            if run.status != "running" or not lost:
+                continue
+            for i in lost:
+                run.errors[i] = f"device {device_id} went offline during the run"
+            for s in run.stages:
+                conn = self.hub.conns.get(s["device"])
+                if conn is not None and s["device"] != device_id:
+                    conn.send(m.StageAbort(run_id=run.id, reason=f"device {device_id} went offline"))
+
     def merged_weights(self, run_id: str) -> bytes:
         """All stages' tensors in one safetensors file, keyed ``<layer index>.<parameter>``."""
         from safetensors.torch import load, save
