@@ -286,6 +286,7 @@ SAMPLES: dict[str, list[Message]] = {
     ],
     "stage_progress": [messages.StageProgress(run_id="r", stage=1, step=3, loss=2.25),
                        messages.StageProgress(run_id="r", stage=0, step=3)],
+    "stage_state": [messages.StageState(run_id="r", attempt=1, part=0, parts=2)],
     "stage_abort": [messages.StageAbort(run_id="r", reason="device d went offline")],
     "stage_weights": [messages.StageWeights(run_id="r", stage=1, part=0, parts=3)],
     "stage_done": [messages.StageDone(run_id="r", stage=1, ok=True),

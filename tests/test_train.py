@@ -34,16 +34,19 @@ def fabric(tmp_path_factory: pytest.TempPathFactory):
 def one_process(run: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = build_model(run["model"], run["seed"], **run["model_options"])
     whole = model.sequential()
-    opt = torch.optim.SGD(whole.parameters(), lr=run["lr"])
+    opt = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[run["optimizer"]](whole.parameters(), lr=run["lr"])
     data = batches(load_dataset(model.dataset, **model.data_options), run["batch_size"], run["data_seed"])
     losses = []
     for _ in range(run["steps"]):
         x, y = next(data)
         opt.zero_grad()
-        loss = model.loss_fn(whole(x), y)
-        loss.backward()
+        total = 0.0
+        for xm, ym in zip(x.chunk(run["microbatches"]), y.chunk(run["microbatches"])):  # gradient accumulation
+            loss = model.loss_fn(whole(xm), ym) * (len(ym) / len(y))
+            loss.backward()
+            total += loss.item()
         opt.step()
-        losses.append(loss.item())
+        losses.append(total)
     state = {f"{i}.{k}": v for i, layer in enumerate(model.layers) for k, v in layer.state_dict().items()}
     return losses, state
 
@@ -103,18 +106,25 @@ def test_cli_train_then_fetch(fabric: LocalFabric, tmp_path) -> None:
     assert set(load(out.read_bytes())) == expected
 
 
-def test_a_device_lost_mid_run_fails_the_run_and_frees_the_others(fabric: LocalFabric) -> None:
+def test_a_device_lost_mid_run_costs_a_checkpoint_not_the_run(fabric: LocalFabric) -> None:
     import signal
 
+    # SGD: no optimiser state to amplify last-bit differences between processes; the optimiser-state
+    # half of resuming (AdamW across a re-split) is tested in test_checkpoint.py.
+    req = {**RUN, "devices": AGENTS, "use_all_devices": True, "steps": 400, "checkpoint_every": 25}
     with fabric.client() as c:
-        started = c.start_run(**{**RUN, "devices": AGENTS, "use_all_devices": True, "steps": 100_000})
+        started = c.start_run(**req)
         deadline = time.monotonic() + 60
-        while not c.run(started["id"])["losses"]:  # training is under way
+        while len(c.run(started["id"])["losses"]) < 100:  # well under way, with checkpoints written
             assert time.monotonic() < deadline
-            time.sleep(0.1)
+            time.sleep(0.05)
         fabric.kill_agent("s1", signal.SIGKILL)
-        run = wait_finished(c, started["id"], timeout=60)
-        assert run["status"] == "failed"
-        assert any("went offline" in e for e in run["errors"].values()), run["errors"]
-        again = wait_finished(c, c.start_run(**{**RUN, "devices": ["s0", "s2"], "use_all_devices": True})["id"])
-        assert again["status"] == "finished", again  # the survivors were released and train again
+        run = wait_finished(c, started["id"], timeout=120)
+        assert run["status"] == "finished", run
+        assert run["attempt"] == 1 and len(run["stages"]) == 2, run["recoveries"]
+        assert "resumed from step" in run["recoveries"][0]
+        weights = load(c.run_weights(run["id"]))
+    losses, state = one_process(req)
+    assert torch.allclose(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for key, value in state.items():  # the same weights as a run that never failed
+        assert torch.allclose(weights[key], value, rtol=1e-5, atol=1e-6), key

@@ -45,7 +45,7 @@ async def serve_linktest(link: PeerLink) -> None:
             return
 
 
-async def run_linktest(agent: Agent, start: m.LinkTestStart) -> None:
+async def run_linktest(agent: Agent, start: m.LinkTestStart, payload: bytes = b"") -> None:
     """Sender side of a test the server asked for; always reports a result."""
     result = m.LinkTestDone(test_id=start.test_id, ok=False)
     try:

@@ -29,7 +29,7 @@ from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_
 
 log = logging.getLogger("neuranet.agent")
 
-ControlHandler = Callable[["Agent", m.Message], Awaitable[None]]
+ControlHandler = Callable[["Agent", m.Message, bytes], Awaitable[None]]  # (agent, message, payload)
 
 
 class EnrolmentError(Exception):
@@ -243,7 +243,7 @@ class Agent:
         elif isinstance(msg, m.Error):
             log.warning("server reported %s: %s", msg.code, msg.message)
         elif type(msg) in self._handlers:
-            self.spawn(self._handlers[type(msg)](self, msg))
+            self.spawn(self._handlers[type(msg)](self, msg, bytes(env.payload)))
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

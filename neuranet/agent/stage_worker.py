@@ -1,15 +1,22 @@
-"""Runs one pipeline stage the server assigned: build the layers, link to neighbours, train, report."""
+"""Runs one pipeline stage the server assigned: build the layers, link to neighbours, train, report.
+
+Every ``checkpoint_every`` steps (and at the end) the stage uploads its state, weights and optimiser,
+so that the server can re-plan a run onto the devices that remain when one is lost, and resume.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import PeerLink
+from neuranet.pipeline.checkpoint import load_stage_state, stage_state
 from neuranet.pipeline.data import batches, load_dataset
 from neuranet.pipeline.models import build_model
 from neuranet.pipeline.stage import PeerLinkChannel, StageConfig, StageRuntime
@@ -17,7 +24,8 @@ from neuranet.protocol import messages as m
 
 log = logging.getLogger("neuranet.stage")
 LINK_TIMEOUT = 60.0
-WEIGHT_PART_BYTES = 1024 * 1024  # weights go up in parts well under the server's message limit
+STATE_TIMEOUT = 120.0
+WEIGHT_PART_BYTES = 1024 * 1024  # state goes up in parts well under the server's message limit
 
 
 def compute_device() -> str:
@@ -25,14 +33,14 @@ def compute_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_channel(run_id: str) -> str:
-    return f"run:{run_id}"
+def run_channel(a: m.StageAssign) -> str:
+    return f"run:{a.run_id}:{a.attempt}"
 
 
 async def _neighbours(agent: Agent, a: m.StageAssign) -> tuple[PeerLink | None, PeerLink | None]:
     """Open the link to the next stage and accept the one from the previous, together."""
-    opening = agent.links.open(a.next, channel=run_channel(a.run_id)) if a.next else None
-    accepting = agent.links.accept(run_channel(a.run_id)) if a.prev else None
+    opening = agent.links.open(a.next, channel=run_channel(a)) if a.next else None
+    accepting = agent.links.accept(run_channel(a)) if a.prev else None
     results = await asyncio.wait_for(
         asyncio.gather(*(c for c in (accepting, opening) if c is not None)), LINK_TIMEOUT)
     prev = results.pop(0) if a.prev else None
@@ -40,8 +48,17 @@ async def _neighbours(agent: Agent, a: m.StageAssign) -> tuple[PeerLink | None, 
     return prev, nxt
 
 
-async def run_stage(agent: Agent, a: m.StageAssign) -> None:
-    """Train this device's stage; always reports a StageDone (with weights, or the error)."""
+async def _upload(agent: Agent, a: m.StageAssign, runtime: StageRuntime, step: int) -> None:
+    blob = save(stage_state(runtime.layers, a.start, runtime.optimizer))
+    parts = max(1, -(-len(blob) // WEIGHT_PART_BYTES))
+    for part in range(parts):
+        chunk = blob[part * WEIGHT_PART_BYTES : (part + 1) * WEIGHT_PART_BYTES]
+        await agent.send(m.StageWeights(run_id=a.run_id, stage=a.stage, step=step, attempt=a.attempt,
+                                        part=part, parts=parts), payload=chunk)
+
+
+async def run_stage(agent: Agent, a: m.StageAssign, resume: "asyncio.Future[bytes] | None" = None) -> None:
+    """Train this device's stage; always reports a StageDone (after its final state, or with the error)."""
     prev = nxt = None
     try:
         model = build_model(a.model, a.seed, **a.model_options)
@@ -55,21 +72,23 @@ async def run_stage(agent: Agent, a: m.StageAssign) -> None:
                                prev=PeerLinkChannel(prev) if prev else None,
                                next=PeerLinkChannel(nxt) if nxt else None,
                                loss_fn=model.loss_fn if last else None)
-        data = batches(dataset, a.batch_size, a.data_seed)
-        for step in range(a.steps):
+        if a.resume_step:
+            assert resume is not None
+            load_stage_state(runtime.layers, a.start, runtime.optimizer,
+                             load(await asyncio.wait_for(resume, STATE_TIMEOUT)))
+        data = itertools.islice(batches(dataset, a.batch_size, a.data_seed), a.resume_step, None)
+        for step in range(a.resume_step, a.steps):
             x, y = next(data)
             loss = await runtime.train_step(x if a.stage == 0 else None, y if last else None)
-            await agent.send(m.StageProgress(run_id=a.run_id, stage=a.stage, step=step, loss=loss))
-        weights = save({f"{a.start + i}.{name}": t.detach().cpu().contiguous()
-                        for i, layer in enumerate(runtime.layers) for name, t in layer.state_dict().items()})
-        parts = max(1, -(-len(weights) // WEIGHT_PART_BYTES))
-        for part in range(parts):
-            chunk = weights[part * WEIGHT_PART_BYTES : (part + 1) * WEIGHT_PART_BYTES]
-            await agent.send(m.StageWeights(run_id=a.run_id, stage=a.stage, part=part, parts=parts), payload=chunk)
-        done = m.StageDone(run_id=a.run_id, stage=a.stage, ok=True)
+            await agent.send(m.StageProgress(run_id=a.run_id, stage=a.stage, attempt=a.attempt, step=step, loss=loss))
+            if a.checkpoint_every and (step + 1) % a.checkpoint_every == 0 and step + 1 < a.steps:
+                await _upload(agent, a, runtime, step + 1)
+        await _upload(agent, a, runtime, a.steps)
+        done = m.StageDone(run_id=a.run_id, stage=a.stage, attempt=a.attempt, ok=True)
     except Exception as exc:  # the run's owner sees why this stage failed
         log.exception("stage %d of run %s failed", a.stage, a.run_id)
-        done = m.StageDone(run_id=a.run_id, stage=a.stage, ok=False, error=f"{type(exc).__name__}: {exc}")
+        done = m.StageDone(run_id=a.run_id, stage=a.stage, attempt=a.attempt, ok=False,
+                          error=f"{type(exc).__name__}: {exc}")
     finally:
         for link in (prev, nxt):
             if link is not None:
@@ -78,22 +97,42 @@ async def run_stage(agent: Agent, a: m.StageAssign) -> None:
 
 
 def install(agent: Agent) -> None:
-    running: dict[str, asyncio.Task] = {}  # run id -> this device's stage task
+    """Serve stage assignments, resume state and aborts from the server."""
+    running: dict[str, asyncio.Task[Any]] = {}  # run id -> this device's stage task
+    states: dict[tuple[str, int], list[bytes]] = {}  # (run, attempt) -> resume-state parts so far
+    resumes: dict[tuple[str, int], asyncio.Future[bytes]] = {}
 
-    async def assigned(agent: Agent, a: m.StageAssign) -> None:
+    def resume_future(key: tuple[str, int]) -> asyncio.Future[bytes]:
+        return resumes.setdefault(key, asyncio.get_running_loop().create_future())
+
+    async def assigned(agent: Agent, a: m.StageAssign, payload: bytes = b"") -> None:
         task = asyncio.current_task()
         if task is not None:
             running[a.run_id] = task
+        key = (a.run_id, a.attempt)
         try:
-            await run_stage(agent, a)
+            await run_stage(agent, a, resume_future(key) if a.resume_step else None)
         finally:
-            running.pop(a.run_id, None)
+            if running.get(a.run_id) is task:
+                del running[a.run_id]
+            resumes.pop(key, None)
+            states.pop(key, None)
 
-    async def aborted(agent: Agent, abort: m.StageAbort) -> None:
-        task = running.get(abort.run_id)
+    async def state_part(agent: Agent, part: m.StageState, payload: bytes = b"") -> None:
+        key = (part.run_id, part.attempt)
+        parts = states.setdefault(key, [])
+        if part.part != len(parts):
+            return
+        parts.append(payload)
+        if len(parts) == part.parts and not resume_future(key).done():
+            resume_future(key).set_result(b"".join(parts))
+
+    async def aborted(agent: Agent, abort: m.StageAbort, payload: bytes = b"") -> None:
+        task = running.pop(abort.run_id, None)
         if task is not None:
             log.warning("run %s aborted: %s", abort.run_id, abort.reason)
             task.cancel()
 
     agent.on(m.StageAssign, assigned)
+    agent.on(m.StageState, state_part)
     agent.on(m.StageAbort, aborted)

@@ -311,22 +311,39 @@ class StageAssign(Message):
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     data_seed: int = 0
+    attempt: int = Field(0, ge=0)  # bumped each time the run is re-planned after losing a device
+    checkpoint_every: int = Field(0, ge=0)  # steps between uploads of the stage's state; 0: only at the end
+    resume_step: int = Field(0, ge=0)  # > 0: wait for StageState parts, then continue from this step
 
 
 class StageProgress(Message):
     TYPE: ClassVar[str] = "stage_progress"
     run_id: str
     stage: int
+    attempt: int = 0
     step: int
     loss: float | None = None
 
 
 class StageWeights(Message):
-    """Part ``part`` of ``parts`` of a finished stage's safetensors file, in the payload."""
+    """Part ``part`` of ``parts`` of a stage's state after ``step`` steps (safetensors, in the payload):
+    a checkpoint, or the final weights when ``step`` is the run's last."""
 
     TYPE: ClassVar[str] = "stage_weights"
     run_id: str
     stage: int
+    step: int = Field(0, ge=0)
+    attempt: int = Field(0, ge=0)
+    part: int = Field(ge=0)
+    parts: int = Field(ge=1)
+
+
+class StageState(Message):
+    """Server sends part of the checkpoint a re-planned stage resumes from (safetensors, in the payload)."""
+
+    TYPE: ClassVar[str] = "stage_state"
+    run_id: str
+    attempt: int = Field(ge=0)
     part: int = Field(ge=0)
     parts: int = Field(ge=1)
 
@@ -337,6 +354,7 @@ class StageDone(Message):
     TYPE: ClassVar[str] = "stage_done"
     run_id: str
     stage: int
+    attempt: int = 0
     ok: bool
     error: str = ""
 

@@ -208,6 +208,7 @@ class Hub:
 
     async def shutdown(self) -> None:
         """Server stopping: end every presence in one transaction, then drop the connections."""
+        await self.runs.close()
         conns, self.conns = list(self.conns.values()), {}
         self._per_user.clear()
         self._peers.clear()

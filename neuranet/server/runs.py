@@ -7,7 +7,6 @@ the coordinator imports torch no earlier than that.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
 DEFAULT_GFLOPS = 10.0
 DEFAULT_FREE_BYTES = 1 << 30
 DEFAULT_LINK_BYTES_PER_S = 100e6
+STATE_PART_BYTES = 1024 * 1024
 
 
 class RunRequest(BaseModel):
@@ -38,6 +38,7 @@ class RunRequest(BaseModel):
     data_seed: int = 0
     model_options: dict[str, Any] = Field(default_factory=dict)
     use_all_devices: bool = False  # split over exactly the chosen devices, in order, instead of a planned subset
+    checkpoint_every: int = Field(50, ge=0)  # steps between stage checkpoints; 0: only the final state
 
 
 class RunError(Exception):
@@ -49,25 +50,30 @@ class RunState:
     id: str
     user_id: str
     request: RunRequest
-    stages: list[dict[str, Any]]  # device, start, stop per stage
+    stages: list[dict[str, Any]]  # device, start, stop per stage (of the current attempt)
     plan: str
     started: float = field(default_factory=time.time)
+    attempt: int = 0  # re-plans so far
     losses: dict[int, float] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
     errors: dict[int, str] = field(default_factory=dict)
-    parts_received: dict[int, int] = field(default_factory=dict)  # weight parts per stage so far
-    parts_expected: dict[int, int] = field(default_factory=dict)
+    recoveries: list[str] = field(default_factory=list)
+    parts: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> state parts received
+    uploaded: dict[int, set[int]] = field(default_factory=dict)  # step -> stages whose state is complete
+    checkpoints: dict[int, int] = field(default_factory=dict)  # step -> attempt that wrote it, whole model
 
     @property
     def status(self) -> str:
         if self.errors:
             return "failed"
-        return "finished" if len(self.done) == len(self.stages) else "running"
+        finished = len(self.done) == len(self.stages) and self.request.steps in self.checkpoints
+        return "finished" if finished else "running"
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.request.model, "status": self.status, "steps": self.request.steps,
                 "stages": self.stages, "plan": self.plan, "losses": [self.losses[k] for k in sorted(self.losses)],
-                "errors": self.errors, "started": self.started}
+                "errors": self.errors, "started": self.started, "attempt": self.attempt,
+                "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints)}
 
 
 def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
@@ -106,6 +112,7 @@ class RunBook:
         self.hub = hub
         self.blob_dir = blob_dir
         self.runs: dict[str, RunState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # recoveries in progress
 
     def weights_dir(self, run_id: str) -> Path:
         return self.blob_dir / "runs" / run_id
@@ -115,74 +122,124 @@ class RunBook:
 
         if req.model not in MODELS:
             raise RunError(f"unknown model {req.model!r}; built-in models are: {', '.join(sorted(MODELS))}")
-        try:
-            stages, plan_text = await asyncio.to_thread(_plan, req, devices)
-        except (ValueError, TypeError) as exc:
-            raise RunError(f"cannot plan {req.model}: {exc}") from None
+        stages, plan_text = await self._plan(req, devices)
         run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in stages])
         run = RunState(run_id, user_id, req, stages, plan_text)
         self.runs[run_id] = run
+        self._assign(run)
+        return run
+
+    async def _plan(self, req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+        try:
+            return await asyncio.to_thread(_plan, req, devices)
+        except (ValueError, TypeError) as exc:
+            raise RunError(f"cannot plan {req.model}: {exc}") from None
+
+    def _assign(self, run: RunState, resume_step: int = 0) -> None:
+        req, stages = run.request, run.stages
+        state = self._checkpoint_blob(run, resume_step) if resume_step else b""
         for i, s in enumerate(stages):
-            self.hub.conns[s["device"]].send(m.StageAssign(
-                run_id=run_id, stage=i, num_stages=len(stages), model=req.model, seed=req.seed,
+            conn = self.hub.conns[s["device"]]
+            conn.send(m.StageAssign(
+                run_id=run.id, stage=i, num_stages=len(stages), model=req.model, seed=req.seed,
                 model_options=req.model_options, start=s["start"], stop=s["stop"],
                 prev=stages[i - 1]["device"] if i else None,
                 next=stages[i + 1]["device"] if i + 1 < len(stages) else None,
                 schedule=req.schedule, microbatches=req.microbatches, optimizer=req.optimizer, lr=req.lr,
-                steps=req.steps, batch_size=req.batch_size, data_seed=req.data_seed))
-        return run
+                steps=req.steps, batch_size=req.batch_size, data_seed=req.data_seed, attempt=run.attempt,
+                checkpoint_every=req.checkpoint_every, resume_step=resume_step))
+            parts = max(1, -(-len(state) // STATE_PART_BYTES)) if state else 0
+            for part in range(parts):
+                conn.send(m.StageState(run_id=run.id, attempt=run.attempt, part=part, parts=parts),
+                          payload=state[part * STATE_PART_BYTES : (part + 1) * STATE_PART_BYTES])
 
-    def on_message(self, conn: "AgentConnection", msg: m.StageProgress | m.StageWeights | m.StageDone,
-                   payload: bytes) -> None:
+    def _state_path(self, run: RunState, attempt: int, step: int, stage: int) -> Path:
+        return self.weights_dir(run.id) / f"attempt-{attempt}" / f"step-{step}" / f"stage-{stage}.safetensors"
+
+    def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
         run = self.runs.get(msg.run_id)
-        if run is None or not 0 <= msg.stage < len(run.stages) or run.stages[msg.stage]["device"] != conn.device_id:
-            return
-        partial = self.weights_dir(run.id) / f"stage-{msg.stage}.part"
+        if (run is None or getattr(msg, "attempt", run.attempt) != run.attempt or not 0 <= msg.stage < len(run.stages)
+                or run.stages[msg.stage]["device"] != conn.device_id):
+            return  # unknown, stale (an aborted attempt) or not this device's stage
         if isinstance(msg, m.StageProgress):
             if msg.loss is not None:
                 run.losses[msg.step] = msg.loss
         elif isinstance(msg, m.StageWeights):
-            if msg.part != run.parts_received.get(msg.stage, 0):
-                run.errors[msg.stage] = f"weights part {msg.part} arrived out of order"
-                return
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "ab" if msg.part else "wb") as f:
-                f.write(payload)
-            run.parts_received[msg.stage] = msg.part + 1
-            run.parts_expected[msg.stage] = msg.parts
+            self._state_part(run, msg, payload)
         elif not msg.ok:
             run.errors[msg.stage] = msg.error or "stage failed"
-        elif run.parts_received.get(msg.stage) != run.parts_expected.get(msg.stage):
-            run.errors[msg.stage] = "stage finished before all of its weights arrived"
         else:
-            partial.replace(partial.with_suffix(".safetensors"))
             run.done.add(msg.stage)
 
+    def _state_part(self, run: RunState, msg: m.StageWeights, payload: bytes) -> None:
+        key = (msg.step, msg.stage)
+        if msg.part != run.parts.get(key, 0):
+            run.errors[msg.stage] = f"state part {msg.part} of step {msg.step} arrived out of order"
+            return
+        path = self._state_path(run, run.attempt, msg.step, msg.stage).with_suffix(".part")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab" if msg.part else "wb") as f:
+            f.write(payload)
+        run.parts[key] = msg.part + 1
+        if msg.part + 1 == msg.parts:
+            path.replace(path.with_suffix(".safetensors"))
+            run.uploaded.setdefault(msg.step, set()).add(msg.stage)
+            if len(run.uploaded[msg.step]) == len(run.stages):
+                run.checkpoints[msg.step] = run.attempt
+
     def on_device_lost(self, device_id: str) -> None:
-        """A device of a running run went offline: fail the run and stop its other stages.
-
-        (Resuming from a checkpoint on the remaining devices is not built yet.)
-        """
+        """A device of a running run went offline: re-plan onto the others and resume from the last checkpoint."""
         for run in self.runs.values():
-            lost = [i for i, s in enumerate(run.stages) if s["device"] == device_id and i not in run.done]
-            if run.status != "running" or not lost:
-                continue
-            for i in lost:
-                run.errors[i] = f"device {device_id} went offline during the run"
-            for s in run.stages:
-                conn = self.hub.conns.get(s["device"])
-                if conn is not None and s["device"] != device_id:
-                    conn.send(m.StageAbort(run_id=run.id, reason=f"device {device_id} went offline"))
+            if run.status == "running" and any(s["device"] == device_id for s in run.stages):
+                self._spawn(self._recover(run, device_id))
 
-    def merged_weights(self, run_id: str) -> bytes:
-        """All stages' tensors in one safetensors file, keyed ``<layer index>.<parameter>``."""
+    async def _recover(self, run: RunState, lost: str) -> None:
+        survivors = [s["device"] for s in run.stages if s["device"] != lost and s["device"] in self.hub.conns]
+        run.attempt += 1  # from now on, reports of the old attempt are ignored
+        for device in survivors:
+            self.hub.conns[device].send(m.StageAbort(run_id=run.id, reason=f"device {lost} went offline"))
+        resume = max((s for s in run.checkpoints if s < run.request.steps), default=0)
+        if not survivors:
+            run.errors[-1] = f"device {lost} went offline and no other device of the run is online"
+            return
+        try:
+            devices = [{"id": d, "profile": self.hub.conns[d].profile} for d in survivors]
+            run.stages, plan_text = await self._plan(run.request, devices)
+        except RunError as exc:
+            run.errors[-1] = f"device {lost} went offline and the rest cannot hold the model: {exc}"
+            return
+        run.plan = plan_text
+        run.done.clear()
+        run.parts.clear()
+        run.uploaded.clear()
+        run.recoveries.append(f"attempt {run.attempt}: lost {lost}, resumed from step {resume} on {len(run.stages)} devices")
+        self._assign(run, resume)
+
+    def _checkpoint_blob(self, run: RunState, step: int) -> bytes:
+        """The whole model's state after ``step`` steps, merged from the stages that wrote it."""
         from safetensors.torch import load, save
 
         tensors: dict[str, Any] = {}
-        for path in sorted(self.weights_dir(run_id).glob("stage-*.safetensors")):
+        for path in sorted(self._state_path(run, run.checkpoints[step], step, 0).parent.glob("stage-*.safetensors")):
             tensors.update(load(path.read_bytes()))
         return save(tensors)
 
+    def merged_weights(self, run_id: str) -> bytes:
+        """The finished model's weights in one safetensors file, keyed ``<layer index>.<parameter>``."""
+        from safetensors.torch import load, save
 
-def new_run_id() -> str:
-    return secrets.token_hex(8)
+        from neuranet.pipeline.checkpoint import weights_only
+
+        run = self.runs[run_id]
+        return save(weights_only(load(self._checkpoint_blob(run, run.request.steps))))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
