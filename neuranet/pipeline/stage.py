@@ -169,7 +169,7 @@ class StageRuntime:
         for op in self.ops:
             if op.kind == "F":
                 x = xs[op.mb].to(self.device) if xs is not None else await self._recv("act", op.mb)
-                out = self.layers(x)
+                out = await self._compute(self.layers, x)
                 if ys is not None:
                     y = ys[op.mb].to(self.device)
                     out = self.loss_fn(out, y) * (len(y) / batch)  # type: ignore[misc]
@@ -181,7 +181,7 @@ class StageRuntime:
                 x, out = saved.pop(op.mb)
                 grad = None if ys is not None else await self._recv("grad", op.mb)
                 if out.requires_grad:
-                    torch.autograd.backward(out, grad)
+                    await self._compute(torch.autograd.backward, out, grad)
                 if self.prev is not None:
                     await self._send(self.prev, "grad", op.mb, x.grad if x.grad is not None else torch.zeros_like(x))
         if self.optimizer is not None:
@@ -198,6 +198,10 @@ class StageRuntime:
             losses.append(await self.train_step(x if self.config.is_first else None,
                                                 y if self.config.is_last else None))
         return losses
+
+    async def _compute(self, fn: Any, *args: Any) -> Any:
+        """Run layer math off the event loop, so sends to neighbours go out while this stage computes."""
+        return await asyncio.to_thread(fn, *args)
 
     def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.config.num_microbatches
