@@ -80,6 +80,10 @@ def test_bad_run_requests_get_clear_errors(fabric: LocalFabric) -> None:
     with fabric.client() as c:
         with pytest.raises(ClientError, match="unknown model 'resnet-9000'"):
             c.start_run(**{**RUN, "model": "resnet-9000"})
+        with pytest.raises(ClientError, match="GiB of parameters"):  # sized without being built
+            c.start_run(**{**RUN, "model_options": {"hidden": 100_000, "depth": 4}})
+        with pytest.raises(ClientError, match="accepted options: hidden, depth"):
+            c.start_run(**{**RUN, "model_options": {"wings": 2}})
         with pytest.raises(ClientError, match="only 3 of yours are online"):
             c.start_run(**{**RUN, "devices": 5})
         other = c.create_user("stranger")

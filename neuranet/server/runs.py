@@ -23,6 +23,7 @@ DEFAULT_GFLOPS = 10.0
 DEFAULT_FREE_BYTES = 1 << 30
 DEFAULT_LINK_BYTES_PER_S = 100e6
 STATE_PART_BYTES = 1024 * 1024
+MAX_PROFILED_BYTES = 2 * 2**30  # the coordinator builds the model once to profile its layers
 
 
 class RunRequest(BaseModel):
@@ -84,6 +85,14 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str
     from neuranet.pipeline.profile_layers import profile_layers
     from neuranet.pipeline.profiles import DeviceProfile, Link, PlanError, Workload
 
+    import torch
+
+    with torch.device("meta"):  # size it first without allocating: the options come from the user
+        probe = build_model(req.model, req.seed, **req.model_options)
+    nbytes = sum(p.numel() * p.element_size() for p in probe.parameters())
+    if nbytes > MAX_PROFILED_BYTES:
+        raise RunError(f"{req.model} with {req.model_options} has {nbytes / 2**30:.1f} GiB of parameters; the "
+                       f"coordinator profiles models up to {MAX_PROFILED_BYTES / 2**30:.0f} GiB")
     model = build_model(req.model, req.seed, **req.model_options)
     micro = max(1, req.batch_size // req.microbatches)
     sample, _ = next(batches(load_dataset(model.dataset, **model.data_options), micro, req.data_seed))
