@@ -16,27 +16,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _poll(predicate: Callable[[], Any], deadline: float, timeout: float, what: str) -> Any:
+    value = predicate()
+    if not value and time.monotonic() > deadline:
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return value
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy (bounded in time)."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    while not (value := _poll(predicate, deadline, timeout, what)):
         time.sleep(0.1)
+    return value
 
 
 async def async_wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """The same, yielding to the event loop between polls."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    while not (value := _poll(predicate, deadline, timeout, what)):
         await asyncio.sleep(0.05)
+    return value
 
 
 def device_by_name(client: Client, name: str) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from neuranet.protocol import messages as m
 log = logging.getLogger("neuranet.stage")
 LINK_TIMEOUT = 60.0
 STATE_TIMEOUT = 120.0
-WEIGHT_PART_BYTES = 1024 * 1024  # state goes up in parts well under the server's message limit
 
 
 def compute_device() -> str:
@@ -49,12 +48,10 @@ async def _neighbours(agent: Agent, a: m.StageAssign) -> tuple[PeerLink | None, 
 
 
 async def _upload(agent: Agent, a: m.StageAssign, runtime: StageRuntime, step: int) -> None:
-    blob = save(stage_state(runtime.layers, a.start, runtime.optimizer))
-    parts = max(1, -(-len(blob) // WEIGHT_PART_BYTES))
-    for part in range(parts):
-        chunk = blob[part * WEIGHT_PART_BYTES : (part + 1) * WEIGHT_PART_BYTES]
+    parts = m.state_parts(save(stage_state(runtime.layers, a.start, runtime.optimizer)))
+    for i, chunk in enumerate(parts):
         await agent.send(m.StageWeights(run_id=a.run_id, stage=a.stage, step=step, attempt=a.attempt,
-                                        part=part, parts=parts), payload=chunk)
+                                        part=i, parts=len(parts)), payload=chunk)
 
 
 async def run_stage(agent: Agent, a: m.StageAssign, resume: "asyncio.Future[bytes] | None" = None) -> None:

@@ -41,11 +41,19 @@ DEFAULT_CORPUS_CHARS = 2_000_000
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
-class UnknownDataset(LookupError):
+class UnknownName(LookupError):
+    """A name that is not on an allowlist (models, datasets); says which names are."""
+
+    kind = "name"
+
     def __init__(self, name: str, allowed: list[str]) -> None:
-        super().__init__(f"unknown dataset {name!r}; allowed datasets: {', '.join(allowed)}")
+        super().__init__(f"unknown {self.kind} {name!r}; allowed {self.kind}s: {', '.join(allowed)}")
         self.name = name
         self.allowed = allowed
+
+
+class UnknownDataset(UnknownName):
+    kind = "dataset"
 
 
 class Dataset(Protocol):

@@ -26,18 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuranet.pipeline.data import CHAR_VOCAB, DIGIT_CLASSES, DIGIT_PIXELS
+from neuranet.pipeline.data import CHAR_VOCAB, DIGIT_CLASSES, DIGIT_PIXELS, UnknownName
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class UnknownModel(LookupError):
+class UnknownModel(UnknownName):
     """A model name that is not in the registry."""
 
-    def __init__(self, name: str, allowed: list[str]) -> None:
-        super().__init__(f"unknown model {name!r}; allowed models: {', '.join(allowed)}")
-        self.name = name
-        self.allowed = allowed
+    kind = "model"
 
 
 class ModelConfigError(ValueError):

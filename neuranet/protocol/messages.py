@@ -338,6 +338,14 @@ class StageWeights(Message):
     parts: int = Field(ge=1)
 
 
+STATE_PART_BYTES = 1024 * 1024  # stage state travels in parts well under the server's message limit
+
+
+def state_parts(blob: bytes) -> list[bytes]:
+    """``blob`` cut into the payloads of StageWeights / StageState messages (at least one)."""
+    return [blob[i : i + STATE_PART_BYTES] for i in range(0, len(blob), STATE_PART_BYTES)] or [b""]
+
+
 class StageState(Message):
     """Server sends part of the checkpoint a re-planned stage resumes from (safetensors, in the payload)."""
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 DEFAULT_GFLOPS = 10.0
 DEFAULT_FREE_BYTES = 1 << 30
 DEFAULT_LINK_BYTES_PER_S = 100e6
-STATE_PART_BYTES = 1024 * 1024
 MAX_PROFILED_BYTES = 2 * 2**30  # the coordinator builds the model once to profile its layers
 
 
@@ -157,10 +156,9 @@ class RunBook:
                 schedule=req.schedule, microbatches=req.microbatches, optimizer=req.optimizer, lr=req.lr,
                 steps=req.steps, batch_size=req.batch_size, data_seed=req.data_seed, attempt=run.attempt,
                 checkpoint_every=req.checkpoint_every, resume_step=resume_step))
-            parts = max(1, -(-len(state) // STATE_PART_BYTES)) if state else 0
-            for part in range(parts):
-                conn.send(m.StageState(run_id=run.id, attempt=run.attempt, part=part, parts=parts),
-                          payload=state[part * STATE_PART_BYTES : (part + 1) * STATE_PART_BYTES])
+            parts = m.state_parts(state) if state else []
+            for i, chunk in enumerate(parts):
+                conn.send(m.StageState(run_id=run.id, attempt=run.attempt, part=i, parts=len(parts)), payload=chunk)
 
     def _state_path(self, run: RunState, attempt: int, step: int, stage: int) -> Path:
         return self.weights_dir(run.id) / f"attempt-{attempt}" / f"step-{step}" / f"stage-{stage}.safetensors"
