@@ -35,9 +35,9 @@ ServerOpt = typer.Option(None, "--server", envvar="NEURANET_SERVER", help="Coord
 TokenOpt = typer.Option(None, "--token", envvar="NEURANET_TOKEN", help="API token (default: saved login).")
 
 
-def _client(server: str | None, token: str | None) -> Client:
+def _client(server: str | None, token: str | None, timeout: float = 30.0) -> Client:
     try:
-        return Client(load_client_config(server, token))
+        return Client(load_client_config(server, token), timeout=timeout)
     except ClientError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -168,7 +168,7 @@ def agent(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
-    from neuranet.agent import linktest, stage_worker
+    from neuranet.agent import linktest, serve_worker, stage_worker
     from neuranet.agent.runtime import Agent, EnrolmentError
 
     _logging(verbose)
@@ -182,6 +182,7 @@ def agent(
         _fail(exc)
     linktest.install(the_agent)
     stage_worker.install(the_agent)
+    serve_worker.install(the_agent)
 
     async def main() -> None:
         task = asyncio.ensure_future(the_agent.run())
@@ -261,6 +262,81 @@ def train(
     if run["status"] != "finished":
         _fail(RuntimeError(f"run {run['id']} {run['status']}: {run['errors']}"))
     console.print(f"run {run['id']} finished; fetch its weights with `neuranet runs fetch {run['id']}`")
+
+
+def _infer_inputs(texts: list[str], input_file: Path | None, json_lines: bool) -> list[Any]:
+    """Inputs from --text and --input FILE (one per line; a JSON value per line with --json-lines)."""
+    inputs: list[Any] = list(texts)
+    if input_file is not None:
+        try:
+            lines = [ln for ln in input_file.read_text().splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(ValueError(f"cannot read {input_file}: {exc}"))
+        for n, line in enumerate(lines, 1):
+            try:
+                inputs.append(json.loads(line) if json_lines else line)
+            except json.JSONDecodeError as exc:
+                _fail(ValueError(f"{input_file}:{n}: not JSON: {exc}"))
+    return inputs
+
+
+@app.command()
+def infer(
+    model: Optional[str] = typer.Option(None, help="Built-in model, e.g. all-minilm-l6-v2 (sentence embeddings)."),
+    run: Optional[str] = typer.Option(None, "--run", help="Serve the final weights of this finished training run."),
+    devices: str = typer.Option("auto", help="'auto', a count, or comma-separated device names/ids."),
+    all_devices: bool = typer.Option(False, "--all-devices", help="Use every chosen device, in the order given."),
+    text: list[str] = typer.Option([], "--text", "-t", help="An input text (repeatable)."),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="Inputs, one per line."),
+    json_lines: bool = typer.Option(False, "--json-lines", help="Each input line is a JSON value (e.g. a row)."),
+    batch_size: int = typer.Option(32, help="Inputs per request."),
+    generate: Optional[str] = typer.Option(None, "--generate", "-g", help="Prompt to continue (gpt-char)."),
+    tokens: int = typer.Option(200, help="Characters to generate."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    seed: int = typer.Option(0, help="Model seed for a built-in model, and the sampling seed."),
+    output: Optional[Path] = typer.Option(None, "-o", help="Write outputs here (JSON lines) instead of stdout."),
+    deployment: Optional[str] = typer.Option(None, help="Use this running deployment instead of deploying."),
+    keep: bool = typer.Option(False, help="Leave the deployment running (reuse it with --deployment)."),
+    server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt,
+) -> None:
+    """Run a model across your devices for inference: batches in, outputs back, or text generated token by token."""
+    inputs = _infer_inputs(text, input_file, json_lines)
+    if not inputs and generate is None:
+        _fail(ValueError("give inputs (--text, --input) or a prompt (--generate)"))
+    if batch_size < 1:
+        _fail(ValueError("--batch-size must be at least 1"))
+    chosen: object = None if devices == "auto" else int(devices) if devices.isdigit() else devices.split(",")
+    with _client(server, token, timeout=600.0) as c:
+        try:
+            dep = c.deployment(deployment) if deployment else c.deploy(
+                model=model, run=run, devices=chosen, seed=seed, batch_size=min(batch_size, max(1, len(inputs))),
+                use_all_devices=all_devices)
+            if not deployment:
+                err.print(dep["plan"])
+            while dep["status"] == "loading":
+                dep = c.deployment(dep["id"], wait=30)
+            if dep["status"] != "ready":
+                _fail(RuntimeError(f"deployment {dep['id']} {dep['status']}: {dep['error']}"))
+            out = output.open("w") if output else None
+            try:
+                if generate is not None:
+                    console.print(c.generate(dep["id"], generate, max_new_tokens=tokens, temperature=temperature,
+                                             seed=seed), markup=False, highlight=False)
+                for i in range(0, len(inputs), batch_size):
+                    for row in c.infer(dep["id"], inputs[i:i + batch_size]):
+                        print(json.dumps(row), file=out or sys.stdout)
+            finally:
+                if out:
+                    out.close()
+        except (ClientError, OSError) as exc:
+            _fail(exc)
+        finally:
+            if not keep and not deployment and "dep" in locals():
+                c.stop_deployment(dep["id"])
+    if output:
+        err.print(f"wrote {len(inputs)} outputs to {output}")
+    if keep:
+        err.print(f"deployment {dep['id']} is still running")
 
 
 @runs_app.command("fetch")

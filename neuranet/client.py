@@ -120,6 +120,21 @@ class Client:
     def run(self, run_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/runs/{run_id}")
 
+    def deploy(self, **request: Any) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/deployments", json=request)
+
+    def deployment(self, dep_id: str, wait: float = 0.0) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/deployments/{dep_id}", params={"wait": wait})
+
+    def infer(self, dep_id: str, inputs: list[Any]) -> list[Any]:
+        return self.request("POST", f"/api/v1/deployments/{dep_id}/infer", json={"inputs": inputs})["outputs"]
+
+    def generate(self, dep_id: str, prompt: str, **options: Any) -> str:
+        return self.request("POST", f"/api/v1/deployments/{dep_id}/generate", json={"prompt": prompt, **options})["text"]
+
+    def stop_deployment(self, dep_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/v1/deployments/{dep_id}")
+
     def run_weights(self, run_id: str) -> bytes:
         resp = self._http.get(f"/api/v1/runs/{run_id}/weights")
         if resp.status_code >= 400:

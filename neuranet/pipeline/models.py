@@ -17,18 +17,20 @@ import importlib.util
 import inspect
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuranet.pipeline.data import CHAR_VOCAB, DIGIT_CLASSES, DIGIT_PIXELS, UnknownName
+from neuranet.pipeline import pretrained
+from neuranet.pipeline.data import CHAR_VOCAB, DIGIT_CLASSES, DIGIT_PIXELS, UnknownName, batches, encode, load_dataset
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Encoder = Callable[[Sequence[Any]], Tensor]
 
 
 class UnknownModel(UnknownName):
@@ -45,6 +47,21 @@ class UserModelError(Exception):
     """A user's model file that cannot be loaded or does not build a LayerModel."""
 
 
+def float_rows(inputs: Sequence[Any]) -> Tensor:
+    """Inference inputs given as rows of numbers -> a float32 batch."""
+    try:
+        return torch.tensor(inputs, dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"inputs must be a list of equal-length rows of numbers: {e}") from None
+
+
+def char_rows(inputs: Sequence[Any]) -> Tensor:
+    """Inference inputs given as strings of equal length -> a batch of character ids."""
+    if not inputs or not all(isinstance(t, str) and t for t in inputs) or len({len(t) for t in inputs}) != 1:
+        raise ValueError("inputs must be a list of non-empty strings of equal length")
+    return torch.stack([encode(t) for t in inputs])
+
+
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over every position: (B, C) or (B, T, C) logits."""
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
@@ -52,13 +69,16 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class LayerModel:
-    """Ordered layers, their names, the loss on the last layer's output, and the data it trains on."""
+    """Ordered layers, their names, the loss on the last layer's output, the data it trains on, and how
+    inference inputs (JSON values: rows of numbers, strings) become its input batch."""
 
     layers: list[nn.Module]
     names: list[str]
     loss_fn: LossFn = cross_entropy
-    dataset: str = ""  # a name for neuranet.pipeline.data.load_dataset
+    dataset: str = ""  # a name for neuranet.pipeline.data.load_dataset; "" for an inference-only model
     data_options: Mapping[str, object] = field(default_factory=dict)
+    encode: Encoder = float_rows
+    examples: Sequence[Any] = ()  # inference inputs to profile an inference-only model with
 
     def __post_init__(self) -> None:
         if not self.layers or len(self.layers) != len(self.names):
@@ -82,6 +102,16 @@ class LayerModel:
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers:
             yield from layer.parameters()
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.dataset)
+
+    def sample(self, n: int, seed: int = 0) -> Tensor:
+        """A batch of ``n`` inputs to profile the layers with: from the training data, else the examples."""
+        if self.dataset:
+            return next(batches(load_dataset(self.dataset, **self.data_options), n, seed))[0]
+        return self.encode([self.examples[i % len(self.examples)] for i in range(n)])
 
 
 class ModelFactory(Protocol):
@@ -212,13 +242,21 @@ def gpt_char(
     for layer in layers:
         _gpt_init(layer, n_layer)
     names = ["embed"] + [f"block.{i}" for i in range(n_layer)] + ["head"]
-    return LayerModel(layers, names, cross_entropy, "stdlib-chars", {"block_size": block_size})
+    return LayerModel(layers, names, cross_entropy, "stdlib-chars", {"block_size": block_size}, char_rows)
+
+
+@_seeded
+def all_minilm_l6_v2() -> LayerModel:
+    """Pretrained sentence embeddings (sentence-transformers/all-MiniLM-L6-v2); inputs are texts. Inference only."""
+    layers, names = pretrained.all_minilm_l6_v2()
+    return LayerModel(layers, names, encode=pretrained.tokenize, examples=pretrained.EXAMPLE_TEXTS)
 
 
 MODELS: dict[str, Callable[..., LayerModel]] = {
     "mlp-digits": mlp_digits,
     "cnn-digits": cnn_digits,
     "gpt-char": gpt_char,
+    "all-minilm-l6-v2": all_minilm_l6_v2,
 }
 
 

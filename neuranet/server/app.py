@@ -15,6 +15,7 @@ from neuranet.config import ServerConfig
 from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
 from neuranet.server.runs_api import router as runs_router
+from neuranet.server.runs_api import serve_router
 from neuranet.server.hub import Hub
 from neuranet.server.store import Store
 
@@ -51,6 +52,7 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     app = FastAPI(title="NeuraNet coordinator", version=__version__, lifespan=lifespan)
     app.include_router(router)
     app.include_router(runs_router)
+    app.include_router(serve_router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:

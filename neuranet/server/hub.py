@@ -21,6 +21,7 @@ from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.errors import ProtocolError, QueueLimitExceeded
 from neuranet.server.runs import RunBook
+from neuranet.server.serving import ServeBook
 from neuranet.server.store import Store
 
 log = logging.getLogger("neuranet.hub")
@@ -170,6 +171,7 @@ class Hub:
         self._peers: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self.linktests: dict[str, LinkTestState] = {}
         self.runs = RunBook(self, config.blob_dir)
+        self.serving = ServeBook(self)
         self._dirty_seen: dict[str, float] = {}
         self._telemetry: list[dict[str, Any]] = []
 
@@ -200,6 +202,7 @@ class Hub:
             if other in self.conns:
                 self.conns[other].send(m.PeerDown(peer=conn.device_id))
         self.runs.on_device_lost(conn.device_id)
+        self.serving.on_device_lost(conn.device_id)
 
     def _user_left(self, user_id: str) -> None:
         self._per_user[user_id] -= 1
@@ -209,6 +212,7 @@ class Hub:
     async def shutdown(self) -> None:
         """Server stopping: end every presence in one transaction, then drop the connections."""
         await self.runs.close()
+        await self.serving.close()
         conns, self.conns = list(self.conns.values()), {}
         self._per_user.clear()
         self._peers.clear()

@@ -76,9 +76,13 @@ class RunState:
                 "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints)}
 
 
-def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """Profile the model's layers and split them over the devices (runs in a thread)."""
-    from neuranet.pipeline.data import batches, load_dataset
+def plan_model(model_name: str, seed: int, options: dict[str, Any], devices: list[dict[str, Any]], objective: str,
+               micro_batch: int, micro_batches: int = 1, use_all_devices: bool = False,
+               data_seed: int = 0) -> tuple[list[dict[str, Any]], str, Any]:
+    """Build and profile the model, then split its layers over the devices (runs in a thread).
+
+    Returns the stages (device, start, stop), the plan as text, and the built LayerModel.
+    """
     from neuranet.pipeline.models import build_model
     from neuranet.pipeline.partition import plan, plan_fixed
     from neuranet.pipeline.profile_layers import profile_layers
@@ -87,15 +91,13 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str
     import torch
 
     with torch.device("meta"):  # size it first without allocating: the options come from the user
-        probe = build_model(req.model, req.seed, **req.model_options)
+        probe = build_model(model_name, seed, **options)
     nbytes = sum(p.numel() * p.element_size() for p in probe.parameters())
     if nbytes > MAX_PROFILED_BYTES:
-        raise RunError(f"{req.model} with {req.model_options} has {nbytes / 2**30:.1f} GiB of parameters; the "
+        raise RunError(f"{model_name} with {options} has {nbytes / 2**30:.1f} GiB of parameters; the "
                        f"coordinator profiles models up to {MAX_PROFILED_BYTES / 2**30:.0f} GiB")
-    model = build_model(req.model, req.seed, **req.model_options)
-    micro = max(1, req.batch_size // req.microbatches)
-    sample, _ = next(batches(load_dataset(model.dataset, **model.data_options), micro, req.data_seed))
-    layers = profile_layers(model, sample)
+    model = build_model(model_name, seed, **options)
+    layers = profile_layers(model, model.sample(micro_batch, data_seed))
     profiles = []
     for d in devices:
         p = d["profile"]
@@ -104,13 +106,28 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str
         profiles.append(DeviceProfile(id=d["id"], gflops=p.get("cpu_gflops") or DEFAULT_GFLOPS,
                                       free_bytes=p.get("ram_available_bytes") or DEFAULT_FREE_BYTES, links=links))
     try:
-        workload = Workload(micro_batch=micro, micro_batches=req.microbatches)
-        chooser = plan_fixed if req.use_all_devices else plan
-        result = chooser(layers, profiles, "throughput", workload)
+        workload = Workload(micro_batch=micro_batch, micro_batches=micro_batches)
+        chooser = plan_fixed if use_all_devices else plan
+        result = chooser(layers, profiles, objective, workload)
     except PlanError as exc:
         raise RunError(str(exc)) from None
     stages = [{"device": s.device, "start": s.start, "stop": s.stop} for s in result.stages]
-    return stages, result.describe()
+    return stages, result.describe(), model
+
+
+def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Plan a training run: throughput objective, micro-batches of the request's size."""
+    from neuranet.pipeline.models import build_model
+
+    import torch
+
+    with torch.device("meta"):
+        if not build_model(req.model, req.seed, **req.model_options).trainable:
+            raise RunError(f"{req.model} is a pretrained inference-only model; serve it with `neuranet infer`")
+    stages, text, _ = plan_model(req.model, req.seed, req.model_options, devices, "throughput",
+                                 max(1, req.batch_size // req.microbatches), req.microbatches,
+                                 req.use_all_devices, req.data_seed)
+    return stages, text
 
 
 class RunBook:

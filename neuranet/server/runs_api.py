@@ -1,4 +1,5 @@
-"""REST for training runs: start one across your devices, follow it, fetch its weights."""
+"""REST for runs across your devices: training runs (start, follow, fetch weights) and deployments
+that serve a model for inference (deploy, infer, generate, stop)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from fastapi import APIRouter, HTTPException, Response
 
 from neuranet.server.api import HubDep, StoreDep, User, device_view
 from neuranet.server.runs import RunError, RunRequest
+from neuranet.server.serving import DeployRequest, GenerateRequest, InferRequest, ServeError
 
 router = APIRouter(prefix="/api/v1/runs")
+serve_router = APIRouter(prefix="/api/v1/deployments")
 
 
-async def _devices_for(req: RunRequest, user: Any, store: Any, hub: Any) -> list[dict[str, Any]]:
+async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, hub: Any) -> list[dict[str, Any]]:
     mine = [device_view(d, hub) for d in await store.list_devices(user.user_id)]
     online = [d for d in mine if d["online"]]
     if isinstance(req.devices, list):
@@ -63,3 +66,57 @@ async def get_weights(run_id: str, user: User, hub: HubDep) -> Response:
     if run.status != "finished":
         raise HTTPException(409, f"run {run_id} is {run.status}; weights are ready when it has finished")
     return Response(hub.runs.merged_weights(run_id), media_type="application/octet-stream")
+
+
+@serve_router.post("")
+async def deploy(req: DeployRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    devices = await _devices_for(req, user, store, hub)
+    try:
+        dep = await hub.serving.start(user.user_id, req, devices)
+    except ServeError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    return dep.view()
+
+
+def _deployment_of(dep_id: str, user: Any, hub: Any) -> Any:
+    dep = hub.serving.deployments.get(dep_id)
+    if dep is None or dep.user_id != user.user_id:
+        raise HTTPException(404, f"no deployment {dep_id}")
+    return dep
+
+
+@serve_router.get("/{dep_id}")
+async def get_deployment(dep_id: str, user: User, hub: HubDep, wait: float = 0.0) -> dict[str, Any]:
+    """The deployment; ``wait`` > 0 waits up to that many seconds (at most 60) for it to finish loading."""
+    dep = _deployment_of(dep_id, user, hub)
+    if wait > 0 and dep.status == "loading":
+        try:
+            await hub.serving.wait_ready(dep, min(wait, 60.0))
+        except ServeError:
+            pass  # the view says why
+    return dep.view()
+
+
+@serve_router.post("/{dep_id}/infer")
+async def infer(dep_id: str, req: InferRequest, user: User, hub: HubDep) -> dict[str, Any]:
+    dep = _deployment_of(dep_id, user, hub)
+    try:
+        return {"outputs": await hub.serving.infer(dep, req.inputs)}
+    except ServeError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+@serve_router.post("/{dep_id}/generate")
+async def generate(dep_id: str, req: GenerateRequest, user: User, hub: HubDep) -> dict[str, Any]:
+    dep = _deployment_of(dep_id, user, hub)
+    try:
+        return {"text": await hub.serving.generate(dep, req)}
+    except ServeError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+@serve_router.delete("/{dep_id}")
+async def stop_deployment(dep_id: str, user: User, hub: HubDep) -> dict[str, Any]:
+    dep = _deployment_of(dep_id, user, hub)
+    hub.serving.stop(dep)
+    return dep.view()

@@ -1,0 +1,273 @@
+"""Inference across devices: deploy a model's stages onto agents, then answer batches and generate text.
+
+A deployment is planned for latency (the sum of the stages and links one request crosses), its
+stages are loaded by the agents (with the weights of a finished training run when one is named),
+and stay up until stopped. Each request's inputs go to the first stage in parts; the last stage
+returns the output in parts; any stage can fail a request with an error, which the caller sees.
+Losing a device fails the deployment and its pending requests with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from neuranet.protocol import messages as m
+from neuranet.server.runs import RunError, plan_model
+
+if TYPE_CHECKING:
+    from neuranet.pipeline.inference import PartJoiner
+    from neuranet.pipeline.models import Encoder
+    from neuranet.server.hub import AgentConnection, Hub
+
+SERVE_PART_BYTES = m.STATE_PART_BYTES
+MAX_INFLIGHT = 8  # requests of one deployment in the pipeline at once
+REQUEST_TIMEOUT = 300.0
+MAX_INPUTS = 4096
+
+
+class DeployRequest(BaseModel):
+    model: str | None = Field(None, min_length=1, max_length=64)  # a built-in model, or None with ``run``
+    run: str | None = Field(None, min_length=1, max_length=64)  # serve the final weights of this training run
+    devices: list[str] | int | None = None
+    seed: int = 0
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(8, ge=1, le=MAX_INPUTS)  # typical request size, for the latency plan
+    use_all_devices: bool = False
+
+
+class InferRequest(BaseModel):
+    inputs: list[Any] = Field(min_length=1, max_length=MAX_INPUTS)
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=10_000)
+    max_new_tokens: int = Field(100, ge=0, le=10_000)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    seed: int = 0
+
+
+class ServeError(Exception):
+    """A request to a deployment failed; ``status`` is the HTTP status that fits."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Deployment:
+    id: str
+    user_id: str
+    model: str
+    seed: int
+    model_options: dict[str, Any]
+    stages: list[dict[str, Any]]
+    plan: str
+    encode: "Encoder"
+    block_size: int | None  # for text generation: the model's context length, None if it cannot generate
+    source_run: str | None = None
+    started: float = field(default_factory=time.time)
+    ready: set[int] = field(default_factory=set)
+    error: str = ""
+    stopped: bool = False
+    served: int = 0
+    pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    joiner: "PartJoiner | None" = None
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_INFLIGHT))
+    became_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    numbers: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "failed"
+        if self.stopped:
+            return "stopped"
+        return "ready" if len(self.ready) == len(self.stages) else "loading"
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "status": self.status, "stages": self.stages, "plan": self.plan,
+                "error": self.error, "started": self.started, "served": self.served, "run": self.source_run,
+                "can_generate": self.block_size is not None}
+
+    def fail(self, error: str) -> None:
+        if not self.error:
+            self.error = error
+        self.end(f"deployment {self.id} failed: {error}")
+
+    def end(self, why: str) -> None:
+        """Wake whoever waits for readiness and fail every pending request with ``why``."""
+        self.became_ready.set()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ServeError(why, 503))
+        self.pending.clear()
+
+
+class ServeBook:
+    """The coordinator's deployments: start them, route their agents' reports, answer requests."""
+
+    def __init__(self, hub: "Hub") -> None:
+        self.hub = hub
+        self.deployments: dict[str, Deployment] = {}
+
+    async def start(self, user_id: str, req: DeployRequest, devices: list[dict[str, Any]]) -> Deployment:
+        from neuranet.pipeline.models import MODELS
+
+        model, seed, options, weights = req.model, req.seed, req.model_options, b""
+        if req.run is not None:
+            run = self.hub.runs.runs.get(req.run)
+            if run is None or run.user_id != user_id:
+                raise ServeError(f"no run {req.run}", 404)
+            if run.status != "finished":
+                raise ServeError(f"run {req.run} is {run.status}; it can be served once it has finished")
+            if model not in (None, run.request.model):
+                raise ServeError(f"run {req.run} trained {run.request.model}, not {model}", 422)
+            model, seed, options = run.request.model, run.request.seed, run.request.model_options
+            weights = self.hub.runs.merged_weights(req.run)
+        if model is None:
+            raise ServeError("name a model or a finished training run to serve", 422)
+        if model not in MODELS:
+            raise ServeError(f"unknown model {model!r}; built-in models are: {', '.join(sorted(MODELS))}", 422)
+        try:
+            stages, plan_text, built = await asyncio.to_thread(
+                plan_model, model, seed, options, devices, "latency", req.batch_size, 1, req.use_all_devices)
+        except RunError as exc:
+            raise ServeError(str(exc), 422) from None
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ServeError(f"cannot plan {model}: {exc}", 422) from None
+        block_size = built.data_options.get("block_size") if built.dataset == "stdlib-chars" else None
+        dep_id = await self.hub.store.create_run(user_id, "serve", [s["device"] for s in stages])
+        dep = Deployment(dep_id, user_id, model, seed, options, stages, plan_text, built.encode, block_size,
+                         source_run=req.run)
+        self.deployments[dep_id] = dep
+        self._assign(dep, weights)
+        return dep
+
+    def _assign(self, dep: Deployment, weights: bytes) -> None:
+        parts = m.state_parts(weights) if weights else []
+        for i, s in enumerate(dep.stages):
+            conn = self.hub.conns[s["device"]]
+            conn.send(m.ServeAssign(
+                run_id=dep.id, stage=i, num_stages=len(dep.stages), model=dep.model, seed=dep.seed,
+                model_options=dep.model_options, start=s["start"], stop=s["stop"],
+                prev=dep.stages[i - 1]["device"] if i else None,
+                next=dep.stages[i + 1]["device"] if i + 1 < len(dep.stages) else None, weights_parts=len(parts)))
+            for j, chunk in enumerate(parts):
+                conn.send(m.ServeWeights(run_id=dep.id, part=j, parts=len(parts)), payload=chunk)
+
+    async def wait_ready(self, dep: Deployment, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(dep.became_ready.wait(), timeout)
+        except TimeoutError:
+            raise ServeError(f"deployment {dep.id} is still loading after {timeout:.0f} s", 504) from None
+        if dep.status in ("failed", "stopped"):
+            raise ServeError(f"deployment {dep.id} is {dep.status}" + (f": {dep.error}" if dep.error else ""), 503)
+
+    async def infer(self, dep: Deployment, inputs: list[Any]) -> list[Any]:
+        """Run a batch of inputs (JSON values the model's encoder takes) through the pipeline."""
+        try:
+            x = await asyncio.to_thread(dep.encode, inputs)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ServeError(f"{dep.model} cannot take these inputs: {exc}", 422) from None
+        return (await self.forward(dep, x)).tolist()
+
+    async def forward(self, dep: Deployment, x: Any) -> Any:
+        """One request's input tensor through the stages; returns the last stage's output tensor."""
+        from neuranet.pipeline.inference import BatchTooLarge, PartJoiner, split_batch
+        from neuranet.protocol.tensors import encode_tensor
+
+        await self.wait_ready(dep, REQUEST_TIMEOUT)
+        try:
+            pieces = split_batch(x, SERVE_PART_BYTES)
+        except BatchTooLarge as exc:
+            raise ServeError(str(exc), 413) from None
+        if dep.joiner is None:
+            dep.joiner = PartJoiner()
+        async with dep.slots:
+            request = next(dep.numbers)
+            future = dep.pending[request] = asyncio.get_running_loop().create_future()
+            first = self.hub.conns.get(dep.stages[0]["device"])
+            if first is None:
+                dep.fail(f"device {dep.stages[0]['device']} is offline")
+            else:
+                for i, piece in enumerate(pieces):
+                    header, data = encode_tensor(piece)
+                    first.send(m.ServeInput(run_id=dep.id, request=request, part=i, parts=len(pieces), tensor=header),
+                               payload=bytes(data))
+            try:
+                out = await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            except TimeoutError:
+                raise ServeError(f"request {request} of deployment {dep.id} timed out", 504) from None
+            finally:
+                dep.pending.pop(request, None)
+                dep.joiner.drop(request)
+        dep.served += 1
+        return out
+
+    async def generate(self, dep: Deployment, req: GenerateRequest) -> str:
+        from neuranet.pipeline.inference import generate
+
+        if dep.block_size is None:
+            raise ServeError(f"{dep.model} does not generate text; gpt-char does", 422)
+        return await generate(lambda ids: self.forward(dep, ids), req.prompt, req.max_new_tokens, dep.block_size,
+                              req.temperature, req.seed)
+
+    def stop(self, dep: Deployment, reason: str = "stopped by its owner") -> None:
+        if dep.stopped:
+            return
+        dep.stopped = True
+        dep.end(f"deployment {dep.id} was stopped: {reason}")
+        for s in dep.stages:
+            conn = self.hub.conns.get(s["device"])
+            if conn is not None:
+                conn.send(m.ServeStop(run_id=dep.id, reason=reason))
+
+    def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
+        dep = self.deployments.get(msg.run_id)
+        if dep is None or not 0 <= msg.stage < len(dep.stages) or dep.stages[msg.stage]["device"] != conn.device_id:
+            return  # unknown deployment or not this device's stage
+        if isinstance(msg, m.ServeStatus):
+            if not msg.ok:
+                dep.fail(f"stage {msg.stage} on {conn.device_id}: {msg.error}")
+                return
+            dep.ready.add(msg.stage)
+            if len(dep.ready) == len(dep.stages):
+                dep.became_ready.set()
+            return
+        future = dep.pending.get(msg.request)
+        if future is None or future.done():
+            return  # a request that timed out or already failed
+        if msg.error:
+            future.set_exception(ServeError(f"stage {msg.stage} on {conn.device_id}: {msg.error}", 422))
+            return
+        if msg.stage != len(dep.stages) - 1:
+            return  # only the last stage returns outputs
+        self._output_part(dep, msg, payload, future)
+
+    def _output_part(self, dep: Deployment, msg: m.ServeOutput, payload: bytes, future: asyncio.Future[Any]) -> None:
+        from neuranet.protocol.tensors import decode_tensor
+
+        assert dep.joiner is not None
+        try:
+            out = dep.joiner.add(msg.request, msg.part, msg.parts, decode_tensor(msg.tensor, payload))
+        except Exception as exc:
+            future.set_exception(ServeError(f"the last stage returned a bad output: {exc}", 502))
+            return
+        if out is not None:
+            future.set_result(out)
+
+    def on_device_lost(self, device_id: str) -> None:
+        for dep in self.deployments.values():
+            if dep.status in ("loading", "ready") and any(s["device"] == device_id for s in dep.stages):
+                dep.fail(f"device {device_id} went offline")
+
+    async def close(self) -> None:
+        for dep in self.deployments.values():
+            dep.fail("the coordinator is shutting down")
