@@ -165,6 +165,8 @@ def agent(
     listen_port: int = typer.Option(0, help="Port for direct peer links (0: any)."),
     measure: bool = typer.Option(True, help="Measure matmul speed and bandwidth on connect."),
     direct: bool = typer.Option(True, help="Offer direct peer links (--no-direct: always relay)."),
+    user_models: bool = typer.Option(True, help="Run model files of this device's owner (--no-user-models: "
+                                     "built-in models only)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
@@ -174,7 +176,7 @@ def agent(
     _logging(verbose)
     cfg = AgentConfig(server_url=server, data_dir=data_dir or default_home() / "agent", name=name, join_token=join_token,
                       ca_cert=ca_cert, listen_host=listen_host, listen_port=listen_port, measure=measure,
-                      advertise=None if direct else ())
+                      advertise=None if direct else (), user_models=user_models)
     try:
         cfg.ws_url
         the_agent = Agent(cfg)
@@ -238,7 +240,8 @@ def links_test(src: str, dst: str, mib: int = typer.Option(64, help="MiB to send
 
 @app.command()
 def train(
-    model: str = typer.Option(..., help="Built-in model: mlp-digits, cnn-digits or gpt-char."),
+    model: str = typer.Option(..., help="Built-in model (mlp-digits, cnn-digits, gpt-char) or a .py file of "
+                              "yours defining build(seed) -> LayerModel (runs on your own devices only)."),
     devices: str = typer.Option("auto", help="'auto', a count, or comma-separated device names/ids."),
     steps: int = typer.Option(100), batch_size: int = typer.Option(32), microbatches: int = typer.Option(4),
     schedule: str = typer.Option("1f1b", help="1f1b or gpipe."), optimizer: str = typer.Option("sgd"),
@@ -250,11 +253,21 @@ def train(
     from neuranet.ui import follow_run
 
     chosen: object = None if devices == "auto" else int(devices) if devices.isdigit() else devices.split(",")
+    user_model = None
+    if model.endswith(".py") or Path(model).is_file():
+        from neuranet.pipeline.models import UserModelError
+        from neuranet.pipeline.profile_layers import user_model_spec
+
+        try:
+            user_model = user_model_spec(model, seed, max(1, batch_size // microbatches))
+        except (UserModelError, ValueError, OSError) as exc:
+            _fail(exc)
+        model = Path(model).stem[:64] or "user-model"
     with _client(server, token) as c:
         try:
             run = c.start_run(model=model, devices=chosen, steps=steps, batch_size=batch_size,
                               microbatches=microbatches, schedule=schedule, optimizer=optimizer, lr=lr, seed=seed,
-                              use_all_devices=all_devices)
+                              use_all_devices=all_devices, user_model=user_model)
             console.print(run["plan"])
             run = follow_run(c, run, console)
         except ClientError as exc:

@@ -63,6 +63,7 @@ class AgentConfig:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     measure: bool = True  # benchmark matmul speed and bandwidth when connecting
+    user_models: bool = True  # run model files of this device's owner (their code, on their device)
     link_window_bytes: int = 64 * MiB
     frame_bytes: int = 1 * MiB
     direct_retry_interval: float = 10.0

@@ -62,16 +62,22 @@ def linktests_table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
 
 
 def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 24 * 3600) -> dict[str, Any]:
-    """Poll a run until it ends, with a progress bar of steps and the latest loss."""
+    """Poll a run until it ends, with a progress bar of steps, the latest loss and samples/s."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     deadline = time.monotonic() + timeout
+    first: tuple[float, int] | None = None  # (when, steps) at the first step seen: rate excludes set-up
     with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]}"),
-                  console=console) as progress:
-        bar = progress.add_task("train", total=run["steps"], loss="-")
+                  TextColumn("{task.fields[rate]} samples/s"), console=console) as progress:
+        bar = progress.add_task("train", total=run["steps"], loss="-", rate="-")
         while run["status"] == "running" and time.monotonic() < deadline:
             time.sleep(0.25)
             run = client.run(run["id"])
-            losses = run["losses"]
-            progress.update(bar, completed=len(losses), loss=f"{losses[-1]:.4f}" if losses else "-")
+            losses, now = run["losses"], time.monotonic()
+            if losses and first is None:
+                first = (now, len(losses))
+            rate = "-"
+            if first is not None and len(losses) > first[1] and now > first[0]:
+                rate = f"{(len(losses) - first[1]) * run['batch_size'] / (now - first[0]):.0f}"
+            progress.update(bar, completed=len(losses), loss=f"{losses[-1]:.4f}" if losses else "-", rate=rate)
     return run

@@ -31,8 +31,8 @@ def fabric(tmp_path_factory: pytest.TempPathFactory):
         yield f
 
 
-def one_process(run: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = build_model(run["model"], run["seed"], **run["model_options"])
+def one_process(run: dict, model=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = model or build_model(run["model"], run["seed"], **run["model_options"])
     whole = model.sequential()
     opt = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[run["optimizer"]](whole.parameters(), lr=run["lr"])
     data = batches(load_dataset(model.dataset, **model.data_options), run["batch_size"], run["data_seed"])
@@ -108,6 +108,53 @@ def test_cli_train_then_fetch(fabric: LocalFabric, tmp_path) -> None:
     model = build_model("mlp-digits", 0)
     expected = {f"{i}.{k}" for i, layer in enumerate(model.layers) for k in layer.state_dict()}
     assert set(load(out.read_bytes())) == expected
+
+
+USER_MODEL = """
+import torch
+from torch import nn
+from neuranet.pipeline.models import LayerModel, cross_entropy
+
+
+class Swish(nn.Module):  # a layer type of the user's own, unknown to the registry
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def build(seed):
+    torch.manual_seed(seed)
+    layers = [nn.Sequential(nn.Linear(64, 48), Swish()), nn.Sequential(nn.Linear(48, 32), Swish()), nn.Linear(32, 10)]
+    return LayerModel(layers, ["a", "b", "head"], cross_entropy, "digits")
+"""
+
+
+def test_a_model_file_of_the_users_own_trains_on_their_devices(fabric: LocalFabric, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+    from neuranet.pipeline.models import load_user_model
+
+    path = tmp_path / "my_model.py"
+    path.write_text(USER_MODEL)
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["train", "--model", str(path), "--devices", "s0,s2", "--all-devices",
+                                      "--steps", "5", "--batch-size", "16", "--microbatches", "2", "--lr", "0.1",
+                                      "--seed", "4", *auth])
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"run ([0-9a-f]{32}) finished", result.output).group(1)
+    with fabric.client() as c:
+        run = c.run(run_id)
+        weights = load(c.run_weights(run_id))
+    assert run["model"] == "my_model" and len(run["stages"]) == 2
+    req = dict(steps=5, batch_size=16, microbatches=2, lr=0.1, optimizer="sgd", data_seed=0)
+    losses, state = one_process(req, load_user_model(path, 4))
+    assert torch.allclose(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for key, value in state.items():
+        assert torch.allclose(weights[key], value, rtol=1e-5, atol=1e-6), key
+    bad = tmp_path / "bad_model.py"
+    bad.write_text("def build(seed):\n    return 42\n")
+    refused = CliRunner().invoke(app, ["train", "--model", str(bad), *auth])
+    assert refused.exit_code == 1 and "returned int, not a LayerModel" in refused.output
 
 
 def test_a_device_lost_mid_run_costs_a_checkpoint_not_the_run(fabric: LocalFabric) -> None:

@@ -7,6 +7,7 @@ so that the server can re-plan a run onto the devices that remain when one is lo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 from typing import Any
@@ -18,7 +19,7 @@ from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import PeerLink
 from neuranet.pipeline.checkpoint import load_stage_state, stage_state
 from neuranet.pipeline.data import batches, load_dataset
-from neuranet.pipeline.models import build_model
+from neuranet.pipeline.models import LayerModel, UserModelError, build_model, load_user_model
 from neuranet.pipeline.stage import PeerLinkChannel, StageConfig, StageRuntime
 from neuranet.protocol import messages as m
 
@@ -30,6 +31,19 @@ STATE_TIMEOUT = 120.0
 def compute_device() -> str:
     """CUDA when this device has it (mixed CPU/GPU pipelines work: tensors cross as CPU bytes)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_for(agent: Agent, a: m.StageAssign) -> LayerModel:
+    """The assigned model: a built-in one by name, or the owner's model file (when this agent allows those)."""
+    if not a.model_source:
+        return build_model(a.model, a.seed, **a.model_options)
+    if not agent.config.user_models:
+        raise UserModelError("this agent does not run model files (started with --no-user-models)")
+    source = a.model_source.encode()
+    path = agent.config.data_dir / "user-models" / f"{hashlib.sha256(source).hexdigest()[:32]}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(source)
+    return load_user_model(path, a.seed)
 
 
 def run_channel(a: m.StageAssign) -> str:
@@ -58,7 +72,7 @@ async def run_stage(agent: Agent, a: m.StageAssign, resume: "asyncio.Future[byte
     """Train this device's stage; always reports a StageDone (after its final state, or with the error)."""
     prev = nxt = None
     try:
-        model = build_model(a.model, a.seed, **a.model_options)
+        model = model_for(agent, a)
         dataset = load_dataset(model.dataset, **model.data_options)
         prev, nxt = await _neighbours(agent, a)
         config = StageConfig(index=a.stage, num_stages=a.num_stages, layer_range=(a.start, a.stop),

@@ -17,11 +17,13 @@ Everything but ``param_bytes`` is divided by the batch size: the profile is per 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from neuranet.pipeline.models import LayerModel
+from neuranet.pipeline.models import LayerModel, UserModelError, load_user_model
 from neuranet.pipeline.profiles import LayerProfile
 
 
@@ -69,3 +71,15 @@ def profile_layers(model: LayerModel, sample_batch: Tensor) -> list[LayerProfile
         )
         x = out
     return profiles
+
+
+def user_model_spec(path: str | Path, seed: int, micro_batch: int, data_seed: int = 0) -> dict[str, object]:
+    """A model file of the user's own, loaded and profiled here (on the user's machine): its source and
+    layer profiles, which is what the coordinator plans a run of it from without running the code."""
+    model = load_user_model(path, seed)
+    if not model.trainable:
+        raise UserModelError(f"{str(path)!r}: the LayerModel must name a dataset to train on (e.g. 'digits')")
+    layers = profile_layers(model, model.sample(micro_batch, data_seed))
+    return {"source": Path(path).read_text(),
+            "layers": [{"name": p.name, "flops": p.flops, "activation_bytes": p.activation_bytes,
+                        "param_bytes": p.param_bytes, "saved_bytes": p.saved} for p in layers]}

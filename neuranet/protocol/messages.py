@@ -314,6 +314,7 @@ class StageAssign(Message):
     attempt: int = Field(0, ge=0)  # bumped each time the run is re-planned after losing a device
     checkpoint_every: int = Field(0, ge=0)  # steps between uploads of the stage's state; 0: only at the end
     resume_step: int = Field(0, ge=0)  # > 0: wait for StageState parts, then continue from this step
+    model_source: str = ""  # a model file of the device's owner (its build(seed)) instead of a built-in model
 
 
 class StageProgress(Message):

@@ -23,10 +23,27 @@ DEFAULT_GFLOPS = 10.0
 DEFAULT_FREE_BYTES = 1 << 30
 DEFAULT_LINK_BYTES_PER_S = 100e6
 MAX_PROFILED_BYTES = 2 * 2**30  # the coordinator builds the model once to profile its layers
+MAX_USER_MODEL_BYTES = 1_000_000
+
+
+class LayerProfileIn(BaseModel):
+    name: str = Field(max_length=200)
+    flops: float = Field(ge=0)
+    activation_bytes: int = Field(ge=0)
+    param_bytes: int = Field(ge=0)
+    saved_bytes: int = Field(ge=0)
+
+
+class UserModel(BaseModel):
+    """A model file of the user's own: its source runs only on the user's devices, never on the coordinator,
+    which plans from the layer profiles the user's client measured."""
+
+    source: str = Field(min_length=1, max_length=MAX_USER_MODEL_BYTES)
+    layers: list[LayerProfileIn] = Field(min_length=1, max_length=10_000)
 
 
 class RunRequest(BaseModel):
-    model: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=64)  # a built-in model, or the name of the user's model file
     devices: list[str] | int | None = None  # ids/names, a count, or None for all online devices
     steps: int = Field(100, ge=1, le=1_000_000)
     batch_size: int = Field(32, ge=1, le=65536)
@@ -39,6 +56,7 @@ class RunRequest(BaseModel):
     model_options: dict[str, Any] = Field(default_factory=dict)
     use_all_devices: bool = False  # split over exactly the chosen devices, in order, instead of a planned subset
     checkpoint_every: int = Field(50, ge=0)  # steps between stage checkpoints; 0: only the final state
+    user_model: UserModel | None = None
 
 
 class RunError(Exception):
@@ -71,22 +89,17 @@ class RunState:
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.request.model, "status": self.status, "steps": self.request.steps,
+                "batch_size": self.request.batch_size,
                 "stages": self.stages, "plan": self.plan, "losses": [self.losses[k] for k in sorted(self.losses)],
                 "errors": self.errors, "started": self.started, "attempt": self.attempt,
                 "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints)}
 
 
-def plan_model(model_name: str, seed: int, options: dict[str, Any], devices: list[dict[str, Any]], objective: str,
-               micro_batch: int, micro_batches: int = 1, use_all_devices: bool = False,
-               data_seed: int = 0) -> tuple[list[dict[str, Any]], str, Any]:
-    """Build and profile the model, then split its layers over the devices (runs in a thread).
-
-    Returns the stages (device, start, stop), the plan as text, and the built LayerModel.
-    """
+def build_and_profile(model_name: str, seed: int, options: dict[str, Any], micro_batch: int,
+                      data_seed: int = 0) -> tuple[list[Any], Any]:
+    """A built-in model, built (after sizing it on the meta device) and its layers profiled."""
     from neuranet.pipeline.models import build_model
-    from neuranet.pipeline.partition import plan, plan_fixed
     from neuranet.pipeline.profile_layers import profile_layers
-    from neuranet.pipeline.profiles import DeviceProfile, Link, PlanError, Workload
 
     import torch
 
@@ -97,7 +110,15 @@ def plan_model(model_name: str, seed: int, options: dict[str, Any], devices: lis
         raise RunError(f"{model_name} with {options} has {nbytes / 2**30:.1f} GiB of parameters; the "
                        f"coordinator profiles models up to {MAX_PROFILED_BYTES / 2**30:.0f} GiB")
     model = build_model(model_name, seed, **options)
-    layers = profile_layers(model, model.sample(micro_batch, data_seed))
+    return profile_layers(model, model.sample(micro_batch, data_seed)), model
+
+
+def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str, micro_batch: int,
+                micro_batches: int = 1, use_all_devices: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Split profiled layers over the devices; returns the stages (device, start, stop) and the plan as text."""
+    from neuranet.pipeline.partition import plan, plan_fixed
+    from neuranet.pipeline.profiles import DeviceProfile, Link, PlanError, Workload
+
     profiles = []
     for d in devices:
         p = d["profile"]
@@ -112,22 +133,25 @@ def plan_model(model_name: str, seed: int, options: dict[str, Any], devices: lis
     except PlanError as exc:
         raise RunError(str(exc)) from None
     stages = [{"device": s.device, "start": s.start, "stop": s.stop} for s in result.stages]
-    return stages, result.describe(), model
+    return stages, result.describe()
 
 
 def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Plan a training run: throughput objective, micro-batches of the request's size."""
     from neuranet.pipeline.models import build_model
+    from neuranet.pipeline.profiles import LayerProfile
 
     import torch
 
-    with torch.device("meta"):
-        if not build_model(req.model, req.seed, **req.model_options).trainable:
-            raise RunError(f"{req.model} is a pretrained inference-only model; serve it with `neuranet infer`")
-    stages, text, _ = plan_model(req.model, req.seed, req.model_options, devices, "throughput",
-                                 max(1, req.batch_size // req.microbatches), req.microbatches,
-                                 req.use_all_devices, req.data_seed)
-    return stages, text
+    micro = max(1, req.batch_size // req.microbatches)
+    if req.user_model is not None:
+        layers = [LayerProfile(**p.model_dump()) for p in req.user_model.layers]
+    else:
+        with torch.device("meta"):
+            if not build_model(req.model, req.seed, **req.model_options).trainable:
+                raise RunError(f"{req.model} is a pretrained inference-only model; serve it with `neuranet infer`")
+        layers, _ = build_and_profile(req.model, req.seed, req.model_options, micro, req.data_seed)
+    return plan_layers(layers, devices, "throughput", micro, req.microbatches, req.use_all_devices)
 
 
 class RunBook:
@@ -145,7 +169,7 @@ class RunBook:
     async def start(self, user_id: str, req: RunRequest, devices: list[dict[str, Any]]) -> RunState:
         from neuranet.pipeline.models import MODELS
 
-        if req.model not in MODELS:
+        if req.model not in MODELS and req.user_model is None:
             raise RunError(f"unknown model {req.model!r}; built-in models are: {', '.join(sorted(MODELS))}")
         stages, plan_text = await self._plan(req, devices)
         run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in stages])
@@ -172,7 +196,8 @@ class RunBook:
                 next=stages[i + 1]["device"] if i + 1 < len(stages) else None,
                 schedule=req.schedule, microbatches=req.microbatches, optimizer=req.optimizer, lr=req.lr,
                 steps=req.steps, batch_size=req.batch_size, data_seed=req.data_seed, attempt=run.attempt,
-                checkpoint_every=req.checkpoint_every, resume_step=resume_step))
+                checkpoint_every=req.checkpoint_every, resume_step=resume_step,
+                model_source=req.user_model.source if req.user_model else ""))
             parts = m.state_parts(state) if state else []
             for i, chunk in enumerate(parts):
                 conn.send(m.StageState(run_id=run.id, attempt=run.attempt, part=i, parts=len(parts)), payload=chunk)

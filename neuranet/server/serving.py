@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from neuranet.protocol import messages as m
-from neuranet.server.runs import RunError, plan_model
+from neuranet.server.runs import RunError, build_and_profile, plan_layers
 
 if TYPE_CHECKING:
     from neuranet.pipeline.inference import PartJoiner
@@ -127,6 +127,8 @@ class ServeBook:
                 raise ServeError(f"no run {req.run}", 404)
             if run.status != "finished":
                 raise ServeError(f"run {req.run} is {run.status}; it can be served once it has finished")
+            if run.request.user_model is not None:
+                raise ServeError(f"run {req.run} trained a model file of yours; only built-in models are served", 422)
             if model not in (None, run.request.model):
                 raise ServeError(f"run {req.run} trained {run.request.model}, not {model}", 422)
             model, seed, options = run.request.model, run.request.seed, run.request.model_options
@@ -136,8 +138,9 @@ class ServeBook:
         if model not in MODELS:
             raise ServeError(f"unknown model {model!r}; built-in models are: {', '.join(sorted(MODELS))}", 422)
         try:
-            stages, plan_text, built = await asyncio.to_thread(
-                plan_model, model, seed, options, devices, "latency", req.batch_size, 1, req.use_all_devices)
+            layers, built = await asyncio.to_thread(build_and_profile, model, seed, options, req.batch_size)
+            stages, plan_text = await asyncio.to_thread(
+                plan_layers, layers, devices, "latency", req.batch_size, 1, req.use_all_devices)
         except RunError as exc:
             raise ServeError(str(exc), 422) from None
         except (ValueError, TypeError, RuntimeError) as exc:
