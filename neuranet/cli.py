@@ -242,6 +242,7 @@ def links_test(src: str, dst: str, mib: int = typer.Option(64, help="MiB to send
 def train(
     model: str = typer.Option(..., help="Built-in model (mlp-digits, cnn-digits, gpt-char) or a .py file of "
                               "yours defining build(seed) -> LayerModel (runs on your own devices only)."),
+    data: Optional[str] = typer.Option(None, help="Dataset: digits or stdlib (default: the model's own)."),
     devices: str = typer.Option("auto", help="'auto', a count, or comma-separated device names/ids."),
     steps: int = typer.Option(100), batch_size: int = typer.Option(32), microbatches: int = typer.Option(4),
     schedule: str = typer.Option("1f1b", help="1f1b or gpipe."), optimizer: str = typer.Option("sgd"),
@@ -267,7 +268,7 @@ def train(
         try:
             run = c.start_run(model=model, devices=chosen, steps=steps, batch_size=batch_size,
                               microbatches=microbatches, schedule=schedule, optimizer=optimizer, lr=lr, seed=seed,
-                              use_all_devices=all_devices, user_model=user_model)
+                              use_all_devices=all_devices, user_model=user_model, data=data)
             console.print(run["plan"])
             run = follow_run(c, run, console)
         except ClientError as exc:

@@ -84,6 +84,10 @@ def test_bad_run_requests_get_clear_errors(fabric: LocalFabric) -> None:
             c.start_run(**{**RUN, "model_options": {"hidden": 100_000, "depth": 4}})
         with pytest.raises(ClientError, match="accepted options: hidden, depth"):
             c.start_run(**{**RUN, "model_options": {"wings": 2}})
+        with pytest.raises(ClientError, match="mlp-digits trains on 'digits', not 'stdlib'"):
+            c.start_run(**{**RUN, "data": "stdlib"})
+        with pytest.raises(ClientError, match="unknown dataset 'imagenet'"):
+            c.start_run(**{**RUN, "data": "imagenet"})
         with pytest.raises(ClientError, match="only 3 of yours are online"):
             c.start_run(**{**RUN, "devices": 5})
         other = c.create_user("stranger")

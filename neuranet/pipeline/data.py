@@ -162,6 +162,15 @@ def stdlib_corpus(block_size: int = 64, max_chars: int = DEFAULT_CORPUS_CHARS) -
 
 
 DATASETS = {"digits": load_digits, "stdlib-chars": stdlib_corpus}
+DATASET_ALIASES = {"stdlib": "stdlib-chars"}
+
+
+def dataset_name(name: str) -> str:
+    """The registry name for what a user typed (``stdlib`` is ``stdlib-chars``); unknown names raise."""
+    name = DATASET_ALIASES.get(name, name)
+    if name not in DATASETS:
+        raise UnknownDataset(name, sorted(DATASETS) + sorted(DATASET_ALIASES))
+    return name
 
 
 def load_dataset(name: str, **options: object) -> Dataset:

@@ -57,6 +57,7 @@ class RunRequest(BaseModel):
     use_all_devices: bool = False  # split over exactly the chosen devices, in order, instead of a planned subset
     checkpoint_every: int = Field(50, ge=0)  # steps between stage checkpoints; 0: only the final state
     user_model: UserModel | None = None
+    data: str | None = Field(None, max_length=64)  # the dataset to train on; None: the model's own
 
 
 class RunError(Exception):
@@ -138,6 +139,7 @@ def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str
 
 def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Plan a training run: throughput objective, micro-batches of the request's size."""
+    from neuranet.pipeline.data import dataset_name
     from neuranet.pipeline.models import build_model
     from neuranet.pipeline.profiles import LayerProfile
 
@@ -148,8 +150,11 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str
         layers = [LayerProfile(**p.model_dump()) for p in req.user_model.layers]
     else:
         with torch.device("meta"):
-            if not build_model(req.model, req.seed, **req.model_options).trainable:
-                raise RunError(f"{req.model} is a pretrained inference-only model; serve it with `neuranet infer`")
+            probe = build_model(req.model, req.seed, **req.model_options)
+        if not probe.trainable:
+            raise RunError(f"{req.model} is a pretrained inference-only model; serve it with `neuranet infer`")
+        if req.data is not None and dataset_name(req.data) != probe.dataset:
+            raise RunError(f"{req.model} trains on {probe.dataset!r}, not {req.data!r}")
         layers, _ = build_and_profile(req.model, req.seed, req.model_options, micro, req.data_seed)
     return plan_layers(layers, devices, "throughput", micro, req.microbatches, req.use_all_devices)
 
@@ -181,7 +186,7 @@ class RunBook:
     async def _plan(self, req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
         try:
             return await asyncio.to_thread(_plan, req, devices)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, LookupError) as exc:
             raise RunError(f"cannot plan {req.model}: {exc}") from None
 
     def _assign(self, run: RunState, resume_step: int = 0) -> None:
