@@ -148,3 +148,19 @@ def test_cli_infer_writes_one_embedding_per_line(fabric: LocalFabric, tmp_path) 
     assert torch.allclose(torch.tensor(rows), expected, atol=1e-6)
     bad = CliRunner().invoke(app, ["infer", "--model", MINILM, *auth])
     assert bad.exit_code == 1 and "give inputs" in bad.output
+
+
+def test_losing_a_device_fails_the_deployment_with_a_clear_error(fabric: LocalFabric) -> None:
+    import signal
+
+    with fabric.client() as c:  # last in this module: it kills an agent
+        dep = ready(c, c.deploy(model=MINILM, devices=AGENTS, use_all_devices=True))
+        assert len(c.infer(dep["id"], ["before"])) == 1
+        fabric.kill_agent("i2", signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (dep := c.deployment(dep["id"]))["status"] != "failed":
+            assert time.monotonic() < deadline, dep
+            time.sleep(0.2)
+        assert "went offline" in dep["error"]
+        with pytest.raises(ClientError, match="503: deployment .* is failed: device .* went offline"):
+            c.infer(dep["id"], ["after"])

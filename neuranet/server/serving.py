@@ -234,8 +234,9 @@ class ServeBook:
 
     def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
         dep = self.deployments.get(msg.run_id)
-        if dep is None or not 0 <= msg.stage < len(dep.stages) or dep.stages[msg.stage]["device"] != conn.device_id:
-            return  # unknown deployment or not this device's stage
+        if (dep is None or dep.stopped or not 0 <= msg.stage < len(dep.stages)
+                or dep.stages[msg.stage]["device"] != conn.device_id):
+            return  # unknown or stopped deployment (its stages' links close as they stop), or not this device's stage
         if isinstance(msg, m.ServeStatus):
             if not msg.ok:
                 dep.fail(f"stage {msg.stage} on {conn.device_id}: {msg.error}")
