@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -24,10 +25,12 @@ token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 users_app = typer.Typer(help="Users (admin only).", no_args_is_help=True)
 links_app = typer.Typer(help="PeerLinks between your devices.", no_args_is_help=True)
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
+trace_app = typer.Typer(help="Availability traces.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
 app.add_typer(links_app, name="links")
 app.add_typer(runs_app, name="runs")
+app.add_typer(trace_app, name="trace")
 console = Console()
 err = Console(stderr=True)
 
@@ -65,6 +68,10 @@ def server(
     max_connections_per_user: int = typer.Option(256, help="Agent connections one user may hold."),
     relay_stall_timeout: float = typer.Option(10.0, help="Seconds a relaying peer may stay paused behind a "
                                               "destination that does not read before it is cut off."),
+    forecast_retrain: float = typer.Option(6 * 3600.0, help="Seconds between retrainings of the availability "
+                                           "forecaster."),
+    forecast_options: str = typer.Option("{}", help="JSON settings of the forecaster, e.g. "
+                                         "'{\"epochs\": 4, \"hidden\": 32}' for a small coordinator."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the coordinator (REST API, agent WebSocket and relay hub)."""
@@ -78,8 +85,18 @@ def server(
     for p in (tls_cert, tls_key):
         if p is not None and not p.is_file():
             _fail(FileNotFoundError(f"{p} does not exist"))
+    try:
+        options = json.loads(forecast_options)
+        if not isinstance(options, dict):
+            raise ValueError("it must be a JSON object")
+        from neuranet.forecast.model import ForecastConfig
+
+        ForecastConfig(**options)
+    except (ValueError, TypeError) as exc:
+        _fail(ValueError(f"--forecast-options: {exc}"))
     cfg = ServerConfig(data_dir=data_dir or default_home() / "server", host=host, port=port, db_url=db_url,
                        tls_cert=tls_cert, tls_key=tls_key, offline_after=offline_after, heartbeat_interval=heartbeat,
+                       forecast_retrain_interval=forecast_retrain, forecast_options=options,
                        limits=Limits(max_connections_per_user=max_connections_per_user,
                                      relay_stall_timeout=relay_stall_timeout))
 
@@ -364,6 +381,59 @@ def runs_fetch(run_id: str, output: Path = typer.Option(None, "-o", help="Where 
         except ClientError as exc:
             _fail(exc)
     console.print(f"wrote {out}")
+
+
+@app.command()
+def forecast(
+    device: Optional[str] = typer.Argument(None, help="A device name or id (default: all your devices)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the device's history and forecast."),
+    simulated: bool = typer.Option(True, help="Include simulated devices (imported traces)."),
+    retrain: bool = typer.Option(False, "--retrain", help="Retrain the forecaster first (admin)."),
+    as_json: bool = typer.Option(False, "--json"),
+    server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt,
+) -> None:
+    """Probability each device is online 15 min, 1 h, 6 h and 24 h from now, next to its recent history."""
+    from neuranet.ui import forecast_table, plot_forecast
+
+    if plot is not None and device is None:
+        _fail(ValueError("--plot needs a DEVICE"))
+    with _client(server, token, timeout=600.0) as c:
+        try:
+            if retrain:
+                info = c.retrain_forecaster()
+                err.print(f"forecaster retrained on {info['devices']} devices")
+            rows = [c.forecast(c.resolve_device(device)["id"])] if device else c.forecast(simulated=simulated)
+        except ClientError as exc:
+            _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(forecast_table(rows))
+        if rows:
+            console.print(f"model: {rows[0]['model']['kind']}")
+    if plot is not None:
+        try:
+            plot_forecast(rows[0], plot)
+        except OSError as exc:
+            _fail(exc)
+        err.print(f"wrote {plot}")
+
+
+@trace_app.command("import")
+def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name prefix of the simulated devices."),
+                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Load an availability trace (client_id,event_type,event_start,event_end) as simulated devices' history."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        _fail(exc)
+    with _client(server, token, timeout=600.0) as c:
+        try:
+            out = c.import_trace(data, prefix)
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"imported {out['devices']} simulated devices ({out['days']:.1f} days of history, "
+                  f"ending {datetime.datetime.fromtimestamp(out['history_end']):%Y-%m-%d %H:%M})")
 
 
 @app.command()

@@ -135,6 +135,18 @@ class Client:
     def stop_deployment(self, dep_id: str) -> dict[str, Any]:
         return self.request("DELETE", f"/api/v1/deployments/{dep_id}")
 
+    def forecast(self, device_id: str | None = None, simulated: bool = True) -> Any:
+        if device_id is not None:
+            return self.request("GET", f"/api/v1/devices/{device_id}/forecast")
+        return self.request("GET", "/api/v1/forecast", params={"simulated": simulated})
+
+    def retrain_forecaster(self) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/forecast/retrain", timeout=1800.0)
+
+    def import_trace(self, csv_bytes: bytes, prefix: str = "trace") -> dict[str, Any]:
+        return self.request("POST", "/api/v1/traces", params={"prefix": prefix}, content=csv_bytes,
+                            headers={"Content-Type": "text/csv"})
+
     def run_weights(self, run_id: str) -> bytes:
         resp = self._http.get(f"/api/v1/runs/{run_id}/weights")
         if resp.status_code >= 400:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 
@@ -38,6 +39,8 @@ class ServerConfig:
     heartbeat_interval: float = 3.0
     offline_after: float = 12.0  # a device silent this long is offline
     telemetry_flush_interval: float = 1.0
+    forecast_retrain_interval: float = 6 * 3600.0  # seconds between retrainings of the availability forecaster
+    forecast_options: dict[str, Any] = field(default_factory=dict)  # ForecastConfig fields (epochs, hidden, ...)
     limits: Limits = field(default_factory=Limits)
 
     @property

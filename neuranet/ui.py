@@ -81,3 +81,70 @@ def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 
                 rate = f"{(len(losses) - first[1]) * run['batch_size'] / (now - first[0]):.0f}"
             progress.update(bar, completed=len(losses), loss=f"{losses[-1]:.4f}" if losses else "-", rate=rate)
     return run
+
+
+TIMELINE_SLOTS = 24
+
+
+def timeline(history: list[list[float | None]], start: float, end: float, slots: int = TIMELINE_SLOTS) -> str:
+    """Online intervals as one text line from ``start`` to ``end``: '█' online most of a slot, '·' not."""
+    width = (end - start) / slots
+    chars = []
+    for i in range(slots):
+        a, b = start + i * width, start + (i + 1) * width
+        online = sum(max(0.0, min(b, e if e is not None else end) - max(a, s)) for s, e in history)  # type: ignore[arg-type]
+        chars.append("█" if online >= width / 2 else "·")
+    return "".join(chars)
+
+
+def _horizon_label(seconds: float) -> str:
+    return f"{seconds / 60:.0f}m" if seconds < 3600 else f"{seconds / 3600:.0f}h"
+
+
+def forecast_table(forecasts: list[dict[str, Any]]) -> Table:
+    """Devices' P(online) per horizon, expected remaining online time, and the last 24 h as a timeline."""
+    horizons = [h["seconds"] for h in forecasts[0]["horizons"]] if forecasts else []
+    table = Table(title="Availability forecast: P(online) ahead; last 24 h, one mark per hour (█ online)")
+    table.add_column("device", no_wrap=True)
+    table.add_column("now")
+    for h in horizons:
+        table.add_column(_horizon_label(h), justify="right")
+    table.add_column("E[online]", justify="right")
+    table.add_column("last 24 h → now", no_wrap=True)
+    for f in forecasts:
+        end = f["at"]
+        table.add_row(
+            f["name"], "[green]online[/]" if f["online"] else "[red]offline[/]",
+            *(f"{h['p_online']:.2f}" for h in f["horizons"]),
+            f"{f['expected_online_seconds'] / 3600:.1f} h",
+            timeline(f["history"], end - 86400, end),
+        )
+    return table
+
+
+def plot_forecast(f: dict[str, Any], path: Any) -> None:
+    """A PNG of one device's recent history (shaded when online) and its forecast P(online) ahead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    now = f["at"]
+    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
+    first = min([now - 3 * 86400] + [s for s, _ in f["history"]])
+    for s, e in f["history"]:
+        ax.axvspan((s - now) / 3600, ((e if e is not None else now) - now) / 3600, color="tab:green", alpha=0.35, lw=0)
+    curve = f.get("curve") or [{"seconds": h["seconds"], "p_online": h["p_online"]} for h in f["horizons"]]
+    xs = [0.0] + [c["seconds"] / 3600 for c in curve]
+    ys = [1.0 if f["online"] else 0.0] + [c["p_online"] for c in curve]
+    ax.plot(xs, ys, color="tab:blue", marker="o", ms=3, label="forecast P(online)")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlim(max((first - now) / 3600, -72), xs[-1])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("hours from now")
+    ax.set_ylabel("online")
+    ax.set_title(f"{f['name']}: history (shaded = online) and forecast")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
 import torch
 
 from neuranet.pipeline.checkpoint import OPTIM, load_stage_state, stage_state, weights_only
@@ -72,3 +73,18 @@ def test_weights_only_drops_optimiser_state() -> None:
     assert kept and not any(k.startswith(OPTIM) for k in kept)
     assert set(kept) == {f"{i}.{k}" for i, layer in enumerate(build_model("mlp-digits", 3, **OPTIONS).layers)
                          for k in layer.state_dict()}
+
+
+def test_checkpoint_interval_follows_youngs_rule_and_availability() -> None:
+    from neuranet.pipeline.checkpoint import checkpoint_interval
+
+    # one device expected online 2 h, checkpoints cost 1 s, steps take 0.1 s: sqrt(2 * 1 * 7200) = 120 s = 1200 steps
+    assert checkpoint_interval(0.1, 1.0, [7200.0], 100_000) == 1200
+    # three such devices fail three times as often: sqrt(2 * 2400) = 69.3 s
+    assert checkpoint_interval(0.1, 1.0, [7200.0] * 3, 100_000) == 693
+    # less available devices -> more frequent checkpoints; never more than the run, never below one step
+    assert checkpoint_interval(0.1, 1.0, [600.0], 100_000) < checkpoint_interval(0.1, 1.0, [7200.0], 100_000)
+    assert checkpoint_interval(0.1, 1.0, [7200.0], 300) == 300
+    assert checkpoint_interval(10.0, 0.01, [0.0], 300) == 1
+    with pytest.raises(ValueError):
+        checkpoint_interval(0.0, 1.0, [7200.0], 10)

@@ -7,6 +7,8 @@ can be loaded into another split after a device was lost and the run was re-plan
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,3 +47,18 @@ def load_stage_state(layers: nn.Sequential, start: int, optimizer: torch.optim.O
 
 def weights_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(OPTIM)}
+
+
+def checkpoint_interval(step_time: float, checkpoint_cost: float, expected_online: list[float], steps: int) -> int:
+    """Steps between checkpoints that minimise expected lost plus checkpointing time (Young's rule).
+
+    A run fails when its first device leaves; with each device's expected remaining online time
+    ``E_i`` taken as the mean of an exponential, the run's mean time to failure is ``1 / sum(1 / E_i)``.
+    Young's optimal interval is ``sqrt(2 * cost * MTTF)`` seconds, here in steps of ``step_time``,
+    at least 1 and at most the run's length.
+    """
+    if step_time <= 0 or checkpoint_cost < 0 or steps < 1 or not expected_online:
+        raise ValueError("need a positive step time, a non-negative checkpoint cost, steps >= 1 and one device")
+    rate = sum(1.0 / max(e, 1.0) for e in expected_online)
+    seconds = math.sqrt(2.0 * max(checkpoint_cost, step_time * 1e-3) / rate)
+    return max(1, min(steps, round(seconds / step_time)))

@@ -21,6 +21,7 @@ from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.errors import ProtocolError, QueueLimitExceeded
 from neuranet.server.runs import RunBook
+from neuranet.server.forecasting import ForecastService
 from neuranet.server.serving import ServeBook
 from neuranet.server.store import Store
 
@@ -172,6 +173,8 @@ class Hub:
         self.linktests: dict[str, LinkTestState] = {}
         self.runs = RunBook(self, config.blob_dir)
         self.serving = ServeBook(self)
+        self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
+                                         config.forecast_options)
         self._dirty_seen: dict[str, float] = {}
         self._telemetry: list[dict[str, Any]] = []
 

@@ -10,7 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -24,6 +24,7 @@ DEFAULT_FREE_BYTES = 1 << 30
 DEFAULT_LINK_BYTES_PER_S = 100e6
 MAX_PROFILED_BYTES = 2 * 2**30  # the coordinator builds the model once to profile its layers
 MAX_USER_MODEL_BYTES = 1_000_000
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 class LayerProfileIn(BaseModel):
@@ -55,7 +56,8 @@ class RunRequest(BaseModel):
     data_seed: int = 0
     model_options: dict[str, Any] = Field(default_factory=dict)
     use_all_devices: bool = False  # split over exactly the chosen devices, in order, instead of a planned subset
-    checkpoint_every: int = Field(50, ge=0)  # steps between stage checkpoints; 0: only the final state
+    # steps between stage checkpoints; 0: only the final state; None: from the devices' forecast availability
+    checkpoint_every: int | None = Field(None, ge=0)
     user_model: UserModel | None = None
     data: str | None = Field(None, max_length=64)  # the dataset to train on; None: the model's own
 
@@ -80,6 +82,8 @@ class RunState:
     parts: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> state parts received
     uploaded: dict[int, set[int]] = field(default_factory=dict)  # step -> stages whose state is complete
     checkpoints: dict[int, int] = field(default_factory=dict)  # step -> attempt that wrote it, whole model
+    checkpoint_every: int = 0
+    checkpoint_reason: str = ""
 
     @property
     def status(self) -> str:
@@ -93,7 +97,8 @@ class RunState:
                 "batch_size": self.request.batch_size,
                 "stages": self.stages, "plan": self.plan, "losses": [self.losses[k] for k in sorted(self.losses)],
                 "errors": self.errors, "started": self.started, "attempt": self.attempt,
-                "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints)}
+                "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints),
+                "checkpoint_every": self.checkpoint_every, "checkpoint_reason": self.checkpoint_reason}
 
 
 def build_and_profile(model_name: str, seed: int, options: dict[str, Any], micro_batch: int,
@@ -114,9 +119,16 @@ def build_and_profile(model_name: str, seed: int, options: dict[str, Any], micro
     return profile_layers(model, model.sample(micro_batch, data_seed)), model
 
 
+class Split(NamedTuple):
+    stages: list[dict[str, Any]]  # device, start, stop per stage
+    text: str  # the plan as the user sees it
+    step_time: float  # predicted seconds per step (training) or per request (inference)
+    param_bytes: int  # the model's parameters, all stages
+
+
 def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str, micro_batch: int,
-                micro_batches: int = 1, use_all_devices: bool = False) -> tuple[list[dict[str, Any]], str]:
-    """Split profiled layers over the devices; returns the stages (device, start, stop) and the plan as text."""
+                micro_batches: int = 1, use_all_devices: bool = False) -> Split:
+    """Split profiled layers over the devices."""
     from neuranet.pipeline.partition import plan, plan_fixed
     from neuranet.pipeline.profiles import DeviceProfile, Link, PlanError, Workload
 
@@ -134,10 +146,10 @@ def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str
     except PlanError as exc:
         raise RunError(str(exc)) from None
     stages = [{"device": s.device, "start": s.start, "stop": s.stop} for s in result.stages]
-    return stages, result.describe()
+    return Split(stages, result.describe(), result.step_time, sum(layer.param_bytes for layer in layers))
 
 
-def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> Split:
     """Plan a training run: throughput objective, micro-batches of the request's size."""
     from neuranet.pipeline.data import dataset_name
     from neuranet.pipeline.models import build_model
@@ -176,14 +188,31 @@ class RunBook:
 
         if req.model not in MODELS and req.user_model is None:
             raise RunError(f"unknown model {req.model!r}; built-in models are: {', '.join(sorted(MODELS))}")
-        stages, plan_text = await self._plan(req, devices)
-        run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in stages])
-        run = RunState(run_id, user_id, req, stages, plan_text)
+        split = await self._plan(req, devices)
+        run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in split.stages])
+        run = RunState(run_id, user_id, req, split.stages, split.text)
+        run.checkpoint_every, run.checkpoint_reason = await self._checkpoint_interval(req, split, devices)
         self.runs[run_id] = run
         self._assign(run)
         return run
 
-    async def _plan(self, req: RunRequest, devices: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    async def _checkpoint_interval(self, req: RunRequest, split: Split, devices: list[dict[str, Any]]) -> tuple[int, str]:
+        """The request's interval, or (``checkpoint_every`` None) one from the devices' forecast availability."""
+        from neuranet.pipeline.checkpoint import checkpoint_interval
+
+        if req.checkpoint_every is not None:
+            return req.checkpoint_every, "as requested"
+        expected = await self.hub.forecasts.expected_online([s["device"] for s in split.stages])
+        if expected is None:
+            return DEFAULT_CHECKPOINT_EVERY, "default (no availability forecast yet)"
+        slots = 2 if req.optimizer.lower() == "adamw" else 0  # optimiser state per parameter, uploaded too
+        bandwidth = min((d["profile"].get("server_bandwidth_bps") or DEFAULT_LINK_BYTES_PER_S * 8) / 8 for d in devices)
+        cost = split.param_bytes * (1 + slots) / bandwidth
+        every = checkpoint_interval(split.step_time, cost, expected, req.steps)
+        return every, (f"every {every} steps from forecast availability (expected online "
+                       f"{min(expected) / 3600:.1f} h for the least available device, ~{cost:.2f} s per checkpoint)")
+
+    async def _plan(self, req: RunRequest, devices: list[dict[str, Any]]) -> Split:
         try:
             return await asyncio.to_thread(_plan, req, devices)
         except (ValueError, TypeError, LookupError) as exc:
@@ -201,7 +230,7 @@ class RunBook:
                 next=stages[i + 1]["device"] if i + 1 < len(stages) else None,
                 schedule=req.schedule, microbatches=req.microbatches, optimizer=req.optimizer, lr=req.lr,
                 steps=req.steps, batch_size=req.batch_size, data_seed=req.data_seed, attempt=run.attempt,
-                checkpoint_every=req.checkpoint_every, resume_step=resume_step,
+                checkpoint_every=run.checkpoint_every, resume_step=resume_step,
                 model_source=req.user_model.source if req.user_model else ""))
             parts = m.state_parts(state) if state else []
             for i, chunk in enumerate(parts):
@@ -258,7 +287,7 @@ class RunBook:
             return
         try:
             devices = [{"id": d, "profile": self.hub.conns[d].profile} for d in survivors]
-            run.stages, plan_text = await self._plan(run.request, devices)
+            run.stages, plan_text, _, _ = await self._plan(run.request, devices)
         except RunError as exc:
             run.errors[-1] = f"device {lost} went offline and the rest cannot hold the model: {exc}"
             return

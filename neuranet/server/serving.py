@@ -139,7 +139,7 @@ class ServeBook:
             raise ServeError(f"unknown model {model!r}; built-in models are: {', '.join(sorted(MODELS))}", 422)
         try:
             layers, built = await asyncio.to_thread(build_and_profile, model, seed, options, req.batch_size)
-            stages, plan_text = await asyncio.to_thread(
+            stages, plan_text, _, _ = await asyncio.to_thread(
                 plan_layers, layers, devices, "latency", req.batch_size, 1, req.use_all_devices)
         except RunError as exc:
             raise ServeError(str(exc), 422) from None

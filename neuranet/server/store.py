@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import time
 import uuid
@@ -250,6 +251,42 @@ class Store:
                 .order_by(PresenceInterval.start)
             )
             return [(start, end) for start, end in rows.all()]
+
+    async def all_presence(self, device_ids: list[str] | None = None) -> dict[str, tuple[Device, list[tuple[float, float | None]]]]:
+        """Every device (or those named) with its online intervals, oldest first: what the forecaster learns from."""
+        devices_q = select(Device)
+        rows_q = select(PresenceInterval.device_id, PresenceInterval.start, PresenceInterval.end)
+        if device_ids is not None:
+            devices_q = devices_q.where(Device.id.in_(device_ids))
+            rows_q = rows_q.where(PresenceInterval.device_id.in_(device_ids))
+        async with self.session() as s:
+            devices = {d.id: (d, []) for d in (await s.execute(devices_q)).scalars()}
+            rows = await s.execute(rows_q.order_by(PresenceInterval.device_id, PresenceInterval.start))
+            for device_id, start, end in rows.all():
+                if device_id in devices:
+                    devices[device_id][1].append((start, end))
+        return devices  # type: ignore[return-value]
+
+    async def add_simulated_devices(self, user_id: str,
+                                    devices: list[tuple[str, dict[str, Any], float, list[tuple[float, float]]]]) -> list[str]:
+        """Devices that exist only as history (an imported trace): (name, profile, created_at, online intervals).
+
+        Each gets a random public key that no one holds, so it can never connect; its last sign of
+        life is the end of its history (``profile["history_end"]``).
+        """
+        ids = []
+        async with self._tx() as s:
+            for name, profile, created_at, online in devices:
+                device = Device(id=new_id(), user_id=user_id, name=name, public_key=os.urandom(32),
+                                profile=profile, created_at=created_at, last_seen=profile.get("history_end"))
+                s.add(device)
+                ids.append(device.id)
+            await s.flush()
+            rows = [{"device_id": device_id, "start": a, "end": b}
+                    for device_id, (_, _, _, online) in zip(ids, devices) for a, b in online]
+            if rows:
+                await s.execute(PresenceInterval.__table__.insert(), rows)
+        return ids
 
     async def add_telemetry(self, rows: list[dict[str, Any]]) -> None:
         if rows:

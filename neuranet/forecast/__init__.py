@@ -1,0 +1,1 @@
+"""Availability forecasting: device histories, features, baselines and the `AvailabilityForecast` model."""

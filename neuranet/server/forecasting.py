@@ -1,0 +1,183 @@
+"""The coordinator's availability forecasts: one model trained across every device's presence history.
+
+`ForecastService` keeps an `AvailabilityForecast` (saved with safetensors under the blob directory, so
+it survives restarts), retrains it in a worker thread on a schedule (request handling goes on), and
+answers per-device forecasts from the store's presence intervals: P(online) 15 min / 1 h / 6 h / 24 h
+ahead, P(staying online throughout), the expected remaining online time, and recent history. Until a
+model has been trained it answers with persistence (the current state) and says so.
+
+Imported traces become simulated devices whose history ends where the trace ends; they are forecast
+as of that moment. Times are Unix seconds (UTC clock for time of day and day of week).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuranet.forecast.model import AvailabilityForecast
+    from neuranet.forecast.trace import DeviceHistory, Trace
+    from neuranet.server.store import Store
+
+log = logging.getLogger("neuranet.forecast")
+HISTORY_SHOWN = 3 * 86400.0  # history returned with a forecast, for timelines and plots
+TRAIN_WINDOW = 28 * 86400.0  # the forecaster learns from each device's last four weeks
+MIN_TRAIN_SECONDS = 2 * 3600.0  # a device with less history than this adds nothing to training
+WEEK = 7 * 86400.0
+
+
+def trace_base(trace_end: float, now: float, clock_offset: float) -> float:
+    """Unix time for trace time 0: a Monday 00:00 UTC (trace time 0 is read as a Monday midnight),
+    late enough that the trace ends as close before ``now`` as that allows."""
+    return math.floor((now - trace_end + clock_offset) / WEEK) * WEEK - clock_offset
+
+
+class ForecastService:
+    def __init__(self, store: "Store", model_dir: Path, retrain_interval: float,
+                 options: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self.options = dict(options or {})  # ForecastConfig fields
+        self.model_dir = model_dir
+        self.retrain_interval = retrain_interval
+        self.model: AvailabilityForecast | None = None
+        self.trained_at: float | None = None
+        self.trained_on = 0  # devices in the last training
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from neuranet.forecast.errors import ForecastError
+        from neuranet.forecast.model import AvailabilityForecast
+
+        if (self.model_dir / "forecast.json").exists():
+            try:
+                self.model = await asyncio.to_thread(AvailabilityForecast.load, self.model_dir)
+                self.trained_at = self.model_dir.joinpath("forecast.json").stat().st_mtime
+            except ForecastError as exc:
+                log.warning("ignoring the saved forecaster: %s", exc)
+        self._task = asyncio.create_task(self._schedule(), name="forecast-retrain")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _schedule(self) -> None:
+        from neuranet.forecast.errors import ForecastError
+
+        while True:
+            due = 0.0 if self.trained_at is None else self.trained_at + self.retrain_interval - time.time()
+            await asyncio.sleep(max(due, 60.0 if self.trained_at is None else 0.0))
+            try:
+                await self.retrain()
+            except ForecastError as exc:  # e.g. no history yet: try again in a while
+                log.info("forecaster not retrained: %s", exc)
+                await asyncio.sleep(min(600.0, self.retrain_interval))
+            except Exception:
+                log.exception("retraining the forecaster failed")
+                await asyncio.sleep(self.retrain_interval)
+
+    # --- training -----------------------------------------------------------------------
+
+    async def histories(self, device_ids: list[str] | None = None) -> dict[str, tuple[Any, "DeviceHistory"]]:
+        """Devices (all, or those named) with a usable history: id -> (row, history up to now or its trace end)."""
+        from neuranet.forecast.errors import HistoryError
+        from neuranet.forecast.trace import DeviceHistory
+
+        now = time.time()
+        out = {}
+        for device_id, (device, online) in (await self.store.all_presence(device_ids)).items():
+            end = (device.profile or {}).get("history_end") or now
+            if end <= device.created_at:
+                continue
+            try:
+                out[device_id] = (device, DeviceHistory.from_online_intervals(device_id, online, device.created_at, end))
+            except HistoryError as exc:
+                log.warning("skipping the history of %s: %s", device_id, exc)
+        return out
+
+    async def retrain(self) -> dict[str, Any]:
+        """Fit a new model on every device's recent history (in a thread), save it, and swap it in."""
+        from neuranet.forecast.errors import ForecastError
+        from neuranet.forecast.features import UNIX_CLOCK_OFFSET, FeatureConfig
+        from neuranet.forecast.model import AvailabilityForecast, ForecastConfig
+
+        async with self._lock:
+            histories = []
+            for _, h in (await self.histories()).values():
+                if h.end - h.start >= MIN_TRAIN_SECONDS:
+                    histories.append(h.clipped(h.end - TRAIN_WINDOW))
+            if not histories:
+                raise ForecastError(f"no device has {MIN_TRAIN_SECONDS / 3600:.0f} h of history to learn from yet")
+            config = ForecastConfig(features=FeatureConfig(clock_offset=UNIX_CLOCK_OFFSET), **self.options)
+
+            def fit() -> AvailabilityForecast:
+                model = AvailabilityForecast(config).fit(histories)
+                model.save(self.model_dir)
+                return model
+
+            started = time.time()
+            self.model = await asyncio.to_thread(fit)
+            self.trained_at, self.trained_on = time.time(), len(histories)
+            log.info("forecaster retrained on %d devices in %.1f s", len(histories), self.trained_at - started)
+            return self.info()
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "mlp" if self.model is not None else "persistence (no model trained yet)",
+                "trained_at": self.trained_at, "devices": self.trained_on}
+
+    # --- forecasts ----------------------------------------------------------------------
+
+    async def expected_online(self, device_ids: list[str]) -> list[float] | None:
+        """Each device's expected remaining online time now (seconds), or None without a trained model."""
+        model = self.model
+        if model is None:
+            return None
+        histories = await self.histories(device_ids)
+        chosen = [histories[d][1] for d in device_ids if d in histories]
+        if len(chosen) != len(device_ids):
+            return None
+        return await asyncio.to_thread(lambda: [model.expected_online_seconds(h, h.end) for h in chosen])
+
+    async def forecast(self, device: Any, online: list[tuple[float, float | None]], now: float | None = None) -> dict[str, Any]:
+        """One device's forecast as of now (or the end of its history, for an imported one)."""
+        from neuranet.forecast.features import HORIZONS
+        from neuranet.forecast.trace import DeviceHistory
+
+        at = (device.profile or {}).get("history_end") or now or time.time()
+        start = min(device.created_at, at - 1.0)
+        history = DeviceHistory.from_online_intervals(device.id, online, start, at)
+        model = self.model
+        is_online = bool(history.state_at(at))
+        if model is None:
+            p_online = {int(h): float(is_online) for h in HORIZONS}
+            stay = dict(p_online)
+            expected = 0.0
+        else:
+            p_online, stay, expected = await asyncio.to_thread(
+                lambda: (model.predict(history, at), model.stay_probabilities(history, at),
+                         model.expected_online_seconds(history, at)))
+        shown = [[max(s, at - HISTORY_SHOWN), e if e is None or e <= at else at] for s, e in online
+                 if (e is None or e > at - HISTORY_SHOWN) and s < at]
+        return {"device": device.id, "name": device.name, "at": at, "online": is_online,
+                "simulated": bool((device.profile or {}).get("simulated")),
+                "horizons": [{"seconds": h, "p_online": p_online[h], "p_stay_online": stay[h]} for h in p_online],
+                "expected_online_seconds": expected, "history": shown, "model": self.info()}
+
+
+def import_trace_devices(trace: "Trace", now: float, clock_offset: float, prefix: str) -> list[tuple[str, dict[str, Any], float, list[tuple[float, float]]]]:
+    """An imported trace as simulated devices for `Store.add_simulated_devices` (times moved to Unix time)."""
+    base = trace_base(trace.end, now, clock_offset)
+    devices = []
+    for client_id, h in trace.items():
+        online = [(base + iv.start, base + iv.end) for iv in h.intervals if iv.online]
+        profile = {"simulated": True, "trace_client": client_id, "history_end": base + h.end}
+        devices.append((f"{prefix}-{client_id}"[:100], profile, base + h.start, online))
+    return devices

@@ -1,0 +1,119 @@
+"""The coordinator's forecasts: imported traces, retraining, REST/CLI, and real agents coming and going."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from fabric_helpers import free_port
+from neuranet.client import ClientError
+from neuranet.fabric import LocalFabric
+
+pytestmark = pytest.mark.slow
+DAY = 86400
+FAST = '{"epochs": 3, "hidden": 32}'  # a small forecaster: the tests check behaviour, bench/forecast.py quality
+
+
+def office_and_roamer_trace(hosts: int = 12, days: int = 8, seed: int = 0) -> str:
+    """Office hosts online every day from about 08:00 to 18:00 (a little jitter); roamers online for
+    sessions of 1-6 h at any hour with 0.5-4 h gaps: together they teach both time of day and persistence."""
+    rng = np.random.default_rng(seed)
+    rows = ["client_id,event_type,event_start,event_end"]
+    for h in range(hosts):
+        t = 0.0
+        for d in range(days):
+            on = d * DAY + 8 * 3600 + rng.integers(-1800, 1800)
+            off = d * DAY + 18 * 3600 + rng.integers(-1800, 1800)
+            rows += [f"office{h},0,{t:.0f},{on:.0f}", f"office{h},1,{on:.0f},{off:.0f}"]
+            t = off
+        rows.append(f"office{h},0,{t:.0f},{days * DAY:.0f}")
+        t, state = 0.0, 1
+        while t < days * DAY:
+            end = min(days * DAY, t + (rng.uniform(1, 6) if state else rng.uniform(0.5, 4)) * 3600)
+            rows.append(f"roamer{h},{state},{t:.0f},{end:.0f}")
+            t, state = end, 1 - state
+    return "\n".join(rows) + "\n"
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory: pytest.TempPathFactory):
+    with LocalFabric(tmp_path_factory.mktemp("forecast"), server_args=["--forecast-options", FAST]) as f:
+        f.start_server(port=free_port())
+        yield f
+
+
+def test_imported_trace_trains_the_forecaster_and_forecasts_follow_the_schedule(fabric: LocalFabric) -> None:
+    with fabric.client() as c:
+        out = c.import_trace(office_and_roamer_trace().encode(), prefix="sim")
+        assert out["devices"] == 24 and out["days"] == pytest.approx(8)
+        info = c.retrain_forecaster()
+        assert info["devices"] >= 24 and info["kind"] == "mlp"
+        rows = c.forecast()
+    office = [r for r in rows if r["name"].startswith("sim-office")]
+    assert len(office) == 12 and all(r["simulated"] for r in office)
+    for r in office:  # the trace ends at midnight: every host is offline and comes back around 08:00
+        p = {h["seconds"]: h["p_online"] for h in r["horizons"]}
+        assert not r["online"] and r["expected_online_seconds"] == 0
+        assert p[900] < 0.2 and p[3600] < 0.2 and p[21600] < 0.3  # 00:15, 01:00, 06:00: still asleep
+        assert p[86400] < 0.3  # midnight again
+
+
+def test_a_real_agent_coming_and_going_moves_its_forecast(fabric: LocalFabric) -> None:
+    fabric.start_agent("comer", extra=["--no-measure"])
+    devices = fabric.wait_online(["comer"])
+    device_id = devices["comer"]["id"]
+    with fabric.client() as c:
+        online = c.forecast(device_id)
+        assert online["online"] and online["model"]["kind"] == "mlp"
+        fabric.kill_agent("comer", signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while c.forecast(device_id)["online"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        offline = c.forecast(device_id)
+    p_on = {h["seconds"]: h["p_online"] for h in online["horizons"]}
+    p_off = {h["seconds"]: h["p_online"] for h in offline["horizons"]}
+    assert p_on[900] > 0.5 > p_off[900]  # the next 15 minutes follow what the device is doing now
+    assert online["expected_online_seconds"] > 0 == offline["expected_online_seconds"]
+    assert offline["history"] and offline["history"][-1][1] is not None  # its online stretch has ended
+
+
+def test_cli_forecast_table_and_plot(fabric: LocalFabric, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["forecast", *auth])
+    assert result.exit_code == 0, result.output
+    assert "sim-office0" in result.output and "24h" in result.output
+    png = tmp_path / "f.png"
+    result = CliRunner().invoke(app, ["forecast", "sim-office3", "--plot", str(png), *auth])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(app, ["forecast", "no-such-device", *auth])
+    assert bad.exit_code == 1 and "no device matches 'no-such-device'" in bad.output
+
+
+def test_bad_traces_and_unknown_devices_get_clear_errors(fabric: LocalFabric, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    with fabric.client() as c:
+        with pytest.raises(ClientError, match="422: .*line 3.*event_type must be 0"):
+            c.import_trace(b"client_id,event_type,event_start,event_end\n1,1,0,10\n1,7,10,20\n")
+        with pytest.raises(ClientError, match="422: .*overlap"):
+            c.import_trace(b"client_id,event_type,event_start,event_end\n1,1,0,100\n1,0,50,200\n")
+        with pytest.raises(ClientError, match="422: .*header must be"):
+            c.import_trace(b"a,b,c\n1,2,3\n")
+        with pytest.raises(ClientError, match="422: .*numbers"):
+            c.import_trace(b"client_id,event_type,event_start,event_end\n1,1,zero,10\n")
+        with pytest.raises(ClientError, match="404: no device nope"):
+            c.forecast("nope")
+    missing = CliRunner().invoke(app, ["trace", "import", str(tmp_path / "absent.csv"),
+                                       "--server", fabric.url, "--token", fabric.token])
+    assert missing.exit_code == 1 and "absent.csv" in missing.output
