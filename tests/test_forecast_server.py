@@ -76,7 +76,7 @@ def test_a_real_agent_coming_and_going_moves_its_forecast(fabric: LocalFabric) -
         offline = c.forecast(device_id)
     p_on = {h["seconds"]: h["p_online"] for h in online["horizons"]}
     p_off = {h["seconds"]: h["p_online"] for h in offline["horizons"]}
-    assert p_on[900] > 0.5 > p_off[900]  # the next 15 minutes follow what the device is doing now
+    assert p_on[900] - p_off[900] > 0.3  # the next 15 minutes follow what the device is doing now
     assert online["expected_online_seconds"] > 0 == offline["expected_online_seconds"]
     assert offline["history"] and offline["history"][-1][1] is not None  # its online stretch has ended
 

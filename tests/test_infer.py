@@ -164,3 +164,31 @@ def test_losing_a_device_fails_the_deployment_with_a_clear_error(fabric: LocalFa
         assert "went offline" in dep["error"]
         with pytest.raises(ClientError, match="503: deployment .* is failed: device .* went offline"):
             c.infer(dep["id"], ["after"])
+
+
+def test_batches_are_cut_to_fit_a_message_and_joined_in_order() -> None:
+    from neuranet.pipeline.inference import BatchTooLarge, PartJoiner, split_batch
+
+    t = torch.arange(100 * 10, dtype=torch.float32).reshape(100, 10)  # 40 bytes per sample
+    assert split_batch(t, 4000) == [t]
+    parts = split_batch(t, 1000)  # 25 samples per part
+    assert [len(p) for p in parts] == [25, 25, 25, 25]
+    joiner = PartJoiner()
+    assert [joiner.add(7, i, 4, p) is None for i, p in enumerate(parts)] == [True, True, True, False]
+    with pytest.raises(BatchTooLarge, match="one sample is 40 bytes"):
+        split_batch(t, 39)
+    joiner.add(1, 0, 2, parts[0])
+    with pytest.raises(ValueError, match="part 0 of 2 arrived after 1 parts"):
+        joiner.add(1, 0, 2, parts[0])
+
+
+def test_generation_rejects_bad_arguments() -> None:
+    async def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(1, ids.shape[1], 3)  # the wrong vocabulary size
+
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        asyncio.run(generate(logits_of, "", 3, 8))
+    with pytest.raises(ValueError, match="must not be negative"):
+        asyncio.run(generate(logits_of, "a", -1, 8))
+    with pytest.raises(ValueError, match="logits per position"):
+        asyncio.run(generate(logits_of, "a", 1, 8))

@@ -56,11 +56,34 @@ def sample(model: LayerModel, batch_size: int = 8, seed: int = 0) -> tuple[torch
     return next(batches(data_for(model), batch_size, seed))
 
 
+TRAINABLE = ["cnn-digits", "gpt-char", "mlp-digits"]
+
+
 def test_registry_holds_the_builtins() -> None:
-    assert sorted(MODELS) == ["cnn-digits", "gpt-char", "mlp-digits"]
+    assert sorted(MODELS) == ["all-minilm-l6-v2", *TRAINABLE]
+    assert [n for n in sorted(MODELS) if build_model(n, 0).trainable] == TRAINABLE
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pretrained_minilm_cut_anywhere_gives_the_whole_models_embeddings() -> None:
+    model = build_model("all-minilm-l6-v2", 0)
+    x = model.encode(["a short one", "and a rather longer sentence to pad the first", ""])
+    assert x.shape[:2] == (3, 2) and x.dtype == torch.int64
+    with torch.inference_mode():
+        whole = model.sequential()(x)
+        h = x
+        for i in range(len(model)):
+            h = model.stage(i, i + 1)(h.clone())
+    assert whole.shape == (3, 384)
+    torch.testing.assert_close(h, whole)
+    torch.testing.assert_close(whole.norm(dim=1), torch.ones(3))  # normalised sentence embeddings
+    profiles = profile_layers(model, model.sample(4))
+    assert [p.name for p in profiles] == model.names
+    assert sum(p.param_bytes for p in profiles) == 4 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        model.encode([1, 2])
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_same_seed_gives_identical_parameters(name: str) -> None:
     rng_before = torch.get_rng_state()
     a, b, c = tiny(name, 7), tiny(name, 7), tiny(name, 8)
@@ -71,7 +94,7 @@ def test_same_seed_gives_identical_parameters(name: str) -> None:
     assert not all(torch.equal(x, z) for x, z in zip(pa, pc))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_stages_chained_equal_one_sequential(name: str) -> None:
     """Cut at every boundary, pass detached activations and gradients by hand, as a pipeline does."""
     x, y = sample(tiny(name))
@@ -99,7 +122,7 @@ def test_stages_chained_equal_one_sequential(name: str) -> None:
         torch.testing.assert_close(q.grad, p.grad)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_a_few_optimiser_steps_reduce_the_loss(name: str) -> None:
     model = tiny(name)
     net = model.sequential()
@@ -183,7 +206,7 @@ def test_batches_follow_the_seed() -> None:
     assert not torch.equal(two[0], two[17])
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_profile_has_one_entry_per_layer_and_sums_to_the_parameters(name: str) -> None:
     model = tiny(name)
     x, _ = sample(model, batch_size=4)
