@@ -15,6 +15,7 @@ loss, and every stage steps its own optimiser once per step.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+INLINE_OP_S = 0.05  # ops shorter than this run on the event loop (see StageRuntime._compute)
 
 
 class StageError(RuntimeError):
@@ -81,6 +85,9 @@ class PeerLinkChannel:
 
     async def send(self, tensor: torch.Tensor, meta: dict[str, Any]) -> None:
         await self.link.send_tensor(tensor.detach(), meta)
+        # Let the link's pump put the frame on the wire now: the caller may compute next without
+        # yielding to the loop (StageRuntime._compute), and the neighbour is waiting for it.
+        await asyncio.sleep(0)
 
     async def recv(self) -> tuple[torch.Tensor, dict[str, Any]]:
         msg = await self.link.recv()
@@ -146,6 +153,8 @@ class StageRuntime:
         self.optimizer = OPTIMIZERS[config.optimizer.lower()](params, lr=config.lr) if params else None
         self.ops = schedule(config.schedule, config.num_stages, config.num_microbatches)[config.index]
         self.steps_done = 0
+        self._op_seconds: dict[str, float] = {}  # op kind ("F", "B") -> seconds its last run took
+        self._inline_s = 0.0  # seconds of compute run on the event loop since it last ran
 
     async def train_step(self, inputs: torch.Tensor | None = None,
                          targets: torch.Tensor | None = None) -> float | None:
@@ -169,7 +178,7 @@ class StageRuntime:
         for op in self.ops:
             if op.kind == "F":
                 x = xs[op.mb].to(self.device) if xs is not None else await self._recv("act", op.mb)
-                out = await self._compute(self.layers, x)
+                out = await self._compute("F", self.layers, x)
                 if ys is not None:
                     y = ys[op.mb].to(self.device)
                     out = self.loss_fn(out, y) * (len(y) / batch)  # type: ignore[misc]
@@ -181,7 +190,7 @@ class StageRuntime:
                 x, out = saved.pop(op.mb)
                 grad = None if ys is not None else await self._recv("grad", op.mb)
                 if out.requires_grad:
-                    await self._compute(torch.autograd.backward, out, grad)
+                    await self._compute("B", torch.autograd.backward, out, grad)
                 if self.prev is not None:
                     await self._send(self.prev, "grad", op.mb, x.grad if x.grad is not None else torch.zeros_like(x))
         if self.optimizer is not None:
@@ -199,9 +208,37 @@ class StageRuntime:
                                                 y if self.config.is_last else None))
         return losses
 
-    async def _compute(self, fn: Any, *args: Any) -> Any:
-        """Run layer math off the event loop, so sends to neighbours go out while this stage computes."""
-        return await asyncio.to_thread(fn, *args)
+    async def _compute(self, kind: str, fn: Any, *args: Any) -> Any:
+        """Run one op of layer math: on the event loop when ops of its kind are short, else in a thread.
+
+        A worker thread costs every op two hand-offs between threads, and where every core is busy
+        computing (a stage per core) each hand-off waits for the scheduler: that was a large part
+        of the pipeline's idle time. So an op whose kind last took under ``INLINE_OP_S`` runs right
+        here: the frames already queued are on the wire (see :class:`PeerLinkChannel`) and the
+        kernel's socket buffers hold what arrives meanwhile. The loop still runs at least every
+        ``INLINE_OP_S`` of such compute (ops in a row need not await anything in between). The
+        first op of each kind, and kinds that take longer, run in a thread so that the loop keeps
+        serving heartbeats and links while they run.
+        """
+        last = self._op_seconds.get(kind)
+        if last is None or last >= INLINE_OP_S:
+            def timed() -> Any:
+                start = time.perf_counter()
+                result = fn(*args)
+                self._op_seconds[kind] = time.perf_counter() - start
+                return result
+
+            self._inline_s = 0.0
+            return await asyncio.to_thread(timed)
+        if self._inline_s >= INLINE_OP_S:
+            self._inline_s = 0.0
+            await asyncio.sleep(0)
+        start = time.perf_counter()
+        out = fn(*args)
+        took = time.perf_counter() - start
+        self._op_seconds[kind] = took
+        self._inline_s += took
+        return out
 
     def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.config.num_microbatches
