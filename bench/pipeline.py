@@ -3,12 +3,13 @@
 
     python bench/pipeline.py              # full run (about 2 minutes on 2 cores)
     python bench/pipeline.py --quick      # short run
-    python bench/pipeline.py --repeat 3   # best of 3 rounds of throughput measurements (a shared machine)
+    python bench/pipeline.py --repeat 3   # 3 rounds of paired throughput measurements
 
 Everything is measured in this run, on this machine, and printed side by side.
 
 1. Throughput (samples/s), compute-bound model (mlp-digits, hidden 1024, depth 8,
-   batch 256 split in 8 micro-batches, SGD):
+   batch 512 split in 16 micro-batches of 32, SGD; 16 micro-batches keep the
+   theoretical bubble of two stages at 5.9%):
      a. one process, ``torch.set_num_threads(1)``: a plain loop with the same
         gradient accumulation the pipeline does (loss of each micro-batch weighted
         by its share of the batch, one optimiser step per batch);
@@ -29,13 +30,16 @@ Everything is measured in this run, on this machine, and printed side by side.
         ``Schedule1F1B`` / ``ScheduleGPipe`` (mean loss: ``scale_grads``), SGD
         stepped after each batch; the last rank stamps the end of every step and
         the window is taken the same way as in (b).
-   A round measures a, a', b and c once each; ``--repeat N`` runs N rounds
-   (default 1), and the one-process loop (a) is measured once more at the end.
-   Each configuration's figure is the best of its measurements (noise here only
-   slows things down), printed with their range; the best one-process, 1-thread
-   figure is the baseline of every ratio. Next to each figure: how many cores
-   processes outside this benchmark used meanwhile (this machine may be shared;
-   a pipeline that waits for its neighbour loses the CPU to them).
+   This machine's speed drifts by 10-30% within a minute (a shared virtual
+   machine: the same one-thread loop measured back to back ranges over 850-1100
+   samples/s), so a ratio between figures taken minutes apart says little. Every
+   measurement of b, a' and c is therefore taken between two measurements of the
+   one-process, 1-thread loop (a), and its ratio is to the mean of those two.
+   A round measures every configuration once (a before, between and after them);
+   ``--repeat N`` runs N rounds (default 2) and each configuration's ratio is the
+   median of its rounds' ratios, printed with their range. Next to each figure:
+   how many cores processes outside this benchmark used meanwhile (a pipeline that
+   waits for its neighbour loses the CPU to them).
 
 2. Bubble (idle fraction of stage-time in a step), next to the theory (K-1)/(M+K-1):
      * "sim": ``schedules.simulate`` of each schedule for K = 2..4 stages, fed with
@@ -318,14 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short run (fewer steps)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=1, help="rounds of throughput measurements (best is reported)")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--microbatches", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="rounds of throughput measurements (the median ratio is reported)")
     args = ap.parse_args(argv)
     opts = {"hidden": args.hidden, "depth": args.depth}
     B, M = args.batch, args.microbatches
     pipe_steps = 12 if args.quick else 40
-    single_steps, single_s = (6, 3.0) if args.quick else (20, 8.0)
+    single_steps, single_s = (6, 3.0) if args.quick else (12, 5.0)
     reps = 5 if args.quick else 20
 
     from neuranet.fabric import LocalFabric
@@ -353,34 +358,43 @@ def main(argv: list[str] | None = None) -> int:
                 return detail
 
             run_split: list[tuple[int, int]] = []
+            ratios: dict[str, list[float]] = {}  # name -> its ratio to the adjacent one-thread loops, per round
+            configs: list[tuple[str, Any, tuple[Any, ...]]] = [
+                ("one process, 2 threads", one_process, (opts, B, M, single_steps, single_s, 2)),
+                *((f"pipeline, 2 agents, {sched}", pipeline_run, (fabric, sched, opts, B, M, pipe_steps))
+                  for sched in ("1f1b", "gpipe"))]
             for _ in range(args.repeat):
-                record(ONE, one_process, opts, B, M, single_steps, single_s, 1)
-                record("one process, 2 threads", one_process, opts, B, M, single_steps, single_s, 2)
-                for sched in ("1f1b", "gpipe"):
-                    p = record(f"pipeline, 2 agents, {sched}", pipeline_run, fabric, sched, opts, B, M, pipe_steps)
-                    run_split = run_split or p["bounds"]
-                for sched in ("1f1b", "gpipe"):
-                    record(f"torch pipelining, gloo, {sched}", torch_pipeline, sched, opts, run_split, B, M,
-                           pipe_steps)
-            record(ONE, one_process, opts, B, M, single_steps, single_s, 1)
+                before = record(ONE, one_process, opts, B, M, single_steps, single_s, 1)["samples_s"]
+                for name, fn, fn_args in configs:
+                    got = record(name, fn, *fn_args)
+                    run_split = run_split or got.get("bounds", [])
+                    after = record(ONE, one_process, opts, B, M, single_steps, single_s, 1)["samples_s"]
+                    ratios.setdefault(name, []).append(got["samples_s"] / ((before + after) / 2))
+                    before = after
+                    if name == "pipeline, 2 agents, gpipe" and len(configs) == 3:  # torch's, on the run's split
+                        configs += [(f"torch pipelining, gloo, {sched}", torch_pipeline,
+                                     (sched, opts, run_split, B, M, pipe_steps)) for sched in ("1f1b", "gpipe")]
             times_2 = stage_times(opts, run_split, B // M, reps)  # while the fabric's CPU time is readable
             fabric_cpu = procs_cpu(fabric_pids)
             busy1, own1, steal1 = machine_busy(), own_cpu_seconds(), psutil.cpu_times().steal
             wall = time.monotonic() - t_start
         # the fabric is closed here: server and agents stopped
     best = {name: max(ms, key=lambda m: m[0]) for name, ms in runs.items()}
-    base = best[ONE][0]
+    ones = [m[0] for m in runs[ONE]]
 
     print()
-    print(f"1. throughput (samples/s: the best of {args.repeat} measurement(s), {len(runs[ONE])} of the one-process "
-          "1-thread loop, and their range; ratio to that loop's best; 'others': cores that processes outside this "
-          "benchmark used during the best measurement)")
-    for name, (rate, others, detail) in best.items():
-        rates = [m[0] for m in runs[name]]
-        spread = f"{min(rates):.0f}-{max(rates):.0f}" if len(rates) > 1 else "-"
+    print(f"1. throughput: ratio to the one-process, 1-thread loop measured just before and after (median of "
+          f"{args.repeat} round(s), and the range), best samples/s, and 'others': cores that processes outside this "
+          "benchmark used during that best measurement")
+    print(f"   {ONE:32s} {'1.00x':>6s}   {'':9s}   {max(ones):7.1f} samples/s   "
+          f"(range {min(ones):.0f}-{max(ones):.0f} over {len(ones)} measurements)")
+    for name, rs in ratios.items():
+        rate, others, detail = best[name]
+        spread = f"{min(rs):.2f}-{max(rs):.2f}" if len(rs) > 1 else "-"
         note = f"step {detail['step_s'] * 1000:.0f} ms over {detail['steps']} steps" if "step_s" in detail else ""
-        print(f"   {name:32s} {rate:8.1f}   {rate / base:.2f}x   range {spread:>9s}   others {others:4.2f}   {note}")
-    ours, theirs = (best[f"{who}, 1f1b"][0] / base for who in ("pipeline, 2 agents", "torch pipelining, gloo"))
+        print(f"   {name:32s} {statistics.median(rs):5.2f}x   {spread:>9s}   {rate:7.1f} samples/s   "
+              f"others {others:4.2f}   {note}")
+    ours, theirs = (statistics.median(ratios[f"{who}, 1f1b"]) for who in ("pipeline, 2 agents", "torch pipelining, gloo"))
     print(f"   aim: 1f1b >= 1.60x and ahead of torch's 1f1b: {ours:.2f}x vs {theirs:.2f}x -> "
           f"{'met' if ours >= 1.6 and ours > theirs else 'NOT met'}")
     pipes = {sched: best[f"pipeline, 2 agents, {sched}"][2] for sched in ("1f1b", "gpipe")}
