@@ -5,7 +5,8 @@
   days, refined by the same time of the week over past weeks; sparse profiles are pulled toward the
   device's mean, which is pulled toward the population's, so a new device starts at the average.
 - `LogisticRegression`: one L2-regularised logistic regression per horizon on the model's features
-  (shared block + that horizon's block), fitted by Newton's method in numpy.
+  (shared block + that horizon's block) and, like the network, the clock as categories (hour of the
+  day now and at the target, day of the week at the target), fitted by Newton's method in numpy.
 
 Each has ``fit(histories, until)`` (use only what is known before ``until``) and
 ``predict_many(history, times) -> [len(times), len(horizons)]`` probabilities.
@@ -118,11 +119,16 @@ class TimeOfDayProfile:
 
 
 class LogisticRegression:
-    """Per horizon, ``sigmoid(w . standardised features + b)`` with an L2 penalty, fitted by Newton's method."""
+    """Per horizon, ``sigmoid(w . inputs + b)`` with an L2 penalty, fitted by Newton's method.
+
+    The inputs are the standardised features of the horizon (`FeatureConfig.horizon_columns`) plus
+    one-hot hour of the day now and at the target and day of the week at the target: the network
+    looks the clock up in tables, and a linear model deserves the same categories.
+    """
 
     name = "logistic regression"
 
-    def __init__(self, features: FeatureConfig | None = None, l2: float = 1.0, sample_step: float = 600.0,
+    def __init__(self, features: FeatureConfig | None = None, l2: float = 1.0, sample_step: float = 900.0,
                  augment: int = 2, seed: int = 0) -> None:
         self.features = features or FeatureConfig()
         self.l2, self.sample_step, self.augment, self.seed = l2, sample_step, augment, seed
@@ -140,25 +146,35 @@ class LogisticRegression:
         x = samples.x.astype(np.float64)
         self.mean, self.scale = x.mean(axis=0), x.std(axis=0)
         self.scale[self.scale < 1e-6] = 1.0
-        z = (x - self.mean) / self.scale
         self.weights = []
         for k in range(len(self.features.horizons)):
             y = samples.online[:, k].astype(np.float64)
             ok = ~np.isnan(y)
-            design = np.column_stack([z[ok][:, self.features.horizon_columns(k)], np.ones(ok.sum())])
-            self.weights.append(_newton_logistic(design, y[ok], self.l2))
+            self.weights.append(_newton_logistic(self._design(x[ok], k), y[ok], self.l2))
         return self
 
     def predict_many(self, history: DeviceHistory, times: np.ndarray) -> np.ndarray:
         return self.predict_features(feature_matrix(history, times, self.features))
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
-        z = (x.astype(np.float64) - self.mean) / self.scale
-        columns = []
-        for k, w in enumerate(self.weights):
-            design = np.column_stack([z[:, self.features.horizon_columns(k)], np.ones(len(z))])
-            columns.append(_sigmoid(design @ w))
-        return np.stack(columns, axis=1)
+        x = x.astype(np.float64)
+        return np.stack([_sigmoid(self._design(x, k) @ w) for k, w in enumerate(self.weights)], axis=1)
+
+    def _design(self, x: np.ndarray, k: int) -> np.ndarray:
+        names = self.features.names
+        target = f"h{int(self.features.horizons[k])}"
+        columns = self.features.horizon_columns(k)
+        z = (x[:, columns] - self.mean[columns]) / self.scale[columns]
+        clock = [_one_hot(x[:, names.index("now.tod_hours")], 1.0, 24),
+                 _one_hot(x[:, names.index(f"{target}.tod_hours")], 1.0, 24),
+                 _one_hot(x[:, names.index(f"{target}.dow_days")], 1.0, 7)]
+        return np.column_stack([z, *clock, np.ones(len(x))])
+
+
+def _one_hot(value: np.ndarray, bins_per_unit: float, bins: int) -> np.ndarray:
+    """Right-closed bins ``(k, k + 1]`` as in the network, one-hot without the first bin (the intercept's)."""
+    index = np.mod(np.ceil(value * bins_per_unit - 1e-3) - 1, bins).astype(np.int64)
+    return np.eye(bins)[index][:, 1:]
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:

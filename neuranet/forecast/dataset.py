@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -33,13 +33,15 @@ class Samples:
 
     @staticmethod
     def concat(parts: list[Samples], width: int, horizons: int) -> Samples:
+        """All rows of ``parts``, in order (empty ones of the given shape if there are none)."""
         if not parts:
             empty = np.zeros((0, horizons), np.float32)
             return Samples(np.zeros((0, width), np.float32), empty, empty.copy(), np.zeros(0), np.zeros(0, np.int64))
-        return Samples(*(np.concatenate([getattr(p, f) for p in parts]) for f in Samples.__slots__))
+        return Samples(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Samples)))
 
-    def select(self, mask: np.ndarray) -> Samples:
-        return Samples(self.x[mask], self.online[mask], self.stay[mask], self.times[mask], self.device[mask])
+    def select(self, rows: np.ndarray) -> Samples:
+        """The rows selected by a boolean mask or index array."""
+        return Samples(*(getattr(self, f.name)[rows] for f in fields(Samples)))
 
 
 def grid_times(history: DeviceHistory, start: float, end: float, step: float, phase: float = 0.0) -> np.ndarray:
@@ -59,13 +61,14 @@ def online_targets(history: DeviceHistory, times: np.ndarray, horizons: Iterable
 
 
 def stay_targets(history: DeviceHistory, times: np.ndarray, horizons: Iterable[float]) -> np.ndarray:
-    """Whether a device online at ``t`` stays online throughout ``[t, t + h)``: 1/0, NaN unknown or offline at ``t``."""
+    """Whether a device online at ``t`` stays online throughout ``[t, t + h)``: 1/0, NaN unknown or offline at ``t``.
+
+    A change exactly at ``t`` ends the stay (the state at ``t`` is the one just before it); one exactly at
+    ``t + h`` does not."""
     now = history.states_at(times)
-    changes = history.change_times
     out = []
     for h in horizons:
-        # A change exactly at t + h does not count: the state at t + h is the one just before it.
-        n_changes = np.searchsorted(changes, times + h, side="left") - np.searchsorted(changes, times, side="right")
+        n_changes = history.changes_between(times, times + h)
         fully_known = history.known_seconds(times, times + h) >= h - 1e-6
         y = np.where(n_changes > 0, 0.0, np.where(fully_known, 1.0, np.nan))
         out.append(np.where(now == 1.0, y, np.nan))
@@ -89,8 +92,8 @@ def training_samples(histories: list[DeviceHistory], until: float, config: Featu
 
     ``augment`` extra copies of each history start at a random later time, as if the device had
     joined then: the model then meets short histories at every time of the day and week instead of
-    only at the very start of the data, so history length cannot stand in for absolute time. Grid
-    phases are random per copy (with ``rng``), else 0.
+    only at the very start of the data, so history length cannot stand in for absolute time. The
+    start times and each copy's grid phase are drawn from ``rng``.
     """
     rng = rng or np.random.default_rng(0)
     parts = []

@@ -1,13 +1,17 @@
 """Features of a device's past at a time ``t``, for forecasting whether it is online at ``t + h``.
 
-Every feature depends on the history up to ``t`` only (never on what follows, see `DeviceHistory`),
-and on time only through the local time of day and day of week: never absolute time, never the
-device's id, so a forecaster fitted on some devices and some weeks applies to others. Features that
-grow with the length of the history (coverage, profile counts) saturate after a week or a few.
+Every feature depends on the history up to ``t`` only (never on what follows; a change exactly at
+``t`` is not seen yet, see `DeviceHistory`), and on time only through the local time of day and day
+of the week: never absolute time, never the device's id, so a forecaster fitted on some devices and
+some weeks applies to others. Nothing counts the history's length beyond a day (coverage of the
+last day, rates rather than counts over a week), so on a trace whose devices all start together,
+history length cannot stand in for absolute time.
 
-Per time there is one block of shared features and one block per horizon (about the target time
-``u = t + h``: its time of day, the state at ``u`` a day and a week earlier, the device's own profile
-at that time of day). `FeatureConfig.names` lists the columns of `feature_matrix` in order.
+Per time there is one block of shared features (the state now and how long it has lasted, recent
+online fractions and change counts, the clock, the state a day ago) and one block per horizon,
+about the target time ``u = t + h``: its clock, the state a day before it, the device's own profile
+around that time of day, what the device did over the same stretch of the day on past days.
+`FeatureConfig.names` lists the columns of `feature_matrix` in order.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ WEEK = 7 * DAY
 HORIZONS: tuple[float, ...] = (15 * 60.0, HOUR, 6 * HOUR, DAY)
 UNIX_CLOCK_OFFSET = 3 * DAY  # 1970-01-01 was a Thursday: Unix time + 3 days = seconds since a Monday 00:00 UTC
 
-TOD_HARMONICS = 8  # sin/cos of 1x, 2x, 3x the daily phase: sharp daily edges (8:00 shutdowns) need more than 1x
+TOD_HARMONICS = 8  # sin/cos of 1x..8x the daily phase: sharp daily edges (8:00 shutdowns) need more than 1x
 # Local hour of the day [0, 24) and day of the week [0, 7), then their harmonics.
 _CLOCK_NAMES = ("tod_hours", "dow_days") + tuple(
     f"tod_{f}{k}" for k in range(1, TOD_HARMONICS + 1) for f in ("sin", "cos")) + ("dow_sin", "dow_cos")
@@ -93,7 +97,8 @@ def feature_matrix(history: DeviceHistory, times: np.ndarray, config: FeatureCon
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
-def _frac(history: DeviceHistory, a: np.ndarray, b: np.ndarray, fill: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+def _frac(history: DeviceHistory, a: np.ndarray, b: np.ndarray,
+          fill: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """Online fraction of the known time in ``[a, b)`` (``fill`` where none is known) and the known seconds."""
     known = history.known_seconds(a, b)
     online = history.online_seconds(a, b)
@@ -167,7 +172,7 @@ def past_days_transitions(history: DeviceHistory, t: np.ndarray, now: np.ndarray
     changed = np.zeros_like(t)
     for k in range(1, days + 1):
         start = history.states_at(t - k * DAY)
-        end = history.states_at(t + h - k * DAY)
+        end = history.states_at(np.minimum(t + h - k * DAY, t))  # <= t; min() only undoes rounding
         known = ~np.isnan(start) & ~np.isnan(end)
         same = known & (start == now)
         matching += same
@@ -180,17 +185,18 @@ def past_days_transitions(history: DeviceHistory, t: np.ndarray, now: np.ndarray
 def _horizon_features(history: DeviceHistory, t: np.ndarray, now: np.ndarray, h: float, frac_all: np.ndarray,
                       config: FeatureConfig) -> np.ndarray:
     u = t + h
+    u_day_before = np.minimum(u - DAY, t)  # <= t as h <= a day; min() only undoes rounding
     prior = config.profile_prior_seconds
     on_d, known_d = same_time_profile(history, t, u, DAY, config.profile_days, config.profile_halfwidth)
     daily = (on_d + prior * frac_all) / (known_d + prior)
-    span_frac, _ = _frac(history, t - DAY, u - DAY, daily)
+    span_frac, _ = _frac(history, t - DAY, u_day_before, daily)
     matching, matching_online, both, changed = past_days_transitions(history, t, now, h, config.profile_days)
     # One pseudo-day pulls each rate toward its uninformed value (the daily profile; no change).
     columns = [
         *_clock(u, config),
-        *_state_before(history, u - DAY, daily),
+        *_state_before(history, u_day_before, daily),
         daily, np.log1p(known_d / HOUR),
-        span_frac, np.log1p(history.changes_between(t - DAY, u - DAY)),
+        span_frac, np.log1p(history.changes_between(t - DAY, u_day_before)),
         (matching_online + daily) / (matching + 1.0), np.log1p(matching), changed / (both + 1.0),
     ]
     return np.stack(columns, axis=1)

@@ -1,23 +1,26 @@
-"""`AvailabilityForecast`: one small MLP over engineered features, trained across all devices' histories.
+"""`AvailabilityForecast`: small MLPs over engineered features, trained across all devices' histories.
 
 For each horizon ``h`` it gives P(online at ``t + h``) and, for a device online at ``t``, P(online
-throughout ``[t, t + h)``), whose integral is the expected remaining online time. The network is
-fitted on every device's past at once, so a new device gets the population's forecast for its
-first hours and a personal one as its own features (profile, run lengths) fill in.
+throughout ``[t, t + h)``), whose integral is the expected remaining online time. The networks are
+fitted on every device's past at once, so a new device gets the fleet's forecast for its first hours
+and a personal one as its own features (profile, yesterday, run lengths) fill in. Three networks from
+different seeds are averaged: on a trace of a week or two a single one is noticeably seed-dependent.
 
-Calibration: the last ``calibration_span`` seconds of the past are held out, a first network is fitted
-on what comes before, and per output a Platt scaling ``sigmoid(a * logit + b)`` is fitted on the held-out
-targets; then the network is refitted on the whole past with the same seed and keeps that scaling.
+Calibration is optional (``calibration_span``): the end of the past is held out, networks fitted on
+what comes before, a temperature per output fitted on the held-out targets, then the networks refitted
+on everything keep it. On the SETI trace the averaged networks are already calibrated (ECE well inside
+the aims) and a temperature from the last day and a half made it worse (that slice is not like the
+days after it), so it is off by default.
 
-Weights (and the feature scaling and calibration) are stored with safetensors, the configuration as
-JSON next to them; nothing is pickled.
+Weights, feature scaling and temperatures are stored with safetensors, the configuration as JSON next
+to them; nothing is pickled. Fitting is deterministic for a seed (and a torch thread count).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Self
@@ -27,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from neuranet.forecast._network import Network
 from neuranet.forecast.dataset import Samples, training_samples
 from neuranet.forecast.errors import ForecastError, HistoryError, NotFittedError
 from neuranet.forecast.features import FeatureConfig, feature_matrix
@@ -35,24 +39,27 @@ from neuranet.forecast.trace import DAY, DeviceHistory
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "forecast.safetensors"
 CONFIG_FILE = "forecast.json"
+MAX_TAIL = 7 * DAY  # the expected remaining online time extrapolates at most this far past the last horizon
 
 
 @dataclass(frozen=True, slots=True)
 class ForecastConfig:
-    """Model size, training and calibration settings (features in ``features``)."""
+    """Model size, training and calibration settings (and the features they are computed on)."""
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    hidden: int = 64
+    members: int = 3  # networks trained from different seeds; their logits are averaged
+    hidden: int = 128
     depth: int = 2  # hidden layers
     dropout: float = 0.0
-    embed: int = 4  # width of the time-of-day and day-of-week tables
-    epochs: int = 12
-    batch_size: int = 512
-    learning_rate: float = 3e-3
+    embed: int = 4  # width of each clock table entry
+    epochs: int = 2
+    min_steps: int = 1000  # optimiser steps at least, however few the samples (a small fleet's history)
+    batch_size: int = 1024
+    learning_rate: float = 1e-3  # peak of a one-cycle schedule
     weight_decay: float = 1e-4
     sample_step: float = 600.0  # seconds between training samples on each device
     augment: int = 2  # late-joining copies of each history (see `training_samples`)
-    calibration_span: float = 1.5 * DAY  # held out at the end of the past to fit calibration; 0: none
+    calibration_span: float = 0.0  # seconds held out at the end of the past to fit temperatures; 0: none
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -68,66 +75,28 @@ class ForecastConfig:
         return cls(features=FeatureConfig(**feats), **data)
 
 
-TOD_BINS = 96  # 15-minute bins of the local time of day
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """One device's forecast at ``at``: horizons in seconds to probabilities, and the expected
+    remaining online time (0 when offline)."""
 
+    at: float
+    online: dict[int, float]  # P(online at at + h)
+    stay: dict[int, float]  # P(online throughout [at, at + h)); 0 when offline at `at`
+    expected_online_seconds: float
 
-def _bins(value: torch.Tensor, bins_per_unit: float, bins: int) -> torch.Tensor:
-    """Right-closed bins ``(k, k + 1]``: a time exactly on an edge belongs to the bin before it, as the
-    state at that time is the one just before it."""
-    return torch.remainder(torch.ceil(value * bins_per_unit - 1e-3) - 1, bins).long()
-
-
-class _Network(nn.Module):
-    """Standardise, embed the clock, MLP, one logit per output; ``scale``/``shift`` hold the calibration.
-
-    The local time of day of "now" and of every target is looked up in a table of 15-minute bins as
-    well as given as smooth harmonics: daily edges such as scheduled shutdowns are sharp, which a
-    table learns directly and smooth inputs only with large weights. The day of the week enters only
-    for the targets (as harmonics): with a week or two of data, the day of the week together with the
-    time of day names one moment of the past, which the network would otherwise memorise, while the
-    target's kind of day (a weekend) is what a forecast needs.
-    """
-
-    def __init__(self, features: FeatureConfig, outputs: int, hidden: int, depth: int, dropout: float,
-                 embed: int) -> None:
-        super().__init__()
-        width = features.width
-        names = features.names
-        self.register_buffer("mean", torch.zeros(width))
-        self.register_buffer("std", torch.ones(width))
-        self.register_buffer("scale", torch.ones(outputs))
-        self.register_buffer("shift", torch.zeros(outputs))
-        ignored = [n.endswith((".tod_hours", ".dow_days")) or n.startswith("now.dow_") for n in names]
-        self.register_buffer("used", ~torch.tensor(ignored))
-        prefixes = ["now"] + [f"h{int(h)}" for h in features.horizons]
-        self._tod = [names.index(f"{p}.tod_hours") for p in prefixes]
-        self.tod_table = nn.Embedding(TOD_BINS, embed)
-        layers: list[nn.Module] = []
-        d = width + embed * len(prefixes)
-        for _ in range(depth):
-            layers += [nn.Linear(d, hidden), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
-            d = hidden
-        layers.append(nn.Linear(d, outputs))
-        self.mlp = nn.Sequential(*layers)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated logits. A feature that never varied in training (std 0) is ignored too: its
-        weights were never trained, so any value it later takes would only add noise."""
-        z = (x - self.mean) / self.std.clamp_min(1e-6)
-        z = torch.where(self.used & (self.std > 0), z, torch.zeros_like(z))
-        tod = self.tod_table(_bins(x[:, self._tod], TOD_BINS / 24, TOD_BINS)).flatten(1)
-        return self.mlp(torch.cat([z, tod], dim=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities."""
-        return torch.sigmoid(self.logits(x) * self.scale + self.shift)
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "online": {str(h): p for h, p in self.online.items()},
+                "stay": {str(h): p for h, p in self.stay.items()},
+                "expected_online_seconds": self.expected_online_seconds}
 
 
 class AvailabilityForecast:
     """P(online) at each horizon, and expected remaining online time, for any device history.
 
-    ``fit(histories, until)`` learns from every history's past before ``until``; ``predict(history, at)``
-    then forecasts from the history up to ``at`` (a device the model has never seen is fine).
+    ``fit(histories, until)`` learns from every history's past before ``until``; then
+    ``forecast(history, at)`` / ``predict(history, at)`` forecast from the history up to ``at``
+    (a device the model never saw is fine; a few hours of history are enough to start).
     """
 
     name = "ours (MLP)"
@@ -135,196 +104,200 @@ class AvailabilityForecast:
     def __init__(self, config: ForecastConfig | None = None) -> None:
         self.config = config or ForecastConfig()
         self.features = self.config.features
-        self._net: _Network | None = None
+        self._net: Network | None = None
 
     @property
     def horizons(self) -> tuple[float, ...]:
         return self.features.horizons
 
+    @property
+    def fitted(self) -> bool:
+        return self._net is not None
+
     # -- fitting ---------------------------------------------------------------------------------
 
-    def fit(self, histories: Sequence[DeviceHistory], until: float | None = None) -> Self:
-        """Fit on every history's past before ``until`` (default: everything known)."""
+    def fit(self, histories: Iterable[DeviceHistory], until: float | None = None) -> Self:
+        """Fit on every history's past before ``until`` (default: all that is known)."""
         histories = list(histories)
         if not histories:
             raise ForecastError("fit needs at least one device history")
         until = max(h.end for h in histories) if until is None else until
-        rng = np.random.default_rng(self.config.seed)
         samples = training_samples(histories, until, self.features, self.config.sample_step,
-                                   augment=self.config.augment, rng=rng)
+                                   augment=self.config.augment, rng=np.random.default_rng(self.config.seed))
         return self.fit_samples(samples, until)
 
     def fit_samples(self, samples: Samples, until: float) -> Self:
-        """Fit on precomputed `training_samples` (all with targets known before ``until``)."""
+        """Fit on precomputed `training_samples` (targets all known before ``until``)."""
         if not len(samples):
             raise ForecastError("no training samples: the histories hold no known state before `until`")
-        cut = until - self.config.calibration_span
-        horizons = np.asarray(self.horizons)
-        scale = np.ones(2 * len(horizons))
-        shift = np.zeros(2 * len(horizons))
+        outputs = 2 * len(self.horizons)
+        scale = np.ones(outputs)
         if self.config.calibration_span > 0:
-            # Targets known before the cut train the first network; those that become known after it calibrate.
-            target_time = samples.times[:, None] + horizons[None, :]
-            early = np.tile(target_time <= cut, (1, 2))
-            first = self._train(samples, early)
-            late = np.tile(target_time > cut, (1, 2))
-            scale, shift = _fit_platt(first, samples, late)
-        self._net = self._train(samples, np.ones((len(samples), 2 * len(horizons)), dtype=bool))
-        self._net.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
-        self._net.shift.copy_(torch.as_tensor(shift, dtype=torch.float32))
+            cut = until - self.config.calibration_span
+            target_time = samples.times[:, None] + np.asarray(self.horizons)[None, :]
+            early = self._train(samples, np.tile(target_time <= cut, (1, 2)))
+            scale = _fit_temperature(early, samples, np.tile(target_time > cut, (1, 2)))
+        net = self._train(samples, np.ones((len(samples), outputs), dtype=bool))
+        net.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+        self._net = net
         return self
 
-    def _train(self, samples: Samples, use: np.ndarray) -> _Network:
+    def _new_network(self) -> Network:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        return Network(self.features, 2 * len(self.horizons), cfg.members, cfg.hidden, cfg.depth, cfg.embed,
+                       cfg.dropout)
+
+    def _train(self, samples: Samples, use: np.ndarray) -> Network:
+        """A network whose members are trained on the targets selected by ``use`` (where known)."""
         targets = np.concatenate([samples.online, samples.stay], axis=1)
         mask = use & ~np.isnan(targets)
         keep = mask.any(axis=1)
         x = torch.as_tensor(samples.x[keep])
         y = torch.as_tensor(np.nan_to_num(targets[keep]))
-        m = torch.as_tensor(mask[keep].astype(np.float32))
-        net = _Network(self.features, y.shape[1], cfg.hidden, cfg.depth, cfg.dropout, cfg.embed)
-        net.mean.copy_(x.mean(dim=0))
-        std = x.std(dim=0)
-        net.std.copy_(torch.where(std > 1e-4, std, torch.zeros_like(std)))
-        optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate, total_steps=steps)
-        loss_fn = nn.BCEWithLogitsLoss(reduction="none")
-        net.train()
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for i in range(0, len(x), cfg.batch_size):
+        weight = torch.as_tensor(mask[keep].astype(np.float32))
+        net = self._new_network()
+        net.set_scaling(x)
+        inputs = net.inputs(x)
+        for i, member in enumerate(net.members):
+            self._train_member(member, inputs, y, weight, seed=self.config.seed * 1000 + i)
+        net.eval()
+        return net
+
+    def _train_member(self, member: nn.Module, inputs: tuple[torch.Tensor, ...], y: torch.Tensor,
+                      weight: torch.Tensor, seed: int) -> None:
+        cfg = self.config
+        n = len(y)
+        with torch.random.fork_rng(devices=[]):  # seed this member without touching the caller's RNG
+            torch.manual_seed(seed)
+            for layer in member.modules():
+                if isinstance(layer, (nn.Linear, nn.Embedding)):
+                    layer.reset_parameters()
+            order_rng = torch.Generator().manual_seed(seed)
+            optimiser = torch.optim.AdamW(member.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            per_epoch = math.ceil(n / cfg.batch_size)
+            total = max(cfg.epochs * per_epoch, cfg.min_steps)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate, total_steps=total)
+            loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+            member.train()
+            for step in range(total):
+                if step % per_epoch == 0:
+                    order = torch.randperm(n, generator=order_rng)
+                i = (step % per_epoch) * cfg.batch_size
                 idx = order[i:i + cfg.batch_size]
-                loss = (loss_fn(net.logits(x[idx]), y[idx]) * m[idx]).sum() / m[idx].sum().clamp_min(1.0)
+                w = weight[idx]
+                loss = (loss_fn(member(*(part[idx] for part in inputs)), y[idx]) * w).sum() / w.sum().clamp_min(1)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-        net.eval()
-        return net
+            member.eval()
 
     # -- forecasting -----------------------------------------------------------------------------
 
-    def _network(self) -> _Network:
+    def probabilities_from_features(self, x: np.ndarray) -> np.ndarray:
+        """All outputs for `feature_matrix` rows: ``[n, 2 * horizons]``, P(online at t + h) then P(stay)."""
         if self._net is None:
             raise NotFittedError("AvailabilityForecast is not fitted: call fit() or load() first")
-        return self._net
-
-    def _probabilities(self, history: DeviceHistory, times: np.ndarray) -> np.ndarray:
-        return self.probabilities_from_features(feature_matrix(history, times, self.features))
-
-    def probabilities_from_features(self, x: np.ndarray) -> np.ndarray:
-        """All outputs for precomputed `feature_matrix` rows: ``[n, 2 * horizons]``, online then stay."""
-        net = self._network()
         with torch.no_grad():
-            return net(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+            return self._net(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
-        """P(online at t + h) for precomputed `feature_matrix` rows."""
+        """P(online at t + h) for `feature_matrix` rows (columns: horizons)."""
         return self.probabilities_from_features(x)[:, :len(self.horizons)]
 
     def predict_many(self, history: DeviceHistory, times: np.ndarray) -> np.ndarray:
-        """P(online at t + h) for each time (rows) and horizon (columns)."""
-        return self._probabilities(history, np.asarray(times, np.float64))[:, :len(self.horizons)]
+        """P(online at t + h) for each time (rows) and horizon (columns), each from the history up to t."""
+        return self.predict_features(feature_matrix(history, np.asarray(times, np.float64), self.features))
 
     def predict(self, history: DeviceHistory, at: float | None = None) -> dict[int, float]:
         """P(online at ``at + h``) per horizon in seconds, from the history up to ``at`` (default: its end)."""
-        at = self._check_time(history, at)
-        p = self.predict_many(history, np.array([at]))[0]
-        return {int(h): float(v) for h, v in zip(self.horizons, p)}
-
-    def stay_probabilities(self, history: DeviceHistory, at: float | None = None) -> dict[int, float]:
-        """P(online throughout ``[at, at + h)``) per horizon; all 0 when offline at ``at``."""
-        at = self._check_time(history, at)
-        if not history.state_at(at):
-            return {int(h): 0.0 for h in self.horizons}
-        p = self._probabilities(history, np.array([at]))[0, len(self.horizons):]
-        return {int(h): float(v) for h, v in zip(self.horizons, np.minimum.accumulate(p))}
+        return self.forecast(history, at).online
 
     def expected_online_seconds(self, history: DeviceHistory, at: float | None = None) -> float:
-        """Expected remaining time of the current online stretch (0 if offline at ``at``).
+        """Expected remaining time of the current online stretch at ``at`` (0 if offline then)."""
+        return self.forecast(history, at).expected_online_seconds
 
-        The survival curve runs through 1 at 0 and the stay probabilities at the horizons, linearly in
-        between; past the last horizon it decays exponentially at the rate of its last segment.
-        """
-        stay = self.stay_probabilities(history, at)
-        if not any(stay.values()):
-            return 0.0
-        h = np.array([0.0, *stay.keys()])
-        s = np.clip(np.array([1.0, *stay.values()]), 1e-6, 1.0)
-        area = float(np.sum((s[1:] + s[:-1]) / 2 * np.diff(h)))
-        decay = math.log(s[-2] / s[-1]) / (h[-1] - h[-2])
-        tail = s[-1] / decay if decay > 0 else 7 * DAY * s[-1]
-        return area + min(tail, 7 * DAY * s[-1])
-
-    def _check_time(self, history: DeviceHistory, at: float | None) -> float:
+    def forecast(self, history: DeviceHistory, at: float | None = None) -> Forecast:
+        """Everything about one device at ``at`` (default: the end of its history), from one pass."""
         at = history.end if at is None else float(at)
-        if history.state_at(at) is None:
+        online_now = history.state_at(at)
+        if online_now is None:
             raise HistoryError(f"device {history.device_id!r}: no known state at {at:g} "
                                f"(history covers [{history.start:g}, {history.end:g}))")
-        return at
+        p = self.probabilities_from_features(feature_matrix(history, np.array([at]), self.features))[0]
+        k = len(self.horizons)
+        keys = [int(h) for h in self.horizons]
+        # Online throughout [at, at + h) implies online at at + h, and a survival curve cannot rise: the
+        # heads are fitted apart, so where they disagree the stay is cut to what the online head allows.
+        stay = np.minimum.accumulate(np.minimum(p[k:], p[:k])) if online_now else np.zeros(k)
+        return Forecast(at=at, online=dict(zip(keys, p[:k].tolist())), stay=dict(zip(keys, stay.tolist())),
+                        expected_online_seconds=_area_under_survival(np.asarray(self.horizons), stay))
 
     # -- persistence -----------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``forecast.safetensors`` (weights, scaling, calibration) and ``forecast.json`` (config)."""
-        net = self._network()
+        """Write ``forecast.safetensors`` (weights, scaling, temperatures) and ``forecast.json`` (config)."""
+        if self._net is None:
+            raise NotFittedError("nothing to save: call fit() first")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(directory / WEIGHTS_FILE))
+        save_file({k: v.contiguous() for k, v in self._net.state_dict().items()}, str(directory / WEIGHTS_FILE))
         meta = {"format": FORMAT_VERSION, "config": self.config.to_json(), "feature_names": list(self.features.names)}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> AvailabilityForecast:
-        """Read a model written by `save`."""
+        """Read a model written by `save`; `ForecastError` if it is missing, damaged or of another version."""
         directory = Path(directory)
         try:
             meta = json.loads((directory / CONFIG_FILE).read_text())
             state = load_file(str(directory / WEIGHTS_FILE))
-        except (OSError, ValueError) as e:
+            model = cls(ForecastConfig.from_json(meta["config"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ForecastError(f"cannot load a forecaster from {directory}: {e}") from e
-        if meta.get("format") != FORMAT_VERSION:
-            raise ForecastError(f"{directory}: unsupported forecaster format {meta.get('format')!r}")
-        model = cls(ForecastConfig.from_json(meta["config"]))
-        if list(model.features.names) != meta.get("feature_names"):
-            raise ForecastError(f"{directory}: saved with different features than this version computes")
-        cfg = model.config
-        net = _Network(model.features, 2 * len(model.horizons), cfg.hidden, cfg.depth, cfg.dropout, cfg.embed)
-        net.load_state_dict(state)
+        if meta.get("format") != FORMAT_VERSION or list(model.features.names) != meta.get("feature_names"):
+            raise ForecastError(f"{directory}: saved by another version of the forecaster "
+                                f"(format {meta.get('format')!r}); fit a new one")
+        net = model._new_network()
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ForecastError(f"{directory}: weights do not match the configuration: {e}") from e
         net.eval()
         model._net = net
         return model
 
 
-def _fit_platt(net: _Network, samples: Samples, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per output, ``a, b`` minimising the log loss of ``sigmoid(a * logit + b)`` on the selected targets."""
+def _area_under_survival(horizons: np.ndarray, stay: np.ndarray) -> float:
+    """Integral of a survival curve through 1 at 0 and ``stay`` at ``horizons``, linear in between; past
+    the last horizon it decays exponentially at the rate of its last segment (for at most `MAX_TAIL`)."""
+    if not stay.any():
+        return 0.0
+    h = np.concatenate([[0.0], horizons])
+    s = np.clip(np.concatenate([[1.0], stay]), 1e-9, 1.0)
+    area = float(np.sum((s[1:] + s[:-1]) / 2 * np.diff(h)))
+    rate = math.log(s[-2] / s[-1]) / (h[-1] - h[-2])
+    tail = MAX_TAIL if rate <= 0 else (1 - math.exp(-rate * MAX_TAIL)) / rate
+    return area + float(s[-1]) * tail
+
+
+TEMPERATURE_GRID = np.exp(np.linspace(math.log(0.25), math.log(4.0), 57))  # logit multipliers tried
+
+
+def _fit_temperature(net: Network, samples: Samples, use: np.ndarray) -> np.ndarray:
+    """Per output, the logit multiplier from `TEMPERATURE_GRID` with the least log loss on the selected
+    targets; 1 where fewer than 100 targets or only one class are selected. A grid, not Newton's
+    method: where the logits already separate the targets, a free fit runs off to infinity."""
     with torch.no_grad():
         z = net.logits(torch.as_tensor(samples.x)).double().numpy()
     targets = np.concatenate([samples.online, samples.stay], axis=1).astype(np.float64)
-    scale, shift = np.ones(z.shape[1]), np.zeros(z.shape[1])
+    scale = np.ones(z.shape[1])
     for k in range(z.shape[1]):
         ok = use[:, k] & ~np.isnan(targets[:, k])
-        if ok.sum() < 50 or len(np.unique(targets[ok, k])) < 2:
+        if ok.sum() < 100 or len(np.unique(targets[ok, k])) < 2:
             continue
-        a, b = _platt(z[ok, k], targets[ok, k])
-        scale[k], shift[k] = a, b
-    return scale, shift
-
-
-def _platt(z: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float, float]:
-    w = np.array([1.0, 0.0])
-    design = np.column_stack([z, np.ones_like(z)])
-    ridge = np.diag([1e-4, 1e-4])
-    for _ in range(iterations):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (design @ w)))
-        grad = design.T @ (p - y) / len(y) + ridge @ (w - [1.0, 0.0])
-        hess = (design * (p * (1 - p))[:, None]).T @ design / len(y) + ridge
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-9:
-            break
-    return float(w[0]), float(w[1])
+        a = z[ok, k][None, :] * TEMPERATURE_GRID[:, None]
+        loss = np.mean(np.logaddexp(0.0, a) - targets[ok, k][None, :] * a, axis=1)  # negative log-likelihood
+        scale[k] = TEMPERATURE_GRID[int(np.argmin(loss))]
+    return scale

@@ -49,10 +49,12 @@ class DeviceHistory:
 
     def __init__(self, device_id: str, intervals: Iterable[Interval]) -> None:
         self.device_id = device_id
+        given = list(intervals)
+        for iv in given:
+            if not (math.isfinite(iv.start) and math.isfinite(iv.end)) or iv.end < iv.start:
+                raise HistoryError(f"device {device_id!r}: an interval needs finite times and end >= start, got {iv}")
         merged: list[list[float]] = []  # [start, end, online]
-        for iv in sorted((iv for iv in intervals if iv.end > iv.start), key=lambda iv: (iv.start, iv.end)):
-            if not (math.isfinite(iv.start) and math.isfinite(iv.end)):
-                raise HistoryError(f"device {device_id!r}: interval times must be finite, got {iv}")
+        for iv in sorted((iv for iv in given if iv.end > iv.start), key=lambda iv: (iv.start, iv.end)):
             if merged and iv.start < merged[-1][1]:
                 raise HistoryError(f"device {device_id!r}: interval [{iv.start:g}, {iv.end:g}) overlaps "
                                    f"[{merged[-1][0]:g}, {merged[-1][1]:g})")
@@ -85,13 +87,14 @@ class DeviceHistory:
         """
         if end < start:
             raise HistoryError(f"device {device_id!r}: end {end:g} is before start {start:g}")
-        stretches = sorted((max(s, start), min(end if e is None else e, end)) for s, e in online)
+        stretches = [(s, end if e is None else e) for s, e in online]
+        for s, e in stretches:
+            if e < s:
+                raise HistoryError(f"device {device_id!r}: online stretch ends ({e:g}) before it starts ({s:g})")
         intervals: list[Interval] = []
         cursor = start
-        for s, e in stretches:
-            if e < s and s < end:
-                raise HistoryError(f"device {device_id!r}: online stretch ends ({e:g}) before it starts ({s:g})")
-            if e <= s:
+        for s, e in sorted((max(s, start), min(e, end)) for s, e in stretches):
+            if e <= s:  # outside [start, end)
                 continue
             if s < cursor:
                 raise HistoryError(f"device {device_id!r}: online stretch starting at {s:g} overlaps the one "
@@ -118,6 +121,11 @@ class DeviceHistory:
         return tuple(Interval(float(s), float(e), bool(o)) for s, e, o in zip(self._starts, self._ends, self._online))
 
     @property
+    def online_stretches(self) -> tuple[tuple[float, float], ...]:
+        """The ``(start, end)`` of every online stretch: what the server stores as presence intervals."""
+        return tuple((float(s), float(e)) for s, e, o in zip(self._starts, self._ends, self._online) if o)
+
+    @property
     def change_times(self) -> np.ndarray:
         """Times at which the state is known to have changed, ascending."""
         return self._changes
@@ -130,8 +138,8 @@ class DeviceHistory:
 
     def clipped(self, start: float = -math.inf, end: float = math.inf) -> DeviceHistory:
         """The part of this history inside ``[start, end)``: a late-joining device, or the past before ``end``."""
-        ivs = (Interval(max(s, start), min(e, end), o) for s, e, o in zip(self._starts, self._ends, self._online))
-        return DeviceHistory(self.device_id, ivs)
+        ivs = [Interval(max(s, start), min(e, end), o) for s, e, o in zip(self._starts, self._ends, self._online)]
+        return DeviceHistory(self.device_id, [iv for iv in ivs if iv.end > iv.start])
 
     # -- queries (vectorised over times) ------------------------------------------------------
 
@@ -172,9 +180,10 @@ class DeviceHistory:
         return self._cum(self._cum_online, b) - self._cum(self._cum_online, a)
 
     def changes_between(self, a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
-        """Number of state changes in ``(a, b]`` (elementwise)."""
-        return (np.searchsorted(self._changes, b, side="right")
-                - np.searchsorted(self._changes, a, side="right")).astype(np.float64)
+        """Number of state changes in ``[a, b)`` (elementwise). A change exactly at ``b`` is not counted:
+        the state at ``b`` is the one before it, so an observer at ``b`` has not seen it yet."""
+        return (np.searchsorted(self._changes, b, side="left")
+                - np.searchsorted(self._changes, a, side="left")).astype(np.float64)
 
     def _cum(self, values: np.ndarray, x: np.ndarray | float) -> np.ndarray:
         if not len(self._knots):

@@ -161,9 +161,8 @@ class ForecastService:
             stay = dict(p_online)
             expected = 0.0
         else:
-            p_online, stay, expected = await asyncio.to_thread(
-                lambda: (model.predict(history, at), model.stay_probabilities(history, at),
-                         model.expected_online_seconds(history, at)))
+            result = await asyncio.to_thread(model.forecast, history, at)
+            p_online, stay, expected = result.online, result.stay, result.expected_online_seconds
         shown = [[max(s, at - HISTORY_SHOWN), e if e is None or e <= at else at] for s, e in online
                  if (e is None or e > at - HISTORY_SHOWN) and s < at]
         return {"device": device.id, "name": device.name, "at": at, "online": is_online,
