@@ -350,6 +350,7 @@ def test_expected_online_time(fleet: list[DeviceHistory], fitted: AvailabilityFo
     assert fitted.expected_online_seconds(h, at=morning) > fitted.expected_online_seconds(h, at=evening) > 0
     forecast = fitted.forecast(h, at=morning)
     assert list(forecast.stay.values()) == sorted(forecast.stay.values(), reverse=True)
+    assert all(forecast.stay[h] <= forecast.online[h] for h in forecast.stay)  # staying implies being online
     assert forecast.online == fitted.predict(h, at=morning)
     assert forecast.to_json()["online"].keys() == {"900", "3600", "21600", "86400"}
     assert fitted.forecast(h, at=night).stay == {900: 0.0, 3600: 0.0, 21600: 0.0, 86400: 0.0}
