@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from neuranet.forecast.model import AvailabilityForecast, ForecastConfig  # noqa: E402
 from neuranet.forecast.trace import DAY, HOUR, DeviceHistory, read_trace  # noqa: E402
-from neuranet.storage.placement import ChunkState, DeviceView, place, plan_moves  # noqa: E402
+from neuranet.storage.placement import DEFAULT_WEIGHTS, ChunkState, DeviceView, place, plan_moves  # noqa: E402
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "boinc-seti-availability-dev.csv"
 STEP = 900.0
@@ -153,12 +153,17 @@ def forecast_placement(world: World, p: np.ndarray, sizes: np.ndarray, k: int, a
     first = views(0)
     holders: list[list[int]] = []
     for size in sizes:
-        chosen = place(int(size), k, first, online_only=False, free={d: int(free[index[d]]) for d in ids})
+        chosen = place(int(size), k, first, online_only=False, free={d: int(free[index[d]]) for d in ids},
+                       weights=args.weights)
         for d in chosen:
             free[index[d]] -= size
         holders.append([index[d] for d in chosen])
     stored = float(sum(sizes[j] * len(h) for j, h in enumerate(holders)))
-    budget = int(args.rate * stored * STEP / DAY)
+    # A token bucket: ``rate`` stored bytes per stored byte per day on average, bursts of at most
+    # ``burst_hours`` of it (what a device can copy ahead of an outage without flooding its links).
+    refill = args.rate * stored * STEP / DAY
+    capacity = args.rate * stored * args.burst_hours * HOUR / DAY
+    bucket = 0.0
     deadline = int(args.deadline_hours * HOUR / STEP)
     offline_for = np.zeros(hosts, dtype=np.int64)
     available = np.zeros(len(sizes))
@@ -174,7 +179,9 @@ def forecast_placement(world: World, p: np.ndarray, sizes: np.ndarray, k: int, a
         lost = {ids[i] for i in range(hosts) if world.gone[i, s] or offline_for[i] > deadline}
         chunks = [ChunkState(names[j], int(sizes[j]), tuple(ids[i] for i in h), replicas=k, target=args.target)
                   for j, h in enumerate(holders)]
-        for m in plan_moves(chunks, views(s), budget, lost=lost):
+        bucket = min(capacity, bucket + refill)
+        for m in plan_moves(chunks, views(s), int(bucket), lost=lost, weights=args.weights):
+            bucket -= sizes[int(m.chunk[1:])]
             j = int(m.chunk[1:])
             t, drop = index[m.target], (index[m.drop] if m.drop is not None else None)
             holders[j].append(t)
@@ -193,9 +200,13 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--replicas", type=int, nargs="+", default=[2, 3, 5])
-    ap.add_argument("--slack", type=float, default=2.0, help="each device's quota over its even share (default 2)")
+    ap.add_argument("--slack", type=float, default=5.0, help="each device's quota over its even share (default 5)")
     ap.add_argument("--target", type=float, default=0.95, help="predicted availability a file should keep")
     ap.add_argument("--rate", type=float, default=1.0, help="most bytes copied per stored byte per day")
+    ap.add_argument("--burst-hours", type=float, default=2.0,
+                    help="copies may use up to this many hours' worth of the rate at once (token bucket)")
+    ap.add_argument("--weights", type=float, nargs=4, default=list(DEFAULT_WEIGHTS),
+                    help="weights of the 15 min / 1 h / 6 h / 24 h forecasts in predicted availability")
     ap.add_argument("--deadline-hours", type=float, default=72.0, help="offline this long counts as lost")
     ap.add_argument("--refit-hours", type=float, default=24.0, help="refit the forecaster this often")
     ap.add_argument("--seed", type=int, default=0)

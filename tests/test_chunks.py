@@ -1,0 +1,124 @@
+"""Chunking, hashing and client-side encryption of files: pure, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from neuranet.storage.chunks import (
+    ChunkError,
+    ChunkRef,
+    Manifest,
+    chunk_id,
+    read_pieces,
+    split,
+    unique,
+    verify,
+)
+from neuranet.storage.sealing import Sealer, SealingError
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most 3 bytes per read, like a slow pipe."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buf = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self.buf.read(min(n, 3) if n > 0 else 3)
+
+
+def test_chunk_names_are_sha256_and_verified() -> None:
+    data = b"hello"
+    name = chunk_id(data)
+    assert name == hashlib.sha256(data).hexdigest()
+    assert verify(name, data) == data
+    with pytest.raises(ChunkError, match="does not match its hash"):
+        verify(name, b"hellO")
+    with pytest.raises(ChunkError, match="not a chunk name"):
+        verify("../etc/passwd", data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=5000), st.integers(1, 700))
+def test_split_round_trips_and_pieces_are_full(data: bytes, size: int) -> None:
+    parts = list(split(io.BytesIO(data), size=size))
+    assert b"".join(p for _, p in parts) == data
+    assert all(len(p) == size for _, p in parts[:-1])
+    assert all(ref.id == chunk_id(p) and ref.size == len(p) for ref, p in parts)
+    assert [p for p in read_pieces(Trickle(data), size)] == [p for _, p in parts]  # short reads refilled
+
+
+def test_empty_files_and_bad_sizes() -> None:
+    assert list(split(io.BytesIO(b""))) == []
+    with pytest.raises(ValueError):
+        list(read_pieces(io.BytesIO(b"x"), 0))
+
+
+def test_identical_chunks_are_kept_once() -> None:
+    parts = [ref for ref, _ in split(io.BytesIO(b"ab" * 8), size=4)]
+    assert len(parts) == 4 and len(unique(parts)) == 1
+
+
+def test_manifest_round_trip_and_bad_input() -> None:
+    refs = tuple(ref for ref, _ in split(io.BytesIO(b"x" * 10), size=4))
+    m = Manifest("a.txt", 10, refs, hashlib.sha256(b"x" * 10).hexdigest())
+    assert Manifest.from_json(m.to_json()) == m and m.stored_bytes == 10
+    bad = m.to_json() | {"chunks": [{"id": "nope", "size": 1}]}
+    with pytest.raises(ChunkError, match="bad chunk"):
+        Manifest.from_json(bad)
+    with pytest.raises(ChunkError, match="malformed manifest"):
+        Manifest.from_json({"name": "x"})
+    assert ChunkRef("a" * 64, 3).to_json() == {"id": "a" * 64, "size": 3}
+
+
+def test_sealing_round_trip_with_a_passphrase() -> None:
+    sealer = Sealer.new(passphrase="correct horse")
+    data = b"secret weights" * 100
+    parts = list(split(io.BytesIO(data), seal=sealer.seal, size=256))
+    assert all(b"secret" not in p for _, p in parts)  # nothing readable is stored
+    opener = Sealer.for_file(sealer.describe(), passphrase="correct horse")
+    assert b"".join(opener.open(i, p) for i, (_, p) in enumerate(parts)) == data
+    # The description holds no key material that opens anything by itself.
+    assert "correct horse" not in str(sealer.describe())
+
+
+def test_sealing_catches_wrong_keys_tampering_and_reordering(tmp_path) -> None:
+    sealer = Sealer.new(passphrase="pw")
+    a, b = sealer.seal(0, b"first"), sealer.seal(1, b"second")
+    with pytest.raises(SealingError, match="wrong passphrase"):
+        Sealer.for_file(sealer.describe(), passphrase="PW")
+    with pytest.raises(SealingError, match="failed authentication"):
+        sealer.open(0, a[:-1] + bytes([a[-1] ^ 1]))
+    with pytest.raises(SealingError, match="failed authentication"):
+        sealer.open(0, b)  # chunk 1 presented as chunk 0
+    with pytest.raises(SealingError, match="too short"):
+        sealer.open(0, b"x")
+    assert sealer.seal(0, b"first") != a  # a fresh nonce each time
+    # Key files: too short, missing, and the right one.
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 8)
+    with pytest.raises(SealingError, match="at least 32"):
+        Sealer.new(key_file=short)
+    with pytest.raises(SealingError, match="cannot read"):
+        Sealer.new(key_file=tmp_path / "missing.key")
+    key = tmp_path / "good.key"
+    key.write_bytes(bytes(range(32)))
+    by_file = Sealer.new(key_file=key)
+    sealed = by_file.seal(0, b"data")
+    assert Sealer.for_file(by_file.describe(), key_file=key).open(0, sealed) == b"data"
+    with pytest.raises(SealingError, match="encrypted with a key file"):
+        Sealer.for_file(by_file.describe(), passphrase="pw")
+    with pytest.raises(SealingError, match="exactly one"):
+        Sealer.new()
+    with pytest.raises(SealingError, match="empty"):
+        Sealer.new(passphrase="")
+    with pytest.raises(SealingError, match="malformed"):
+        Sealer.for_file({"algorithm": "aes-256-gcm"}, passphrase="pw")
