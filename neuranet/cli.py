@@ -72,6 +72,9 @@ def server(
                                            "forecaster."),
     forecast_options: str = typer.Option("{}", help="JSON settings of the forecaster, e.g. "
                                          "'{\"epochs\": 4, \"hidden\": 32}' for a small coordinator."),
+    file_repair: float = typer.Option(60.0, help="Seconds between rounds of file chunk repair and migration."),
+    file_lost_after: float = typer.Option(24 * 3600.0, help="Seconds offline after which a device's file "
+                                          "chunks are copied elsewhere."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the coordinator (REST API, agent WebSocket and relay hub)."""
@@ -97,6 +100,7 @@ def server(
     cfg = ServerConfig(data_dir=data_dir or default_home() / "server", host=host, port=port, db_url=db_url,
                        tls_cert=tls_cert, tls_key=tls_key, offline_after=offline_after, heartbeat_interval=heartbeat,
                        forecast_retrain_interval=forecast_retrain, forecast_options=options,
+                       file_repair_interval=file_repair, file_lost_after=file_lost_after,
                        limits=Limits(max_connections_per_user=max_connections_per_user,
                                      relay_stall_timeout=relay_stall_timeout))
 
@@ -184,24 +188,33 @@ def agent(
     direct: bool = typer.Option(True, help="Offer direct peer links (--no-direct: always relay)."),
     user_models: bool = typer.Option(True, help="Run model files of this device's owner (--no-user-models: "
                                      "built-in models only)."),
+    storage: str = typer.Option("0", help="Disk space offered to the owner's files, e.g. 20G (default: none)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
-    from neuranet.agent import linktest, serve_worker, stage_worker
+    from neuranet.agent import file_worker, linktest, serve_worker, stage_worker
+    from neuranet.agent.chunk_store import ChunkStore, parse_size
     from neuranet.agent.runtime import Agent, EnrolmentError
 
     _logging(verbose)
-    cfg = AgentConfig(server_url=server, data_dir=data_dir or default_home() / "agent", name=name, join_token=join_token,
+    try:
+        storage_bytes = parse_size(storage)
+    except ValueError as exc:
+        _fail(exc)
+    home = data_dir or default_home() / "agent"
+    cfg = AgentConfig(server_url=server, data_dir=home, name=name, join_token=join_token,
                       ca_cert=ca_cert, listen_host=listen_host, listen_port=listen_port, measure=measure,
-                      advertise=None if direct else (), user_models=user_models)
+                      advertise=None if direct else (), user_models=user_models, storage_bytes=storage_bytes)
     try:
         cfg.ws_url
         the_agent = Agent(cfg)
+        chunks = ChunkStore(home / "chunks", storage_bytes)
     except (ValueError, PermissionError) as exc:
         _fail(exc)
     linktest.install(the_agent)
     stage_worker.install(the_agent)
     serve_worker.install(the_agent)
+    file_worker.install(the_agent, chunks)
 
     async def main() -> None:
         task = asyncio.ensure_future(the_agent.run())
@@ -443,6 +456,11 @@ def demo(mib: int = typer.Option(96, help="MiB sent over each of the three links
     from neuranet.demo import run_demo
 
     sys.exit(run_demo(console, mib, keep))
+
+
+from neuranet.files_cli import files_app  # noqa: E402  (its commands use the helpers above)
+
+app.add_typer(files_app, name="files")
 
 
 def main() -> None:  # pragma: no cover - console entry point

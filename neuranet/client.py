@@ -7,6 +7,7 @@ import os
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -152,6 +153,40 @@ class Client:
         if resp.status_code >= 400:
             raise ClientError(f"{resp.status_code}: {resp.json().get('detail', resp.text)}")
         return resp.content
+
+    # --- files ------------------------------------------------------------------------
+
+    def put_chunk(self, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
+        return self.request("PUT", f"/api/v1/chunks/{chunk_id}", params={"replicas": replicas}, content=data,
+                            headers={"Content-Type": "application/octet-stream"})
+
+    def get_chunk(self, chunk_id: str) -> bytes:
+        try:
+            resp = self._http.get(f"/api/v1/chunks/{chunk_id}")
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise ClientError(f"{resp.status_code}: {detail}")
+        return resp.content
+
+    def commit_file(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/files", json=manifest)
+
+    def files(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/files")
+
+    def file_info(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/files/{quote(name)}")
+
+    def delete_file(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/v1/files/{quote(name)}")
+
+    def device_chunks(self, device_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/devices/{device_id}/chunks")
 
     def resolve_device(self, name_or_id: str) -> dict[str, Any]:
         """Find one of the user's devices by id, id prefix or name."""

@@ -41,6 +41,8 @@ class ServerConfig:
     telemetry_flush_interval: float = 1.0
     forecast_retrain_interval: float = 6 * 3600.0  # seconds between retrainings of the availability forecaster
     forecast_options: dict[str, Any] = field(default_factory=dict)  # ForecastConfig fields (epochs, hidden, ...)
+    file_repair_interval: float = 60.0  # seconds between rounds of chunk repair and migration
+    file_lost_after: float = 24 * 3600.0  # a device offline this long has its replicas replaced
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -67,6 +69,7 @@ class AgentConfig:
     backoff_cap: float = 30.0
     measure: bool = True  # benchmark matmul speed and bandwidth when connecting
     user_models: bool = True  # run model files of this device's owner (their code, on their device)
+    storage_bytes: int = 0  # quota offered to the owner's files (0: none)
     link_window_bytes: int = 64 * MiB
     frame_bytes: int = 1 * MiB
     direct_retry_interval: float = 10.0

@@ -76,6 +76,7 @@ class Agent:
         self._echoes: collections.deque[asyncio.Future[float]] = collections.deque()
         self._static: dict[str, Any] | None = None
         self._handlers: dict[type[m.Message], ControlHandler] = {}
+        self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sampler = TelemetrySampler()
@@ -87,6 +88,10 @@ class Agent:
     def on(self, msg_type: type[m.Message], handler: ControlHandler) -> None:
         """Handle server instructions of one type (e.g. link tests)."""
         self._handlers[msg_type] = handler
+
+    def on_connected(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook()`` after the profile is sent on every new connection (e.g. report stored chunks)."""
+        self._on_connected.append(hook)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -270,6 +275,8 @@ class Agent:
     async def _introduce(self) -> None:
         """Tell the server what this device is, renew links, then measure the path to it."""
         await self.send(m.Profile(profile=self.profile()))
+        for hook in self._on_connected:
+            await hook()
         await self.links.on_connected()
         if self.config.measure:
             await self._measure_server_path()

@@ -452,3 +452,52 @@ class ServeStop(Message):
     TYPE: ClassVar[str] = "serve_stop"
     run_id: str
     reason: str = ""
+
+
+# --- file chunks -------------------------------------------------------------------
+
+_ChunkName = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ChunkPut(Message):
+    """Server asks a device to keep a chunk (payload: its bytes, named by their SHA-256)."""
+
+    TYPE: ClassVar[str] = "chunk_put"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+
+
+class ChunkFetch(Message):
+    """Server asks a device for a chunk it holds; the reply carries the bytes."""
+
+    TYPE: ClassVar[str] = "chunk_fetch"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+
+
+class ChunkDelete(Message):
+    """Server tells a device to drop chunks (no reply needed: a later inventory shows what is left)."""
+
+    TYPE: ClassVar[str] = "chunk_delete"
+    chunks: list[str] = Field(max_length=100_000)
+
+
+class ChunkReply(Message):
+    """A device answers a put or fetch (payload: the chunk's bytes for a fetch); ``free_bytes`` is
+    what its quota has left."""
+
+    TYPE: ClassVar[str] = "chunk_reply"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+    ok: bool
+    error: str = ""
+    free_bytes: int = Field(0, ge=0)
+
+
+class ChunkInventory(Message):
+    """A device's storage on connecting: its quota, bytes used, and the chunks it holds."""
+
+    TYPE: ClassVar[str] = "chunk_inventory"
+    quota_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0)
+    chunks: list[str] = Field(max_length=1_000_000)

@@ -16,6 +16,7 @@ from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
 from neuranet.server.runs_api import router as runs_router
 from neuranet.server.runs_api import serve_router
+from neuranet.server.files_api import router as files_router
 from neuranet.server.forecast_api import router as forecast_router
 from neuranet.server.hub import Hub
 from neuranet.server.store import Store
@@ -42,12 +43,14 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
         hub = Hub(config, store)
         app.state.store, app.state.hub = store, hub
         maintain = asyncio.create_task(hub.maintain(), name="hub-maintain")
+        repair = asyncio.create_task(hub.files.maintain(), name="file-repair")
         await hub.forecasts.start()
         try:
             yield
         finally:
             maintain.cancel()
-            await asyncio.gather(maintain, return_exceptions=True)
+            repair.cancel()
+            await asyncio.gather(maintain, repair, return_exceptions=True)
             await hub.forecasts.close()
             await hub.shutdown()
             await store.close()
@@ -57,6 +60,7 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     app.include_router(runs_router)
     app.include_router(serve_router)
     app.include_router(forecast_router)
+    app.include_router(files_router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:

@@ -21,6 +21,7 @@ from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.errors import ProtocolError, QueueLimitExceeded
 from neuranet.server.runs import RunBook
+from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
 from neuranet.server.serving import ServeBook
 from neuranet.server.store import Store
@@ -173,6 +174,7 @@ class Hub:
         self.linktests: dict[str, LinkTestState] = {}
         self.runs = RunBook(self, config.blob_dir)
         self.serving = ServeBook(self)
+        self.files = FileBook(self, config.file_repair_interval, config.file_lost_after)
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
                                          config.forecast_options)
         self._dirty_seen: dict[str, float] = {}
@@ -206,6 +208,7 @@ class Hub:
                 self.conns[other].send(m.PeerDown(peer=conn.device_id))
         self.runs.on_device_lost(conn.device_id)
         self.serving.on_device_lost(conn.device_id)
+        self.files.on_device_lost(conn.device_id)
 
     def _user_left(self, user_id: str) -> None:
         self._per_user[user_id] -= 1

@@ -90,3 +90,38 @@ class RunDevice(Base):
     __tablename__ = "run_devices"
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class StoredFile(Base):
+    """A user's file: its chunks in order are `FileChunk` rows; ``sealing`` says how it was encrypted."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    replicas: Mapped[int] = mapped_column(Integer)
+    sealing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    __table_args__ = (Index("ix_files_user_name", "user_id", "name", unique=True),)
+
+
+class FileChunk(Base):
+    __tablename__ = "file_chunks"
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chunk_id: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (Index("ix_file_chunks_chunk", "chunk_id"),)
+
+
+class ChunkReplica(Base):
+    """A device that holds a copy of one of a user's chunks (chunks are kept once per user)."""
+
+    __tablename__ = "chunk_replicas"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    chunk_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    stored_at: Mapped[float] = mapped_column(Double)

@@ -23,6 +23,7 @@ from sqlalchemy import and_, bindparam, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from neuranet.server.file_records import FileRecords
 from neuranet.server.models import ApiToken, Device, JoinToken, PresenceInterval, Run, RunDevice, TelemetryRow, User
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -57,7 +58,7 @@ def _migrate(sync_conn: Any) -> None:
     command.upgrade(cfg, "head")
 
 
-class Store:
+class Store(FileRecords):
     def __init__(self, url: str) -> None:
         self.url = url
         kwargs: dict[str, Any] = {}

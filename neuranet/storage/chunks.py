@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Any
 
-CHUNK_SIZE = 4 * 2 ** 20  # a chunk is framed in ~1 MiB PeerLink frames; 4 MiB keeps the manifest short
-MAX_CHUNK_SIZE = 64 * 2 ** 20
+CHUNK_SIZE = 2 ** 20  # one chunk travels as one ~1 MiB message (the server caps a message at 4 MiB)
+MAX_CHUNK_SIZE = 2 * 2 ** 20  # what a device or the coordinator accepts as one chunk
 HEX_LEN = 64
 
 

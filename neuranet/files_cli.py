@@ -1,0 +1,155 @@
+"""`neuranet files …`: put, get, list, inspect and delete files kept on your devices."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, console
+from neuranet.client import ClientError
+
+files_app = typer.Typer(help="Files kept on your devices.", no_args_is_help=True)
+PASSPHRASE_ENV = "NEURANET_PASSPHRASE"
+
+
+def _passphrase(confirm: bool) -> str:
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return env
+    first = getpass.getpass("passphrase: ")
+    if confirm and getpass.getpass("again: ") != first:
+        _fail(ValueError("the passphrases differ"))
+    return first
+
+
+def _bar() -> Progress:
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+@files_app.command("put")
+def put(path: Path = typer.Argument(..., help="The file to store."),
+        name: Optional[str] = typer.Option(None, "--name", help="Its name on the fabric (default: the file's name)."),
+        replicas: int = typer.Option(3, "--replicas", "-k", min=1, max=16, help="Copies of each chunk."),
+        encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt on this machine before upload."),
+        key_file: Optional[Path] = typer.Option(None, "--key-file", help="Encrypt with this key file "
+                                                "(else a passphrase: prompted, or $NEURANET_PASSPHRASE)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file of the same name."),
+        server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Store a file on your devices, chunk by chunk, each chunk on REPLICAS devices."""
+    from neuranet.storage.sealing import Sealer, SealingError
+    from neuranet.storage.transfer import upload
+
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path} is not a readable file"))
+    try:
+        sealer = (Sealer.new(key_file=key_file) if key_file else Sealer.new(passphrase=_passphrase(True))) \
+            if (encrypt or key_file) else None
+    except SealingError as exc:
+        _fail(exc)
+    with _client(server, token, timeout=120.0) as c, _bar() as bar, open(path, "rb") as f:
+        task = bar.add_task(f"put {path.name}", total=path.stat().st_size)
+        try:
+            out = upload(c, f, name or path.name, replicas, sealer, overwrite, lambda n: bar.advance(task, n))
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"stored {out['name']}: {_size(out['size'])} in {out['chunks']} chunk(s), "
+                  f"{out['replicas']} replicas{', encrypted' if out['encrypted'] else ''}")
+
+
+@files_app.command("get")
+def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
+        output: Optional[Path] = typer.Option(None, "-o", help="Where to write it (default: ./NAME)."),
+        key_file: Optional[Path] = typer.Option(None, "--key-file", help="Key file of an encrypted file."),
+        server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Fetch a file from your devices (each chunk from an online replica, checked by its hash)."""
+    from neuranet.storage.sealing import Sealer, SealingError
+    from neuranet.storage.transfer import TransferError, download
+
+    target = output or Path(Path(name).name)
+    if target.is_dir():
+        target = target / Path(name).name
+
+    def opener(sealing: dict[str, Any]) -> Sealer:
+        return Sealer.for_file(sealing, key_file=key_file) if sealing.get("kdf") is None \
+            else Sealer.for_file(sealing, passphrase=_passphrase(False))
+
+    with _client(server, token, timeout=120.0) as c, _bar() as bar:
+        try:
+            size = c.file_info(name)["size"]
+            task = bar.add_task(f"get {name}", total=size)
+            download(c, name, target, opener, lambda n: bar.advance(task, n))
+        except (ClientError, SealingError, TransferError, OSError) as exc:
+            _fail(exc)
+    console.print(f"wrote {target} ({_size(size)})")
+
+
+@files_app.command("ls")
+def ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Your files."""
+    with _client(server, token) as c:
+        try:
+            rows = c.files()
+        except ClientError as exc:
+            _fail(exc)
+    table = Table("name", "size", "replicas", "encrypted")
+    for r in rows:
+        table.add_row(r["name"], _size(r["size"]), str(r["replicas"]), "yes" if r["encrypted"] else "")
+    console.print(table)
+
+
+@files_app.command("info")
+def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Which devices hold which chunks, and the predicted chance the file is retrievable over the next day."""
+    with _client(server, token) as c:
+        try:
+            out = c.file_info(name)
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"{out['name']}: {_size(out['size'])}, {out['chunks']} chunk(s), {out['replicas']} replicas"
+                  f"{', encrypted' if out['encrypted'] else ''}; retrievable now: "
+                  f"{'yes' if out['retrievable_now'] else 'NO'}; P(retrievable, next 24 h): "
+                  f"{out['p_retrievable_24h']:.3f}")
+    table = Table("#", "chunk", "size", "holders (online in green)")
+    for i, ch in enumerate(out["chunk_list"]):
+        holders = ", ".join(f"[green]{h['name']}[/]" if h["online"] else f"[dim]{h['name']}[/]" for h in ch["holders"])
+        table.add_row(str(i), ch["id"][:12], _size(ch["size"]), holders or "[red]none[/]")
+    console.print(table)
+
+
+@files_app.command("rm")
+def rm(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Delete a file; its chunks are freed on every device (offline ones when they return)."""
+    with _client(server, token) as c:
+        try:
+            out = c.delete_file(name)
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"deleted {out['deleted']} ({out['replicas_freed']} chunk replicas freed)")
+
+
+@files_app.command("held")
+def held(device: str = typer.Argument(..., help="A device name or id."),
+         server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """What one of your devices holds for the fabric."""
+    with _client(server, token) as c:
+        try:
+            out = c.device_chunks(c.resolve_device(device)["id"])
+        except ClientError as exc:
+            _fail(exc)
+    quota = _size(out["quota_bytes"]) if out["quota_bytes"] is not None else "unknown (offline)"
+    console.print(f"{out['name']}: {out['chunks']} chunk(s), {_size(out['bytes'])}; quota {quota}")

@@ -1,0 +1,292 @@
+"""Files on the fabric, coordinator side: put chunks on devices, fetch them back, delete and repair.
+
+`FileBook` talks to agents over their control connections (chunk bytes ride as message payloads,
+about 1 MiB each): ``chunk_put`` to keep a chunk, ``chunk_fetch`` to read one, ``chunk_delete`` to
+drop some. Placement is `neuranet.storage.placement` over the owner's online devices that offer
+storage, each weighted by its availability forecast. A chunk upload is acknowledged only once it is
+on disk on at least one device and recorded in the database, so a server restart loses nothing
+acknowledged. Deletion is recorded first; devices offline at the time drop the chunks when they
+return (their inventory is reconciled against the records on every connection). A repair loop
+restores the replica count of chunks whose holders are gone or offline past a deadline, and
+migrates chunks whose predicted availability is below target, within a byte budget per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from neuranet.protocol import messages as m
+from neuranet.storage.chunks import ChunkError, verify
+from neuranet.storage.placement import ChunkState, DeviceView, PlacementError, availability, place, plan_moves
+
+if TYPE_CHECKING:
+    from neuranet.server.hub import AgentConnection, Hub
+
+log = logging.getLogger("neuranet.files")
+CHUNK_TIMEOUT = 60.0  # a device that does not answer a chunk request in this long is skipped
+VIEW_TTL = 10.0  # seconds a user's device views (forecasts) are reused between chunks
+HORIZONS = (900, 3600, 21600, 86400)
+
+
+class FileError(Exception):
+    """A file request that cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Space:
+    quota: int
+    free: int
+
+
+class FileBook:
+    def __init__(self, hub: "Hub", repair_interval: float = 60.0, lost_after: float = 24 * 3600.0,
+                 bytes_per_round: int = 256 * 2 ** 20) -> None:
+        self.hub = hub
+        self.repair_interval = repair_interval
+        self.lost_after = lost_after
+        self.bytes_per_round = bytes_per_round
+        self.space: dict[str, Space] = {}  # device -> storage it reported
+        self._pending: dict[int, tuple[str, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
+        self._next = 0
+        self._views: dict[str, tuple[float, list[DeviceView]]] = {}
+        self._chunk_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # --- messages from agents --------------------------------------------------------
+
+    def on_message(self, conn: "AgentConnection", msg: m.Message, payload: bytes) -> None:
+        if isinstance(msg, m.ChunkReply):
+            entry = self._pending.get(msg.request)
+            if entry is not None and entry[0] == conn.device_id and not entry[1].done():
+                entry[1].set_result((msg, payload))
+            if conn.device_id in self.space:
+                self.space[conn.device_id].free = msg.free_bytes
+        elif isinstance(msg, m.ChunkInventory):
+            self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
+            asyncio.ensure_future(self._reconcile(conn, set(msg.chunks)))
+
+    def on_device_lost(self, device_id: str) -> None:
+        for dev, fut in self._pending.values():
+            if dev == device_id and not fut.done():
+                fut.set_exception(FileError(f"device {device_id} went offline", 503))
+
+    async def _reconcile(self, conn: "AgentConnection", held: set[str]) -> None:
+        """A device just reported what it holds: drop what no file needs (deleted while it was away),
+        and forget records of chunks it no longer has (lost or damaged on its disk)."""
+        try:
+            recorded = await self.hub.store.device_chunks(conn.device_id)
+            stale = sorted(held - set(recorded))
+            if stale:
+                conn.send(m.ChunkDelete(chunks=stale))
+            for chunk in set(recorded) - held:
+                await self.hub.store.remove_replica(conn.user_id, chunk, conn.device_id)
+        except Exception:
+            log.exception("reconciling the chunks of %s failed", conn.device_id)
+
+    # --- requests to agents -------------------------------------------------------------
+
+    async def _request(self, device_id: str, msg: m.Message, payload: bytes = b"") -> tuple[m.ChunkReply, bytes]:
+        conn = self.hub.conns.get(device_id)
+        if conn is None:
+            raise FileError(f"device {device_id} is offline", 503)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[m.ChunkReply, bytes]] = loop.create_future()
+        self._pending[msg.request] = (device_id, fut)  # type: ignore[attr-defined]
+        try:
+            conn.send(msg, payload=payload)
+            return await asyncio.wait_for(fut, CHUNK_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise FileError(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s", 504) from None
+        finally:
+            self._pending.pop(msg.request, None)  # type: ignore[attr-defined]
+
+    def _request_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    async def _put_on(self, user_id: str, device_id: str, chunk_id: str, data: bytes) -> str | None:
+        """Store a chunk on one device and record it; None when done, else why not."""
+        try:
+            reply, _ = await self._request(device_id, m.ChunkPut(request=self._request_id(), chunk=chunk_id), data)
+        except FileError as exc:
+            log.info("storing %s on %s failed: %s", chunk_id[:12], device_id, exc)
+            return str(exc)
+        if not reply.ok:
+            log.info("%s refused chunk %s: %s", device_id, chunk_id[:12], reply.error)
+            return f"device {device_id}: {reply.error}"
+        await self.hub.store.add_replica(user_id, chunk_id, len(data), device_id)
+        return None
+
+    async def fetch(self, user_id: str, chunk_id: str, holders: list[str]) -> bytes:
+        """The chunk's bytes from the first online holder that returns them intact; a holder whose copy
+        is damaged loses it (and the repair loop makes a new one)."""
+        errors = []
+        online = [d for d in holders if d in self.hub.conns]
+        random.shuffle(online)  # spread reads over the replicas (and every copy gets checked in time)
+        for device_id in online:
+            try:
+                reply, data = await self._request(device_id, m.ChunkFetch(request=self._request_id(), chunk=chunk_id))
+                if not reply.ok:
+                    raise FileError(reply.error)
+                return verify(chunk_id, data)
+            except (FileError, ChunkError) as exc:
+                errors.append(f"{device_id}: {exc}")
+                if isinstance(exc, ChunkError) or "damaged" in str(exc) or "not held" in str(exc):
+                    await self.hub.store.remove_replica(user_id, chunk_id, device_id)
+        if not holders:
+            raise FileError(f"chunk {chunk_id[:12]} has no replica left", 410)
+        if not online:
+            raise FileError(f"chunk {chunk_id[:12]}: all {len(holders)} devices holding it are offline", 503)
+        raise FileError(f"chunk {chunk_id[:12]}: no device returned it intact ({'; '.join(errors)})", 503)
+
+    def _free(self, device_id: str) -> int:
+        space = self.space.get(device_id)
+        return space.free if space else 0
+
+    # --- placement ---------------------------------------------------------------------
+
+    async def views(self, user_id: str, fresh: bool = False) -> list[DeviceView]:
+        """The user's devices that offer storage, with their forecasts (cached for `VIEW_TTL`)."""
+        cached = self._views.get(user_id)
+        if cached and not fresh and time.monotonic() - cached[0] < VIEW_TTL:
+            return [DeviceView(v.device_id, v.device_id in self.hub.conns, v.p_online, self._free(v.device_id))
+                    for v in cached[1]]
+        devices = [d for d in await self.hub.store.list_devices(user_id) if d.id in self.space
+                   and self.space[d.id].quota > 0]
+        probabilities = await self._forecasts([d.id for d in devices])
+        views = [DeviceView(d.id, d.id in self.hub.conns, probabilities.get(d.id, self._persistence(d.id)),
+                            self._free(d.id)) for d in devices]
+        self._views[user_id] = (time.monotonic(), views)
+        return views
+
+    def _persistence(self, device_id: str) -> tuple[float, ...]:
+        return (1.0 if device_id in self.hub.conns else 0.0,) * len(HORIZONS)
+
+    async def _forecasts(self, device_ids: list[str]) -> dict[str, tuple[float, ...]]:
+        model = self.hub.forecasts.model
+        if model is None or not device_ids:
+            return {}
+        histories = await self.hub.forecasts.histories(device_ids)
+
+        def run() -> dict[str, tuple[float, ...]]:
+            out = {}
+            for device_id, (_, history) in histories.items():
+                try:
+                    f = model.forecast(history, history.end)
+                    out[device_id] = tuple(min(1.0, max(0.0, f.online[h])) for h in HORIZONS)
+                except Exception:  # a history the model cannot read: fall back to persistence
+                    continue
+            return out
+
+        return await asyncio.to_thread(run)
+
+    def _lock(self, user_id: str, chunk_id: str) -> asyncio.Lock:
+        return self._chunk_locks.setdefault((user_id, chunk_id), asyncio.Lock())
+
+    async def put_chunk(self, user_id: str, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
+        """Store a chunk on up to ``replicas`` of the user's devices (kept once per user); its holders."""
+        verify(chunk_id, data)
+        async with self._lock(user_id, chunk_id):
+            holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+            views = await self.views(user_id)
+            if not views:
+                raise FileError("none of your devices offers storage: start an agent with --storage (e.g. 20G)", 409)
+            tried: set[str] = set()
+            refusals: list[str] = []
+            while len(holders) < replicas:
+                try:
+                    chosen = place(len(data), replicas, views, holders=holders, exclude=tried,
+                                   free={v.device_id: self._free(v.device_id) for v in views})
+                except PlacementError as exc:
+                    if holders:
+                        break  # fewer replicas than asked for now; repair adds the rest later
+                    why = "; ".join(refusals) if refusals else str(exc)
+                    raise FileError(f"cannot store chunk {chunk_id[:12]}: {why}", 507) from None
+                if not chosen:
+                    break
+                tried.update(chosen)
+                results = await asyncio.gather(*(self._put_on(user_id, d, chunk_id, data) for d in chosen))
+                holders += [d for d, error in zip(chosen, results) if error is None]
+                refusals += [error for error in results if error is not None]
+        return {"chunk": chunk_id, "holders": holders}
+
+    async def delete_replicas(self, freed: dict[str, list[str]]) -> None:
+        """Tell online devices to drop chunks (offline ones are told on their return)."""
+        for device_id, chunks in freed.items():
+            conn = self.hub.conns.get(device_id)
+            if conn is not None:
+                conn.send(m.ChunkDelete(chunks=chunks))
+
+    # --- reports -------------------------------------------------------------------------
+
+    async def file_availability(self, user_id: str, holders: dict[str, list[str]], chunks: list[str]) -> float:
+        """P(every chunk has a holder online) averaged over the next 24 h's horizons (independent devices)."""
+        views = {v.device_id: v for v in await self.views(user_id)}
+        p = 1.0
+        for chunk in set(chunks):
+            held = [views[d] for d in holders.get(chunk, []) if d in views]
+            p *= availability(held)
+        return p
+
+    # --- repair and migration --------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Background loop owned by the app: repair and migrate every user's chunks, a round at a time."""
+        while True:
+            await asyncio.sleep(self.repair_interval)
+            try:
+                await self.repair_round()
+            except Exception:
+                log.exception("file repair round failed")
+
+    async def repair_round(self) -> int:
+        """One round over every user's chunks; returns the copies made."""
+        copies = 0
+        for user_id in await self.hub.store.users_with_files():
+            copies += await self._repair_user(user_id)
+        return copies
+
+    async def _repair_user(self, user_id: str) -> int:
+        views = await self.views(user_id, fresh=True)
+        if not views:
+            return 0
+        known = {v.device_id for v in views}
+        lost = await self._lost_devices(user_id, known)
+        chunks = [ChunkState(c, size, tuple(h), replicas=k) for c, size, k, h in await self.hub.store.stored_chunks(user_id)]
+        copies = 0
+        for move in plan_moves(chunks, views, self.bytes_per_round, lost=lost):
+            async with self._lock(user_id, move.chunk):
+                try:
+                    data = await self.fetch(user_id, move.chunk, [move.source])
+                except FileError as exc:
+                    log.info("repair of %s: %s", move.chunk[:12], exc)
+                    continue
+                if await self._put_on(user_id, move.target, move.chunk, data) is None:
+                    copies += 1
+                    if move.drop is not None:
+                        await self.hub.store.remove_replica(user_id, move.chunk, move.drop)
+                        await self.delete_replicas({move.drop: [move.chunk]})
+        if copies:
+            log.info("files of %s: %d chunk copies made (repair and migration)", user_id, copies)
+        return copies
+
+    async def _lost_devices(self, user_id: str, storage_devices: set[str]) -> set[str]:
+        """Devices whose replicas should be replaced: deleted, or offline longer than `lost_after`."""
+        now = time.time()
+        lost = set()
+        devices = {d.id: d for d in await self.hub.store.list_devices(user_id)}
+        for chunk_holder in {h for _, _, _, hs in await self.hub.store.stored_chunks(user_id) for h in hs}:
+            d = devices.get(chunk_holder)
+            if d is None:
+                lost.add(chunk_holder)
+            elif chunk_holder not in self.hub.conns and now - (d.last_seen or d.created_at) > self.lost_after:
+                lost.add(chunk_holder)
+        return lost

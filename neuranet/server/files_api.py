@@ -1,0 +1,144 @@
+"""REST for files on your devices: upload chunks, commit a file, list, info, download chunks, delete.
+
+A client uploads a file as chunks (``PUT /api/v1/chunks/{sha256}``, the body is the chunk, at most
+2 MiB) and then commits the manifest (``POST /api/v1/files``); a chunk the user already stores is
+acknowledged without its bytes being stored again. Downloads go chunk by chunk
+(``GET /api/v1/chunks/{sha256}``), each verified by its hash.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from neuranet.server.api import HubDep, StoreDep, User
+from neuranet.server.file_records import FileRecordError
+from neuranet.server.files import FileError
+from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id
+
+router = APIRouter(prefix="/api/v1")
+MAX_REPLICAS = 16
+
+
+class ChunkIn(BaseModel):
+    id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=MAX_CHUNK_SIZE)
+
+
+class FileIn(BaseModel):
+    name: str = Field(min_length=1, max_length=1024)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    replicas: int = Field(3, ge=1, le=MAX_REPLICAS)
+    sealing: dict[str, Any] | None = None
+    chunks: list[ChunkIn] = Field(max_length=10_000_000)
+    overwrite: bool = False
+
+
+def _chunk_name(chunk_id: str) -> str:
+    if not is_chunk_id(chunk_id):
+        raise HTTPException(422, f"not a chunk name (64 lowercase hex digits): {chunk_id[:80]!r}")
+    return chunk_id
+
+
+@router.put("/chunks/{chunk_id}")
+async def put_chunk(chunk_id: str, request: Request, user: User, hub: HubDep,
+                    replicas: int = Query(3, ge=1, le=MAX_REPLICAS)) -> dict[str, Any]:
+    _chunk_name(chunk_id)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_CHUNK_SIZE:
+        raise HTTPException(413, f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_CHUNK_SIZE:
+            raise HTTPException(413, f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
+    try:
+        return await hub.files.put_chunk(user.user_id, chunk_id, bytes(body), replicas)
+    except ChunkError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except FileError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+@router.get("/chunks/{chunk_id}")
+async def get_chunk(chunk_id: str, user: User, store: StoreDep, hub: HubDep) -> Response:
+    _chunk_name(chunk_id)
+    holders = (await store.replicas_of(user.user_id, [chunk_id])).get(chunk_id)
+    if holders is None:
+        raise HTTPException(404, f"you store no chunk {chunk_id[:12]}")
+    try:
+        data = await hub.files.fetch(user.user_id, chunk_id, holders)
+    except FileError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.post("/files")
+async def commit_file(req: FileIn, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    if sum(c.size for c in req.chunks) < req.size and req.sealing is None:
+        raise HTTPException(422, f"the chunks hold {sum(c.size for c in req.chunks)} bytes, less than the "
+                                 f"file's {req.size}")
+    try:
+        row, freed = await store.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
+                                             [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
+    except FileRecordError as exc:
+        raise HTTPException(409, str(exc)) from None
+    await hub.files.delete_replicas(freed)
+    return _file_view(row, len(req.chunks))
+
+
+def _file_view(row: Any, chunks: int) -> dict[str, Any]:
+    return {"name": row.name, "size": row.size, "sha256": row.sha256, "replicas": row.replicas,
+            "encrypted": row.sealing is not None, "chunks": chunks, "created_at": row.created_at}
+
+
+@router.get("/files")
+async def list_files(user: User, store: StoreDep) -> list[dict[str, Any]]:
+    return [{"name": f.name, "size": f.size, "sha256": f.sha256, "replicas": f.replicas,
+             "encrypted": f.sealing is not None, "created_at": f.created_at} for f in await store.list_files(user.user_id)]
+
+
+@router.get("/files/{name:path}")
+async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    found = await store.get_file(user.user_id, name)
+    if found is None:
+        raise HTTPException(404, f"no file named {name!r}")
+    row, chunks = found
+    ids = [c.chunk_id for c in chunks]
+    holders = await store.replicas_of(user.user_id, sorted(set(ids)))
+    names = {d.id: d.name for d in await store.list_devices(user.user_id)}
+    view = _file_view(row, len(chunks))
+    view["sealing"] = row.sealing
+    view["chunk_list"] = [{"id": c.chunk_id, "size": c.size,
+                           "holders": [{"device": d, "name": names.get(d, d), "online": d in hub.conns}
+                                       for d in holders.get(c.chunk_id, [])]} for c in chunks]
+    view["retrievable_now"] = all(any(d in hub.conns for d in holders.get(c, [])) for c in ids)
+    view["p_retrievable_24h"] = await hub.files.file_availability(user.user_id, holders, ids)
+    view["checked_at"] = time.time()
+    return view
+
+
+@router.delete("/files/{name:path}")
+async def delete_file(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    try:
+        freed = await store.delete_file(user.user_id, name)
+    except FileRecordError as exc:
+        raise HTTPException(404, str(exc)) from None
+    await hub.files.delete_replicas(freed)
+    return {"deleted": name, "replicas_freed": sum(len(c) for c in freed.values())}
+
+
+@router.get("/devices/{device_id}/chunks")
+async def device_chunks(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    device = await store.get_device(device_id)
+    if device is None or device.user_id != user.user_id:
+        raise HTTPException(404, f"no device {device_id} among your devices")
+    chunks = await store.device_chunks(device_id)
+    space = hub.files.space.get(device_id)
+    return {"device": device_id, "name": device.name, "chunks": len(chunks), "bytes": sum(chunks.values()),
+            "quota_bytes": space.quota if space else None, "free_bytes": space.free if space else None,
+            "chunk_ids": sorted(chunks)}

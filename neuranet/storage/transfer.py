@@ -1,0 +1,118 @@
+"""Moving a file between a local disk and the fabric, a chunk at a time, a few chunks in flight.
+
+`upload` reads the file piece by piece (sealing each piece when encrypting), sends up to `PARALLEL`
+chunks at once and commits the manifest; `download` fetches up to `PARALLEL` chunks at once, checks
+each against its name, opens it, writes the pieces in order to a temporary file next to the target,
+checks the whole file's SHA-256 and only then renames it into place. Neither ever holds more than
+about `PARALLEL` chunks in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from neuranet.storage.chunks import CHUNK_SIZE, ChunkRef, Manifest, split, verify
+from neuranet.storage.sealing import NONCE, TAG, Sealer
+
+PARALLEL = 4
+SEALING_OVERHEAD = NONCE + TAG
+Progress = Callable[[int], None]  # called with the plaintext bytes just moved
+
+
+class TransferError(Exception):
+    """A download produced the wrong bytes, or a file cannot be read or written."""
+
+
+def _bounded(executor: ThreadPoolExecutor, jobs: Iterator[Callable[[], Any]], limit: int) -> Iterator[Any]:
+    """Results of ``jobs`` in order, with at most ``limit`` running or waiting at once."""
+    window: list[Future[Any]] = []
+    for job in jobs:
+        window.append(executor.submit(job))
+        if len(window) >= limit:
+            yield window.pop(0).result()
+    for fut in window:
+        yield fut.result()
+
+
+def upload(client: Any, stream: BinaryIO, name: str, replicas: int = 3, sealer: Sealer | None = None,
+           overwrite: bool = False, progress: Progress | None = None, chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
+    """Store ``stream`` on the fabric as ``name``; the server's view of the committed file."""
+    reader = _Hashing(stream)
+    refs: list[ChunkRef] = []
+
+    def pieces() -> Iterator[Callable[[], int]]:
+        seal = sealer.seal if sealer is not None else None
+        for ref, stored in split(reader, seal, chunk_size):
+            refs.append(ref)
+            plain = len(stored) - (SEALING_OVERHEAD if sealer is not None else 0)
+
+            def send(ref: ChunkRef = ref, stored: bytes = stored, plain: int = plain) -> int:
+                client.put_chunk(ref.id, stored, replicas)
+                return plain
+
+            yield send
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        for moved in _bounded(pool, pieces(), PARALLEL):
+            if progress:
+                progress(moved)
+    manifest = Manifest(name, reader.count, tuple(refs), reader.digest.hexdigest(),
+                        sealer.describe() if sealer else None)
+    return client.commit_file({**manifest.to_json(), "replicas": replicas, "overwrite": overwrite})
+
+
+class _Hashing:
+    """A reader that hashes what passes through it (the whole file's SHA-256, in one pass)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.digest, self.count = stream, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+
+def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, Any]], Sealer] | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Fetch ``name`` into ``target`` (atomically); ``opener(sealing)`` gives the sealer of an encrypted
+    file. Returns the file's info."""
+    info = client.file_info(name)
+    sealer = None
+    if info.get("sealing"):
+        if opener is None:
+            raise TransferError(f"{name} is encrypted: give its passphrase or key file")
+        sealer = opener(info["sealing"])
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+    whole = hashlib.sha256()
+    chunks = info["chunk_list"]
+
+    def jobs() -> Iterator[Callable[[], bytes]]:
+        for index, c in enumerate(chunks):
+            def get(index: int = index, chunk: str = c["id"]) -> bytes:
+                data = verify(chunk, client.get_chunk(chunk))
+                return sealer.open(index, data) if sealer is not None else data
+
+            yield get
+
+    try:
+        with open(tmp, "wb") as out, ThreadPoolExecutor(PARALLEL) as pool:
+            for piece in _bounded(pool, jobs(), PARALLEL):
+                out.write(piece)
+                whole.update(piece)
+                if progress:
+                    progress(len(piece))
+        if whole.hexdigest() != info["sha256"]:
+            raise TransferError(f"{name}: the downloaded bytes do not match the file's SHA-256")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return info

@@ -1,0 +1,194 @@
+"""Files across devices with a real server and five real agent processes: put, get, replicas, repair,
+damaged chunks, quota, deletion while offline, encryption, another user's devices, server restart."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fabric_helpers import free_port
+from neuranet.cli import app
+from neuranet.client import ClientError
+from neuranet.fabric import LocalFabric
+from neuranet.storage.chunks import chunk_id
+from neuranet.storage.transfer import download, upload
+
+pytestmark = pytest.mark.slow
+AGENTS = ["s0", "s1", "s2", "s3", "s4"]
+MiB = 2 ** 20
+
+
+def chunk_files(fabric: LocalFabric, name: str) -> dict[str, Path]:
+    return {p.name: p for p in (fabric.root / "agents" / name / "chunks").glob("*/*") if len(p.name) == 64}
+
+
+def wait_for(check, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        out = check()
+        if out:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("files")
+    with LocalFabric(root, server_args=["--file-repair", "1", "--file-lost-after", "2"]) as f:
+        f.start_server(port=free_port())
+        for name in AGENTS:
+            f.start_agent(name, extra=["--no-measure", "--storage", "64M"])
+        with f.client() as c:
+            f.stranger_token = c.create_user("stranger")["token"]
+        f.start_agent("theirs", token=f.stranger_token, extra=["--no-measure", "--storage", "64M"])
+        f.wait_online(AGENTS)
+        f.wait_online(["theirs"], token=f.stranger_token)
+        yield f
+
+
+def put_bytes(fabric: LocalFabric, tmp_path: Path, name: str, data: bytes, *extra: str) -> Path:
+    src = tmp_path / name
+    src.write_bytes(data)
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["files", "put", str(src), *extra, *auth])
+    assert result.exit_code == 0, result.output
+    return src
+
+
+def holders(c, name: str) -> list[list[str]]:
+    return [[h["name"] for h in ch["holders"]] for ch in c.file_info(name)["chunk_list"]]
+
+
+def test_put_get_survives_two_lost_holders_and_repair_restores_replicas(fabric: LocalFabric, tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB + 123)
+    put_bytes(fabric, tmp_path, "big.bin", data, "--replicas", "3")
+    with fabric.client() as c:
+        info = c.file_info("big.bin")
+        assert info["chunks"] == 6 and info["size"] == len(data) and info["retrievable_now"]
+        assert all(len(set(h)) == 3 for h in holders(c, "big.bin"))
+        assert {f["name"] for f in c.files()} >= {"big.bin"}
+        # No chunk went to another user's device.
+        assert not chunk_files(fabric, "theirs")
+        # Kill the two agents that hold the most chunks.
+        counts = {a: sum(a in h for h in holders(c, "big.bin")) for a in AGENTS}
+        victims = sorted(AGENTS, key=lambda a: -counts[a])[:2]
+        for v in victims:
+            fabric.kill_agent(v, signal.SIGKILL)
+        out = tmp_path / "back.bin"
+        download(c, "big.bin", out)
+        assert out.read_bytes() == data
+        # Repair (the victims count as lost after 2 s offline) puts each chunk on 3 live devices again.
+        alive = set(AGENTS) - set(victims)
+        wait_for(lambda: all(len(set(h) & alive) >= 3 for h in holders(c, "big.bin")), 90, "repair")
+    for v in victims:  # bring them back for the other tests; stale copies are theirs to drop
+        fabric.start_agent(v, extra=["--no-measure", "--storage", "64M"])
+    fabric.wait_online(victims)
+
+
+def test_a_damaged_chunk_is_caught_and_the_file_still_reads(fabric: LocalFabric, tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB + 5)
+    put_bytes(fabric, tmp_path, "rot.bin", data, "--replicas", "2")
+    with fabric.client() as c:
+        first = c.file_info("rot.bin")["chunk_list"][0]
+        for h in first["holders"]:  # damage one copy
+            path = chunk_files(fabric, h["name"]).get(first["id"])
+            if path is not None:
+                raw = bytearray(path.read_bytes())
+                raw[100] ^= 0xFF
+                path.write_bytes(bytes(raw))
+                damaged = h["name"]
+                break
+        # Reads go to the replicas in random order: whenever the damaged copy is asked, it fails its
+        # hash, is dropped, and another replica serves; the bytes are right every time.
+        for _ in range(40):
+            out = tmp_path / "rot.out"
+            download(c, "rot.bin", out)
+            assert out.read_bytes() == data
+            if first["id"] not in chunk_files(fabric, damaged):
+                break
+        assert first["id"] not in chunk_files(fabric, damaged)
+        # ... and repair makes a new second copy (possibly on the same device: a fresh, intact one).
+        wait_for(lambda: len(holders(c, "rot.bin")[0]) >= 2, 30, "repair")
+        for h in holders(c, "rot.bin")[0]:
+            assert chunk_id(chunk_files(fabric, h)[first["id"]].read_bytes()) == first["id"]
+
+
+def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_path: Path) -> None:
+    with fabric.client(fabric.stranger_token) as theirs:
+        src = tmp_path / "too-big.bin"
+        src.write_bytes(os.urandom(65 * MiB))
+        with open(src, "rb") as f, pytest.raises(ClientError, match="507.*quota full"):
+            upload(theirs, f, "too-big.bin", replicas=1)
+        # The stranger cannot see or fetch the owner's files or chunks.
+        with pytest.raises(ClientError, match="404"):
+            theirs.file_info("big.bin")
+    with fabric.client() as c:
+        with pytest.raises(ClientError, match="422.*does not match"):
+            c.put_chunk(chunk_id(b"abc"), b"abd", 1)
+        with pytest.raises(ClientError, match="422"):
+            c.put_chunk("not-a-hash", b"x", 1)
+        with pytest.raises(ClientError, match="404.*no file"):
+            c.file_info("missing.txt")
+        with pytest.raises(ClientError, match="409.*not stored"):
+            c.commit_file({"name": "ghost", "size": 1, "sha256": "0" * 64, "chunks": [{"id": "1" * 64, "size": 1}]})
+    runner = CliRunner()
+    result = runner.invoke(app, ["files", "get", "missing.txt", "--server", fabric.url, "--token", fabric.token])
+    assert result.exit_code == 1 and "no file named" in result.output
+
+
+def test_delete_frees_space_also_on_a_device_that_was_offline(fabric: LocalFabric, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    put_bytes(fabric, tmp_path, "gone.bin", data, "--replicas", "5")
+    with fabric.client() as c:
+        ids = {ch["id"] for ch in c.file_info("gone.bin")["chunk_list"]}
+        assert all(ids <= set(chunk_files(fabric, a)) for a in AGENTS)  # 5 replicas: everyone has them
+        fabric.kill_agent("s4", signal.SIGTERM)
+        assert c.delete_file("gone.bin")["replicas_freed"] == 5 * len(ids)
+        wait_for(lambda: all(not ids & set(chunk_files(fabric, a)) for a in AGENTS[:4]), 30, "online devices to drop")
+        assert ids <= set(chunk_files(fabric, "s4"))  # it was away
+        fabric.start_agent("s4", extra=["--no-measure", "--storage", "64M"])
+        wait_for(lambda: not ids & set(chunk_files(fabric, "s4")), 60, "the returning device to drop its chunks")
+        with pytest.raises(ClientError, match="404"):
+            c.file_info("gone.bin")
+
+
+def test_encrypted_files_round_trip_and_need_the_passphrase(fabric: LocalFabric, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = b"model weights nobody else may read " * 40000
+    monkeypatch.setenv("NEURANET_PASSPHRASE", "open sesame")
+    put_bytes(fabric, tmp_path, "secret.bin", secret, "--encrypt", "--replicas", "2")
+    stored = [p.read_bytes() for a in AGENTS for p in chunk_files(fabric, a).values()]
+    assert not any(b"nobody else" in blob for blob in stored)  # no device can read it
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    out = tmp_path / "secret.out"
+    result = CliRunner().invoke(app, ["files", "get", "secret.bin", "-o", str(out), *auth])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == secret
+    monkeypatch.setenv("NEURANET_PASSPHRASE", "wrong")
+    result = CliRunner().invoke(app, ["files", "get", "secret.bin", "-o", str(tmp_path / "x"), *auth])
+    assert result.exit_code == 1 and "wrong passphrase" in result.output
+    result = CliRunner().invoke(app, ["files", "info", "secret.bin", *auth])
+    assert result.exit_code == 0 and "encrypted" in result.output and "P(retrievable" in result.output
+
+
+def test_files_survive_a_server_restart(fabric: LocalFabric, tmp_path: Path) -> None:
+    data = os.urandom(MiB + 7)
+    put_bytes(fabric, tmp_path, "durable.bin", data, "--replicas", "2")
+    port = int(fabric.url.rsplit(":", 1)[1])
+    fabric.stop_server()
+    fabric.start_server(port=port)
+    fabric.wait_online(AGENTS)
+    with fabric.client() as c:
+        out = tmp_path / "durable.out"
+        download(c, "durable.bin", out)
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+        listing = CliRunner().invoke(app, ["files", "ls", "--server", fabric.url, "--token", fabric.token])
+        assert "durable.bin" in listing.output
