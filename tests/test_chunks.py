@@ -122,3 +122,40 @@ def test_sealing_catches_wrong_keys_tampering_and_reordering(tmp_path) -> None:
         Sealer.new(passphrase="")
     with pytest.raises(SealingError, match="malformed"):
         Sealer.for_file({"algorithm": "aes-256-gcm"}, passphrase="pw")
+
+
+# -- a device's chunk store -------------------------------------------------------------------
+
+
+def test_chunk_store_quota_verification_and_restart(tmp_path) -> None:
+    from neuranet.agent.chunk_store import ChunkStore, StorageFull, parse_size
+
+    store = ChunkStore(tmp_path / "chunks", quota_bytes=10)
+    a, b = b"12345678", b"abc"
+    store.put(chunk_id(a), a)
+    store.put(chunk_id(a), a)  # idempotent
+    assert store.used_bytes == 8 and store.free_bytes == 2 and chunk_id(a) in store
+    with pytest.raises(StorageFull, match="quota full: 2 of 10 bytes free"):
+        store.put(chunk_id(b), b)
+    with pytest.raises(ChunkError, match="does not match"):
+        store.put(chunk_id(b"x"), b"y")
+    with pytest.raises(ChunkError, match="not a chunk name"):
+        store.put("../../etc/passwd", b"x")
+    assert store.get(chunk_id(a)) == a
+    # What is on disk is what a reopened store holds; a half-written chunk is cleaned away.
+    (tmp_path / "chunks" / "ab").mkdir()
+    (tmp_path / "chunks" / "ab" / ("ab" + "0" * 62 + ".1.tmp")).write_bytes(b"partial")
+    again = ChunkStore(tmp_path / "chunks", quota_bytes=10)
+    assert again.chunks() == [chunk_id(a)] and not list((tmp_path / "chunks" / "ab").iterdir())
+    # A chunk damaged on disk is dropped on read.
+    path = tmp_path / "chunks" / chunk_id(a)[:2] / chunk_id(a)
+    path.write_bytes(b"12345679")
+    with pytest.raises(ChunkError, match="damaged"):
+        again.get(chunk_id(a))
+    assert chunk_id(a) not in again and not path.exists() and again.used_bytes == 0
+    with pytest.raises(KeyError):
+        again.get(chunk_id(a))
+    assert again.delete(chunk_id(b)) is False
+    assert parse_size("20G") == 20 * 2 ** 30 and parse_size("1.5k") == 1536 and parse_size("512MiB") == 512 * 2 ** 20
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")

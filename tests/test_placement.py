@@ -31,7 +31,8 @@ def test_availability_by_hand() -> None:
     assert availability([a, b]) == pytest.approx(1 - 0.1 * 0.5)
     # Weighted over horizons: online now, gone later.
     fading = dev("c", 1.0, 1.0, 0.0, 0.0)
-    assert availability([fading]) == pytest.approx(0.5)
+    assert availability([fading]) == pytest.approx(3.5 / 24)  # readable for the first 3.5 h of the day
+    assert availability([fading], weights=(1, 1, 1, 1)) == pytest.approx(0.5)
     assert availability([fading], weights=(1, 0, 0, 0)) == pytest.approx(1.0)
 
 
@@ -41,8 +42,11 @@ def test_place_prefers_reliable_devices_and_spread() -> None:
     day1 = dev("day1", 1.0, 1.0, 0.0, 1.0)
     day2 = dev("day2", 1.0, 1.0, 0.0, 0.95)
     night = dev("night", 0.5, 0.5, 1.0, 0.5)
-    assert place(MiB, 2, [day2, night, day1]) == ["day1", "night"]
-    assert place(MiB, 1, [night, day1]) == ["day1"]
+    even = (1, 1, 1, 1)
+    assert place(MiB, 2, [day2, night, day1], weights=even) == ["day1", "night"]
+    assert place(MiB, 1, [night, day1], weights=even) == ["day1"]
+    # By default the 6 h and 24 h forecasts stand for most of the day: the night machine comes first.
+    assert place(MiB, 2, [day2, night, day1]) == ["night", "day1"]
 
 
 def test_place_respects_quota_holders_exclusions_and_online() -> None:

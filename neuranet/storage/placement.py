@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Horizons of the forecaster: 15 min, 1 h, 6 h, 24 h. A chunk should be readable now and stay so:
-# the next hours weigh as much as the next day.
-DEFAULT_WEIGHTS: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+# Horizons of the forecaster: 15 min, 1 h, 6 h, 24 h. Predicted availability is the expected share of
+# the next day during which the chunk can be read, each forecast standing for the stretch of the day
+# nearest to it: [0, 30 min), [30 min, 3.5 h), [3.5 h, 15 h), [15 h, 24 h).
+DEFAULT_WEIGHTS: tuple[float, ...] = (0.5 / 24, 3.0 / 24, 11.5 / 24, 9.0 / 24)
 MIN_GAIN = 0.02  # a migration must raise predicted availability by at least this much
 
 
