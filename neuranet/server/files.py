@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,9 @@ class FileBook:
         self._pending: dict[int, tuple[str, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
         self._next = 0
         self._views: dict[str, tuple[float, list[DeviceView]]] = {}
-        self._chunk_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Locks only while someone holds them: one per chunk forever would grow without bound.
+        self._chunk_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- messages from agents --------------------------------------------------------
 
@@ -71,7 +74,14 @@ class FileBook:
                 self.space[conn.device_id].free = msg.free_bytes
         elif isinstance(msg, m.ChunkInventory):
             self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
-            asyncio.ensure_future(self._reconcile(conn, set(msg.chunks)))
+            task = asyncio.ensure_future(self._reconcile(conn, set(msg.chunks)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def on_device_lost(self, device_id: str) -> None:
         for dev, fut in self._pending.values():
@@ -189,7 +199,10 @@ class FileBook:
         return await asyncio.to_thread(run)
 
     def _lock(self, user_id: str, chunk_id: str) -> asyncio.Lock:
-        return self._chunk_locks.setdefault((user_id, chunk_id), asyncio.Lock())
+        lock = self._chunk_locks.get((user_id, chunk_id))
+        if lock is None:
+            lock = self._chunk_locks[(user_id, chunk_id)] = asyncio.Lock()
+        return lock
 
     async def put_chunk(self, user_id: str, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
         """Store a chunk on up to ``replicas`` of the user's devices (kept once per user); its holders."""

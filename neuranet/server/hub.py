@@ -219,6 +219,7 @@ class Hub:
         """Server stopping: end every presence in one transaction, then drop the connections."""
         await self.runs.close()
         await self.serving.close()
+        await self.files.close()
         conns, self.conns = list(self.conns.values()), {}
         self._per_user.clear()
         self._peers.clear()
