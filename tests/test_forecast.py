@@ -17,7 +17,7 @@ from neuranet.forecast.dataset import Samples, online_targets, stay_targets, tra
 from neuranet.forecast.errors import ForecastError, HistoryError, NotFittedError, TraceError, UnknownDeviceError
 from neuranet.forecast.features import UNIX_CLOCK_OFFSET, FeatureConfig, feature_matrix
 from neuranet.forecast.metrics import brier, ece, log_loss
-from neuranet.forecast.model import AvailabilityForecast, ForecastConfig, _fit_temperature
+from neuranet.forecast.model import AvailabilityForecast, ForecastConfig, _fit_temperature, target_weights
 from neuranet.forecast.trace import DAY, HOUR, DeviceHistory, Interval, parse_trace, read_trace
 
 HEADER = "client_id,event_type,event_start,event_end\n"
@@ -365,6 +365,20 @@ def test_save_load_round_trip(tmp_path, fleet: list[DeviceHistory], fitted: Avai
     for h in fleet[:3]:
         assert np.array_equal(loaded.predict_many(h, times), fitted.predict_many(h, times))
         assert loaded.expected_online_seconds(h, at=times[12]) == fitted.expected_online_seconds(h, at=times[12])
+
+
+def test_recency_weights_by_hand() -> None:
+    horizons = (HOUR, DAY)
+    times = np.array([0.0, DAY])
+    samples = Samples(np.zeros((2, 1), np.float32), np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32),
+                      times, np.zeros(2, np.int64))
+    mask = np.ones((2, 4), dtype=bool)
+    mask[1, 3] = False
+    assert (target_weights(samples, mask, horizons, 2 * DAY, 0.0) == mask).all()  # no half-life: the mask
+    w = target_weights(samples, mask, horizons, 2 * DAY, DAY)
+    age = np.array([[2 * DAY - HOUR, DAY], [DAY - HOUR, 0.0]])  # until - (t + h), online then stay heads
+    expected = np.tile(0.5 ** (age / DAY), (1, 2)) * mask
+    assert w.dtype == np.float32 and np.allclose(w, expected)
 
 
 def test_temperature_fit_recovers_a_known_temperature() -> None:

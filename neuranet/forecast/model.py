@@ -12,6 +12,11 @@ on everything keep it. On the SETI trace the averaged networks are already calib
 the aims) and a temperature from the last day and a half made it worse (that slice is not like the
 days after it), so it is off by default.
 
+Optionally (``recency_half_life``) older targets weigh less in the loss, halving per half-life before
+the end of the past: availability drifts, and with a week or two of history the first days (a trace's
+start, a recording gap) otherwise weigh as much as the last. Off by default: on the SETI trace a
+two-day half-life helps at 1 h and 6 h but barely moves the 24 h calibration (see bench/forecast.py).
+
 Weights, feature scaling and temperatures are stored with safetensors, the configuration as JSON next
 to them; nothing is pickled. Fitting is deterministic for a seed (and a torch thread count).
 """
@@ -60,6 +65,7 @@ class ForecastConfig:
     sample_step: float = 600.0  # seconds between training samples on each device
     augment: int = 2  # late-joining copies of each history (see `training_samples`)
     calibration_span: float = 0.0  # seconds held out at the end of the past to fit temperatures; 0: none
+    recency_half_life: float = 0.0  # seconds: a target this much older than `until` weighs half as much; 0: all equal
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -135,9 +141,9 @@ class AvailabilityForecast:
         if self.config.calibration_span > 0:
             cut = until - self.config.calibration_span
             target_time = samples.times[:, None] + np.asarray(self.horizons)[None, :]
-            early = self._train(samples, np.tile(target_time <= cut, (1, 2)))
+            early = self._train(samples, np.tile(target_time <= cut, (1, 2)), cut)
             scale = _fit_temperature(early, samples, np.tile(target_time > cut, (1, 2)))
-        net = self._train(samples, np.ones((len(samples), outputs), dtype=bool))
+        net = self._train(samples, np.ones((len(samples), outputs), dtype=bool), until)
         net.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
         self._net = net
         return self
@@ -147,14 +153,15 @@ class AvailabilityForecast:
         return Network(self.features, 2 * len(self.horizons), cfg.members, cfg.hidden, cfg.depth, cfg.embed,
                        cfg.dropout)
 
-    def _train(self, samples: Samples, use: np.ndarray) -> Network:
+    def _train(self, samples: Samples, use: np.ndarray, until: float) -> Network:
         """A network whose members are trained on the targets selected by ``use`` (where known)."""
         targets = np.concatenate([samples.online, samples.stay], axis=1)
         mask = use & ~np.isnan(targets)
         keep = mask.any(axis=1)
         x = torch.as_tensor(samples.x[keep])
         y = torch.as_tensor(np.nan_to_num(targets[keep]))
-        weight = torch.as_tensor(mask[keep].astype(np.float32))
+        weight = target_weights(samples, mask, self.horizons, until, self.config.recency_half_life)
+        weight = torch.as_tensor(weight[keep])
         net = self._new_network()
         net.set_scaling(x)
         inputs = net.inputs(x)
@@ -267,6 +274,18 @@ class AvailabilityForecast:
         net.eval()
         model._net = net
         return model
+
+
+def target_weights(samples: Samples, mask: np.ndarray, horizons: tuple[float, ...], until: float,
+                   half_life: float) -> np.ndarray:
+    """Loss weight per sample and output (online heads, then stay heads): 0 where ``mask`` is false;
+    else 1, or with a half-life ``0.5 ** (age / half_life)``, where age is how long before ``until``
+    the target's time ``t + h`` lies. float32 ``[n, 2 * horizons]``."""
+    weight = mask.astype(np.float64)
+    if half_life > 0:
+        target_time = samples.times[:, None] + np.tile(np.asarray(horizons, np.float64), 2)[None, :]
+        weight *= 0.5 ** (np.maximum(until - target_time, 0.0) / half_life)
+    return weight.astype(np.float32)
 
 
 def _area_under_survival(horizons: np.ndarray, stay: np.ndarray) -> float:
