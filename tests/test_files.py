@@ -130,6 +130,10 @@ def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_p
         # The stranger cannot see or fetch the owner's files or chunks.
         with pytest.raises(ClientError, match="404"):
             theirs.file_info("big.bin")
+        with fabric.client() as c:
+            owners_chunk = c.file_info("big.bin")["chunk_list"][0]["id"]
+        with pytest.raises(ClientError, match="404.*no chunk"):
+            theirs.get_chunk(owners_chunk)
     with fabric.client() as c:
         with pytest.raises(ClientError, match="422.*does not match"):
             c.put_chunk(chunk_id(b"abc"), b"abd", 1)
@@ -140,8 +144,11 @@ def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_p
         with pytest.raises(ClientError, match="409.*not stored"):
             c.commit_file({"name": "ghost", "size": 1, "sha256": "0" * 64, "chunks": [{"id": "1" * 64, "size": 1}]})
     runner = CliRunner()
-    result = runner.invoke(app, ["files", "get", "missing.txt", "--server", fabric.url, "--token", fabric.token])
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = runner.invoke(app, ["files", "get", "missing.txt", *auth])
     assert result.exit_code == 1 and "no file named" in result.output
+    result = runner.invoke(app, ["files", "held", "s0", *auth])
+    assert result.exit_code == 0 and "s0:" in result.output and "quota 64.0 MiB" in result.output
 
 
 def test_delete_frees_space_also_on_a_device_that_was_offline(fabric: LocalFabric, tmp_path: Path) -> None:
