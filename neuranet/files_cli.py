@@ -5,14 +5,14 @@ from __future__ import annotations
 import getpass
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, console
-from neuranet.client import ClientError
+from neuranet.client import Client, ClientError
 
 files_app = typer.Typer(help="Files kept on your devices.", no_args_is_help=True)
 PASSPHRASE_ENV = "NEURANET_PASSPHRASE"
@@ -26,6 +26,15 @@ def _passphrase(confirm: bool) -> str:
     if confirm and getpass.getpass("again: ") != first:
         _fail(ValueError("the passphrases differ"))
     return first
+
+
+def _ask(server: str | None, token: str | None, call: Callable[[Client], Any]) -> Any:
+    """``call(client)`` against the coordinator; a refusal ends the command with its reason."""
+    with _client(server, token) as c:
+        try:
+            return call(c)
+        except ClientError as exc:
+            _fail(exc)
 
 
 def _bar() -> Progress:
@@ -101,11 +110,7 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
 @files_app.command("ls")
 def ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Your files."""
-    with _client(server, token) as c:
-        try:
-            rows = c.files()
-        except ClientError as exc:
-            _fail(exc)
+    rows = _ask(server, token, lambda c: c.files())
     table = Table("name", "size", "replicas", "encrypted")
     for r in rows:
         table.add_row(r["name"], _size(r["size"]), str(r["replicas"]), "yes" if r["encrypted"] else "")
@@ -115,11 +120,7 @@ def ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> No
 @files_app.command("info")
 def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Which devices hold which chunks, and the predicted chance the file is retrievable over the next day."""
-    with _client(server, token) as c:
-        try:
-            out = c.file_info(name)
-        except ClientError as exc:
-            _fail(exc)
+    out = _ask(server, token, lambda c: c.file_info(name))
     console.print(f"{out['name']}: {_size(out['size'])}, {out['chunks']} chunk(s), {out['replicas']} replicas"
                   f"{', encrypted' if out['encrypted'] else ''}; retrievable now: "
                   f"{'yes' if out['retrievable_now'] else 'NO'}; P(retrievable, next 24 h): "
@@ -134,11 +135,7 @@ def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = To
 @files_app.command("rm")
 def rm(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Delete a file; its chunks are freed on every device (offline ones when they return)."""
-    with _client(server, token) as c:
-        try:
-            out = c.delete_file(name)
-        except ClientError as exc:
-            _fail(exc)
+    out = _ask(server, token, lambda c: c.delete_file(name))
     console.print(f"deleted {out['deleted']} ({out['replicas_freed']} chunk replicas freed)")
 
 
@@ -146,10 +143,6 @@ def rm(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = Toke
 def held(device: str = typer.Argument(..., help="A device name or id."),
          server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """What one of your devices holds for the fabric."""
-    with _client(server, token) as c:
-        try:
-            out = c.device_chunks(c.resolve_device(device)["id"])
-        except ClientError as exc:
-            _fail(exc)
+    out = _ask(server, token, lambda c: c.device_chunks(c.resolve_device(device)["id"]))
     quota = _size(out["quota_bytes"]) if out["quota_bytes"] is not None else "unknown (offline)"
     console.print(f"{out['name']}: {out['chunks']} chunk(s), {_size(out['bytes'])}; quota {quota}")

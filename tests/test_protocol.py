@@ -302,7 +302,7 @@ SAMPLES: dict[str, list[Message]] = {
     "chunk_fetch": [messages.ChunkFetch(request=2, chunk="0123456789abcdef" * 4)],
     "chunk_delete": [messages.ChunkDelete(chunks=[]), messages.ChunkDelete(chunks=["b" * 64, "c" * 64])],
     "chunk_reply": [messages.ChunkReply(request=1, chunk="a" * 64, ok=True, free_bytes=10),
-                    messages.ChunkReply(request=2, chunk="a" * 64, ok=False, error="storage quota full")],
+                    messages.ChunkReply(request=2, chunk="a" * 64, ok=False, held=False, error="not held here")],
     "chunk_inventory": [messages.ChunkInventory(quota_bytes=2 ** 30, used_bytes=0, chunks=["d" * 64])],
     "stage_weights": [messages.StageWeights(run_id="r", stage=1, part=0, parts=3)],
     "stage_done": [messages.StageDone(run_id="r", stage=1, ok=True),

@@ -31,13 +31,13 @@ def install(agent: Agent, store: ChunkStore) -> None:
         try:
             data = await asyncio.to_thread(store.get, msg.chunk)
         except KeyError:
-            await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=False,
+            await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=False, held=False,
                                           error="not held here", free_bytes=store.free_bytes))
             return
-        except (ChunkError, OSError) as exc:
+        except (ChunkError, OSError) as exc:  # a damaged chunk has been dropped; a read error leaves it
             log.warning("%s", exc)
             await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=False, error=str(exc),
-                                          free_bytes=store.free_bytes))
+                                          held=not isinstance(exc, ChunkError), free_bytes=store.free_bytes))
             return
         await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=True, free_bytes=store.free_bytes),
                          payload=data)

@@ -483,14 +483,16 @@ class ChunkDelete(Message):
 
 
 class ChunkReply(Message):
-    """A device answers a put or fetch (payload: the chunk's bytes for a fetch); ``free_bytes`` is
-    what its quota has left."""
+    """A device answers a put or fetch (payload: the chunk's bytes for a fetch); ``held`` is False
+    when a fetched chunk is not (or, damaged, no longer) on the device; ``free_bytes`` is what its
+    quota has left."""
 
     TYPE: ClassVar[str] = "chunk_reply"
     request: int = Field(ge=0)
     chunk: str = _ChunkName
     ok: bool
     error: str = ""
+    held: bool = True
     free_bytes: int = Field(0, ge=0)
 
 

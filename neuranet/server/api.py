@@ -25,6 +25,19 @@ def get_hub(request: Request) -> Hub:
     return request.app.state.hub
 
 
+async def read_body(request: Request, limit: int, too_big: str) -> bytes:
+    """The request body, refused with 413 (``too_big``) as soon as it passes ``limit`` bytes, declared or sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, too_big)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise HTTPException(413, too_big)
+    return bytes(body)
+
+
 async def principal(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:

@@ -21,7 +21,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from neuranet.forecast.features import HORIZONS
 from neuranet.protocol import messages as m
+from neuranet.server.tasks import OwnedTasks
 from neuranet.storage.chunks import ChunkError, verify
 from neuranet.storage.placement import ChunkState, DeviceView, PlacementError, availability, place, plan_moves
 
@@ -31,15 +33,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("neuranet.files")
 CHUNK_TIMEOUT = 60.0  # a device that does not answer a chunk request in this long is skipped
 VIEW_TTL = 10.0  # seconds a user's device views (forecasts) are reused between chunks
-HORIZONS = (900, 3600, 21600, 86400)
 
 
 class FileError(Exception):
     """A file request that cannot be served; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, copy_gone: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.copy_gone = copy_gone  # the device no longer holds the chunk it was asked for
 
 
 @dataclass
@@ -61,7 +63,7 @@ class FileBook:
         self._views: dict[str, tuple[float, list[DeviceView]]] = {}
         # Locks only while someone holds them: one per chunk forever would grow without bound.
         self._chunk_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()  # inventory reconciliations
 
     # --- messages from agents --------------------------------------------------------
 
@@ -74,14 +76,10 @@ class FileBook:
                 self.space[conn.device_id].free = msg.free_bytes
         elif isinstance(msg, m.ChunkInventory):
             self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
-            task = asyncio.ensure_future(self._reconcile(conn, set(msg.chunks)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._reconcile(conn, set(msg.chunks)))
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def on_device_lost(self, device_id: str) -> None:
         for dev, fut in self._pending.values():
@@ -145,11 +143,11 @@ class FileBook:
             try:
                 reply, data = await self._request(device_id, m.ChunkFetch(request=self._request_id(), chunk=chunk_id))
                 if not reply.ok:
-                    raise FileError(reply.error)
+                    raise FileError(reply.error, copy_gone=not reply.held)
                 return verify(chunk_id, data)
             except (FileError, ChunkError) as exc:
                 errors.append(f"{device_id}: {exc}")
-                if isinstance(exc, ChunkError) or "damaged" in str(exc) or "not held" in str(exc):
+                if isinstance(exc, ChunkError) or (isinstance(exc, FileError) and exc.copy_gone):
                     await self.hub.store.remove_replica(user_id, chunk_id, device_id)
         if not holders:
             raise FileError(f"chunk {chunk_id[:12]} has no replica left", 410)
@@ -191,7 +189,7 @@ class FileBook:
             for device_id, (_, history) in histories.items():
                 try:
                     f = model.forecast(history, history.end)
-                    out[device_id] = tuple(min(1.0, max(0.0, f.online[h])) for h in HORIZONS)
+                    out[device_id] = tuple(min(1.0, max(0.0, f.online[int(h)])) for h in HORIZONS)
                 except Exception:  # a history the model cannot read: fall back to persistence
                     continue
             return out
@@ -271,9 +269,8 @@ class FileBook:
         views = await self.views(user_id, fresh=True)
         if not views:
             return 0
-        known = {v.device_id for v in views}
-        lost = await self._lost_devices(user_id, known)
         chunks = [ChunkState(c, size, tuple(h), replicas=k) for c, size, k, h in await self.hub.store.stored_chunks(user_id)]
+        lost = await self._lost_devices(user_id, {h for c in chunks for h in c.holders})
         copies = 0
         for move in plan_moves(chunks, views, self.bytes_per_round, lost=lost):
             async with self._lock(user_id, move.chunk):
@@ -291,15 +288,13 @@ class FileBook:
             log.info("files of %s: %d chunk copies made (repair and migration)", user_id, copies)
         return copies
 
-    async def _lost_devices(self, user_id: str, storage_devices: set[str]) -> set[str]:
-        """Devices whose replicas should be replaced: deleted, or offline longer than `lost_after`."""
+    async def _lost_devices(self, user_id: str, holders: set[str]) -> set[str]:
+        """Holders whose replicas should be replaced: deleted, or offline longer than `lost_after`."""
         now = time.time()
-        lost = set()
         devices = {d.id: d for d in await self.hub.store.list_devices(user_id)}
-        for chunk_holder in {h for _, _, _, hs in await self.hub.store.stored_chunks(user_id) for h in hs}:
-            d = devices.get(chunk_holder)
-            if d is None:
-                lost.add(chunk_holder)
-            elif chunk_holder not in self.hub.conns and now - (d.last_seen or d.created_at) > self.lost_after:
-                lost.add(chunk_holder)
+        lost = set()
+        for holder in holders:
+            d = devices.get(holder)
+            if d is None or (holder not in self.hub.conns and now - (d.last_seen or d.created_at) > self.lost_after):
+                lost.add(holder)
         return lost

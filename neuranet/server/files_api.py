@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from neuranet.server.api import HubDep, StoreDep, User
+from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
 from neuranet.server.file_records import FileRecordError
 from neuranet.server.files import FileError
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id
@@ -48,16 +48,9 @@ def _chunk_name(chunk_id: str) -> str:
 async def put_chunk(chunk_id: str, request: Request, user: User, hub: HubDep,
                     replicas: int = Query(3, ge=1, le=MAX_REPLICAS)) -> dict[str, Any]:
     _chunk_name(chunk_id)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_CHUNK_SIZE:
-        raise HTTPException(413, f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > MAX_CHUNK_SIZE:
-            raise HTTPException(413, f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
+    body = await read_body(request, MAX_CHUNK_SIZE, f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
     try:
-        return await hub.files.put_chunk(user.user_id, chunk_id, bytes(body), replicas)
+        return await hub.files.put_chunk(user.user_id, chunk_id, body, replicas)
     except ChunkError as exc:
         raise HTTPException(422, str(exc)) from None
     except FileError as exc:
@@ -134,9 +127,7 @@ async def delete_file(name: str, user: User, store: StoreDep, hub: HubDep) -> di
 
 @router.get("/devices/{device_id}/chunks")
 async def device_chunks(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    device = await store.get_device(device_id)
-    if device is None or device.user_id != user.user_id:
-        raise HTTPException(404, f"no device {device_id} among your devices")
+    device = await owned_device(device_id, user, store)
     chunks = await store.device_chunks(device_id)
     space = hub.files.space.get(device_id)
     return {"device": device_id, "name": device.name, "chunks": len(chunks), "bytes": sum(chunks.values()),

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
-from neuranet.server.api import HubDep, StoreDep, User, owned_device
+from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
 
 router = APIRouter(prefix="/api/v1")
 MAX_TRACE_BYTES = 64 * 1024 * 1024
@@ -60,11 +60,7 @@ async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDe
 
     if not 1 <= len(prefix) <= 40:
         raise HTTPException(422, "prefix must be 1 to 40 characters")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_TRACE_BYTES:
-            raise HTTPException(413, f"a trace may be at most {MAX_TRACE_BYTES // 2**20} MiB")
+    body = await read_body(request, MAX_TRACE_BYTES, f"a trace may be at most {MAX_TRACE_BYTES // 2**20} MiB")
     try:
         text = body.decode()
         trace = await asyncio.to_thread(parse_trace, text, "uploaded trace")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pydantic import BaseModel, Field
 
 from neuranet.protocol import messages as m
+from neuranet.server.tasks import OwnedTasks
 
 if TYPE_CHECKING:
     from neuranet.server.hub import AgentConnection, Hub
@@ -178,7 +179,7 @@ class RunBook:
         self.hub = hub
         self.blob_dir = blob_dir
         self.runs: dict[str, RunState] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # recoveries in progress
+        self._tasks = OwnedTasks()  # recoveries in progress
 
     def weights_dir(self, run_id: str) -> Path:
         return self.blob_dir / "runs" / run_id
@@ -274,7 +275,7 @@ class RunBook:
         """A device of a running run went offline: re-plan onto the others and resume from the last checkpoint."""
         for run in self.runs.values():
             if run.status == "running" and any(s["device"] == device_id for s in run.stages):
-                self._spawn(self._recover(run, device_id))
+                self._tasks.spawn(self._recover(run, device_id))
 
     async def _recover(self, run: RunState, lost: str) -> None:
         survivors = [s["device"] for s in run.stages if s["device"] != lost and s["device"] in self.hub.conns]
@@ -316,13 +317,6 @@ class RunBook:
         run = self.runs[run_id]
         return save(weights_only(load(self._checkpoint_blob(run, run.request.steps))))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 

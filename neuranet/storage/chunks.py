@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Any
 
 CHUNK_SIZE = 2 ** 20  # one chunk travels as one ~1 MiB message (the server caps a message at 4 MiB)
@@ -79,7 +79,6 @@ class Manifest:
     chunks: tuple[ChunkRef, ...]
     sha256: str  # of the whole plaintext, checked after a download
     sealing: dict[str, Any] | None = None  # `Sealer.describe()` when encrypted; None otherwise
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stored_bytes(self) -> int:

@@ -22,7 +22,7 @@ The caller carries the moves out (copy, confirm, then delete) and calls again la
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,13 +73,6 @@ class Move:
     target: str
     drop: str | None = None
     reason: str = "migrate"  # "repair" or "migrate"
-
-
-@dataclass(slots=True)
-class _Ledger:
-    """Free bytes as moves are planned (a device chosen twice in one plan must fit both chunks)."""
-
-    free: dict[str, int] = field(default_factory=dict)
 
 
 def miss_probabilities(devices: Iterable[DeviceView]) -> np.ndarray:
