@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def fabric(tmp_path_factory: pytest.TempPathFactory):
     with LocalFabric(root, server_args=["--file-repair", "1", "--file-lost-after", "2"]) as f:
         f.start_server(port=free_port())
         for name in AGENTS:
-            f.start_agent(name, extra=["--no-measure", "--storage", "64M"])
+            f.start_agent(name, extra=["--no-measure", "--storage", "64M", "-v"])
         with f.client() as c:
             f.stranger_token = c.create_user("stranger")["token"]
         f.start_agent("theirs", token=f.stranger_token, extra=["--no-measure", "--storage", "64M"])
@@ -63,6 +64,19 @@ def put_bytes(fabric: LocalFabric, tmp_path: Path, name: str, data: bytes, *extr
     return src
 
 
+def copy_log(fabric: LocalFabric, chunks: list[str]) -> dict[tuple[str, str], str]:
+    """(chunk prefix, target device) -> path, for every device-to-device copy of these chunks in the
+    agents' logs."""
+    prefixes = {c[:12] for c in chunks}
+    out = {}
+    for name in AGENTS:
+        for line in (fabric.root / f"agent-{name}.log").read_text(errors="replace").splitlines():
+            found = re.search(r"chunk (\w+) copied to (\w+) \(\d+ bytes, (\w+) path\)", line)
+            if found and found[1] in prefixes:
+                out[found[1], found[2]] = found[3]
+    return out
+
+
 def holders(c, name: str) -> list[list[str]]:
     return [[h["name"] for h in ch["holders"]] for ch in c.file_info(name)["chunk_list"]]
 
@@ -74,6 +88,10 @@ def test_put_get_survives_two_lost_holders_and_repair_restores_replicas(fabric: 
         info = c.file_info("big.bin")
         assert info["chunks"] == 6 and info["size"] == len(data) and info["retrievable_now"]
         assert all(len(set(h)) == 3 for h in holders(c, "big.bin"))
+        # The server sent each chunk's bytes to one device; that device copied them on to the other two
+        # over PeerLinks, device to device (direct here: the agents listen on loopback).
+        copies = copy_log(fabric, [ch["id"] for ch in info["chunk_list"]])
+        assert len(copies) == 2 * 6 and set(copies.values()) == {"direct"}, copies
         assert {f["name"] for f in c.files()} >= {"big.bin"}
         # No chunk went to another user's device.
         assert not chunk_files(fabric, "theirs")
@@ -88,6 +106,8 @@ def test_put_get_survives_two_lost_holders_and_repair_restores_replicas(fabric: 
         # Repair (the victims count as lost after 2 s offline) puts each chunk on 3 live devices again.
         alive = set(AGENTS) - set(victims)
         wait_for(lambda: all(len(set(h) & alive) >= 3 for h in holders(c, "big.bin")), 90, "repair")
+        # Repair copies device to device too.
+        assert len(copy_log(fabric, [ch["id"] for ch in info["chunk_list"]])) > len(copies)
     for v in victims:  # bring them back for the other tests; stale copies are theirs to drop
         fabric.start_agent(v, extra=["--no-measure", "--storage", "64M"])
     fabric.wait_online(victims)

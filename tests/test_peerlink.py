@@ -117,6 +117,9 @@ async def test_devices_put_in_one_run_may_link_across_owners(fabric: LocalFabric
         await link.send(b"hello", {"k": 1})
         msg = await asyncio.wait_for(peer.recv(), 10)
         assert (msg.payload, msg.meta) == (b"hello", {"k": 1})
+        # A shared run is not enough for the file-chunk channel: it joins one owner's devices only.
+        with pytest.raises(LinkRefused, match="links only one user's devices"):
+            await theirs.links.open(mine.device_id, "chunks")
 
 
 async def test_tensors_round_trip_over_a_link(fabric: LocalFabric) -> None:

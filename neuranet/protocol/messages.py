@@ -482,6 +482,16 @@ class ChunkDelete(Message):
     chunks: list[str] = Field(max_length=100_000)
 
 
+class ChunkCopy(Message):
+    """Server asks a device to copy a chunk it holds to another of its owner's devices, over a
+    PeerLink on the ``chunks`` channel (direct or relayed); the reply says how it went."""
+
+    TYPE: ClassVar[str] = "chunk_copy"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+    target: str = Field(min_length=1, max_length=128)
+
+
 class ChunkReply(Message):
     """A device answers a put or fetch (payload: the chunk's bytes for a fetch); ``held`` is False
     when a fetched chunk is not (or, damaged, no longer) on the device; ``free_bytes`` is what its
@@ -494,6 +504,7 @@ class ChunkReply(Message):
     error: str = ""
     held: bool = True
     free_bytes: int = Field(0, ge=0)
+    target_free_bytes: int = Field(-1, ge=-1)  # for a copy: what the target's quota has left (-1: unknown)
 
 
 class ChunkInventory(Message):

@@ -1,8 +1,10 @@
 """Files on the fabric, coordinator side: put chunks on devices, fetch them back, delete and repair.
 
-`FileBook` talks to agents over their control connections (chunk bytes ride as message payloads,
-about 1 MiB each): ``chunk_put`` to keep a chunk, ``chunk_fetch`` to read one, ``chunk_delete`` to
-drop some. Placement is `neuranet.storage.placement` over the owner's online devices that offer
+`FileBook` talks to agents over their control connections: ``chunk_put`` to keep a chunk and
+``chunk_fetch`` to read one (the bytes of a user's upload or download ride as message payloads,
+about 1 MiB each), ``chunk_copy`` to have a holder copy a chunk to another device over a PeerLink
+(the other replicas of an upload, repair and migration: device to device, direct when it can be),
+``chunk_delete`` to drop some. Placement is `neuranet.storage.placement` over the owner's online devices that offer
 storage, each weighted by its availability forecast. A chunk upload is acknowledged only once it is
 on disk on at least one device and recorded in the database, so a server restart loses nothing
 acknowledged. Deletion is recorded first; devices offline at the time drop the chunks when they
@@ -133,6 +135,30 @@ class FileBook:
         await self.hub.store.add_replica(user_id, chunk_id, len(data), device_id)
         return None
 
+    async def _copy(self, user_id: str, source: str, target: str, chunk_id: str, size: int) -> str | None:
+        """Have ``source`` copy a chunk to ``target`` over a PeerLink and record it; None when done, else
+        why not. A source whose copy turned out missing or damaged loses its record."""
+        try:
+            reply, _ = await self._request(source, m.ChunkCopy(request=self._request_id(), chunk=chunk_id, target=target))
+        except FileError as exc:
+            log.info("copying %s from %s to %s failed: %s", chunk_id[:12], source, target, exc)
+            return str(exc)
+        if reply.target_free_bytes >= 0 and target in self.space:
+            self.space[target].free = reply.target_free_bytes
+        if not reply.ok:
+            log.info("copying %s from %s failed: %s", chunk_id[:12], source, reply.error)
+            if not reply.held:
+                await self.hub.store.remove_replica(user_id, chunk_id, source)
+            return f"device {source}: {reply.error}"
+        await self.hub.store.add_replica(user_id, chunk_id, size, target)
+        return None
+
+    async def _copy_or_put(self, user_id: str, source: str, target: str, chunk_id: str, data: bytes) -> str | None:
+        """During an upload: a copy device to device, else (the copy failed) the bytes from here."""
+        if await self._copy(user_id, source, target, chunk_id, len(data)) is None:
+            return None
+        return await self._put_on(user_id, target, chunk_id, data)
+
     async def fetch(self, user_id: str, chunk_id: str, holders: list[str]) -> bytes:
         """The chunk's bytes from the first online holder that returns them intact; a holder whose copy
         is damaged loses it (and the repair loop makes a new one)."""
@@ -223,8 +249,14 @@ class FileBook:
                     raise FileError(f"cannot store chunk {chunk_id[:12]}: {why}", 507) from None
                 if not chosen:
                     break
+                source = next((h for h in holders if h in self.hub.conns), None)
+                if source is None:  # the bytes go to one device; it copies them on to the others
+                    chosen = chosen[:1]
+                    results = [await self._put_on(user_id, chosen[0], chunk_id, data)]
+                else:
+                    results = await asyncio.gather(*(self._copy_or_put(user_id, source, d, chunk_id, data)
+                                                     for d in chosen))
                 tried.update(chosen)
-                results = await asyncio.gather(*(self._put_on(user_id, d, chunk_id, data) for d in chosen))
                 holders += [d for d, error in zip(chosen, results) if error is None]
                 refusals += [error for error in results if error is not None]
         return {"chunk": chunk_id, "holders": holders}
@@ -274,12 +306,7 @@ class FileBook:
         copies = 0
         for move in plan_moves(chunks, views, self.bytes_per_round, lost=lost):
             async with self._lock(user_id, move.chunk):
-                try:
-                    data = await self.fetch(user_id, move.chunk, [move.source])
-                except FileError as exc:
-                    log.info("repair of %s: %s", move.chunk[:12], exc)
-                    continue
-                if await self._put_on(user_id, move.target, move.chunk, data) is None:
+                if await self._copy(user_id, move.source, move.target, move.chunk, move.size) is None:
                     copies += 1
                     if move.drop is not None:
                         await self.hub.store.remove_replica(user_id, move.chunk, move.drop)

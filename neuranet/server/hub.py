@@ -30,6 +30,9 @@ log = logging.getLogger("neuranet.hub")
 
 MAX_LINKTESTS = 1000
 RELAYED_TYPES = frozenset({"link_data", "link_ack", "link_close", "ping", "pong"})
+# Channels whose links join only devices of one owner (a shared run is not enough): a device
+# accepts file chunks on them from any peer, which is safe only because the peer is its owner's.
+OWNER_CHANNELS = frozenset({"chunks"})
 
 SendBytes = Callable[[bytes], Awaitable[None]]
 CloseFn = Callable[[int, str], Awaitable[None]]
@@ -241,6 +244,10 @@ class Hub:
         peer = self.conns.get(req.peer)
         if peer is None:
             conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
+            return
+        if req.channel in OWNER_CHANNELS and peer.user_id != conn.user_id:
+            conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
+                                       reason=f"forbidden: channel {req.channel!r} links only one user's devices"))
             return
         if req.peer not in self._peers[conn.device_id]:
             limit = self.config.limits.max_peers_per_device
