@@ -75,6 +75,8 @@ def server(
     file_repair: float = typer.Option(60.0, help="Seconds between rounds of file chunk repair and migration."),
     file_lost_after: float = typer.Option(24 * 3600.0, help="Seconds offline after which a device's file "
                                           "chunks are copied elsewhere."),
+    file_orphan_after: float = typer.Option(24 * 3600.0, help="Seconds after which uploaded chunks that no "
+                                            "file uses (an upload never finished) are deleted."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the coordinator (REST API, agent WebSocket and relay hub)."""
@@ -101,6 +103,7 @@ def server(
                        tls_cert=tls_cert, tls_key=tls_key, offline_after=offline_after, heartbeat_interval=heartbeat,
                        forecast_retrain_interval=forecast_retrain, forecast_options=options,
                        file_repair_interval=file_repair, file_lost_after=file_lost_after,
+                       file_orphan_after=file_orphan_after,
                        limits=Limits(max_connections_per_user=max_connections_per_user,
                                      relay_stall_timeout=relay_stall_timeout))
 

@@ -43,6 +43,7 @@ class ServerConfig:
     forecast_options: dict[str, Any] = field(default_factory=dict)  # ForecastConfig fields (epochs, hidden, ...)
     file_repair_interval: float = 60.0  # seconds between rounds of chunk repair and migration
     file_lost_after: float = 24 * 3600.0  # a device offline this long has its replicas replaced
+    file_orphan_after: float = 24 * 3600.0  # chunks uploaded this long ago that no file uses are deleted
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -23,6 +23,7 @@ from neuranet.storage.transfer import download, upload
 pytestmark = pytest.mark.slow
 AGENTS = ["s0", "s1", "s2", "s3", "s4"]
 MiB = 2 ** 20
+ORPHAN_AFTER = 8  # seconds; every upload here commits well within it
 
 
 def chunk_files(fabric: LocalFabric, name: str) -> dict[str, Path]:
@@ -43,7 +44,8 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition"):
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("files")
-    with LocalFabric(root, server_args=["--file-repair", "1", "--file-lost-after", "2"]) as f:
+    with LocalFabric(root, server_args=["--file-repair", "1", "--file-lost-after", "2",
+                                                    "--file-orphan-after", str(ORPHAN_AFTER)]) as f:
         f.start_server(port=free_port())
         for name in AGENTS:
             f.start_agent(name, extra=["--no-measure", "--storage", "64M", "-v"])
@@ -169,6 +171,20 @@ def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_p
     assert result.exit_code == 1 and "no file named" in result.output
     result = runner.invoke(app, ["files", "held", "s0", *auth])
     assert result.exit_code == 0 and "s0:" in result.output and "quota 64.0 MiB" in result.output
+
+
+def test_chunks_of_an_unfinished_upload_are_deleted(fabric: LocalFabric) -> None:
+    data = os.urandom(MiB // 2)
+    with fabric.client() as c:
+        stored = c.put_chunk(chunk_id(data), data, 2)["holders"]  # uploaded, never committed to a file
+        assert len(stored) == 2
+        names = {d["id"]: d["name"] for d in c.devices()}
+        assert all(chunk_id(data) in chunk_files(fabric, names[d]) for d in stored)
+        # Past --file-orphan-after, a repair round forgets it and the devices delete it.
+        wait_for(lambda: not any(chunk_id(data) in chunk_files(fabric, names[d]) for d in stored),
+                 ORPHAN_AFTER + 30, "orphan collection")
+        # Uploading it again stores it anew.
+        assert len(c.put_chunk(chunk_id(data), data, 1)["holders"]) == 1
 
 
 def test_delete_frees_space_also_on_a_device_that_was_offline(fabric: LocalFabric, tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
-from neuranet.server.models import ApiToken, Base, JoinToken
+from neuranet.server.models import ApiToken, Base, ChunkReplica, JoinToken
 from neuranet.server.store import Store, StoreError
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -380,3 +380,41 @@ async def test_may_link(store: Store) -> None:
     await store.create_run(eve.user_id, "job", [e1])
     await store.create_run(bob.user_id, "job", [b1])
     assert not await store.may_link(b1, e1)  # each in a run, but not the same one
+
+
+# --- file records -----------------------------------------------------------------------------
+
+
+async def test_replicas_upsert_and_unfinished_uploads_are_collected(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    bob, _ = await store.create_user("bob")
+    a1, a2 = await _device(store, alice.user_id), await _device(store, alice.user_id)
+    b1 = await _device(store, bob.user_id)
+    kept, orphan, fresh = "a" * 64, "b" * 64, "c" * 64
+    for chunk in (kept, orphan):
+        await store.add_replica(alice.user_id, chunk, 10, a1)
+        await store.add_replica(alice.user_id, chunk, 10, a2)
+    await store.add_replica(alice.user_id, kept, 10, a1)  # recorded twice: still one replica
+    await store.add_replica(bob.user_id, orphan, 10, b1)  # the same bytes are bob's own chunk
+    await store.create_file(alice.user_id, "f", 10, "d" * 64, 2, None, [(kept, 10)])
+    assert sorted((await store.replicas_of(alice.user_id, [kept]))[kept]) == sorted([a1, a2])
+    assert set(await store.users_with_storage()) == {alice.user_id, bob.user_id}
+
+    cut = time.time() + 1  # everything so far counts as old
+    await store.add_replica(alice.user_id, fresh, 10, a2)
+    await asyncio.sleep(0.01)
+    assert await store.touch_replicas(alice.user_id, fresh) == 1
+    await _set_stored_at(store, fresh, cut + 10)
+    freed = await store.remove_orphans(alice.user_id, before=cut)
+    # Only the old chunk no file uses goes; the file's chunk, the fresh upload and bob's copy stay.
+    assert {d: sorted(c) for d, c in freed.items()} == {a1: [orphan], a2: [orphan]}
+    assert orphan not in await store.replicas_of(alice.user_id, [orphan])
+    assert await store.replicas_of(bob.user_id, [orphan]) == {orphan: [b1]}
+    assert set(await store.replicas_of(alice.user_id, [kept, fresh])) == {kept, fresh}
+    assert await store.remove_orphans(alice.user_id, before=cut) == {}
+    assert await store.touch_replicas(alice.user_id, orphan) == 0  # gone: an upload must store it anew
+
+
+async def _set_stored_at(store: Store, chunk: str, when: float) -> None:
+    async with store.engine.begin() as conn:
+        await conn.execute(update(ChunkReplica).where(ChunkReplica.chunk_id == chunk).values(stored_at=when))

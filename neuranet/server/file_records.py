@@ -11,7 +11,9 @@ import uuid
 from collections import defaultdict
 from typing import Any, Callable
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuranet.server.models import ChunkReplica, FileChunk, StoredFile
@@ -37,9 +39,13 @@ class FileRecords:
         return dict(out)
 
     async def add_replica(self, user_id: str, chunk_id: str, size: int, device_id: str) -> None:
+        """Record that a device holds a chunk (one upsert statement: this runs once per chunk copy)."""
         async with self._tx() as s:
-            await s.merge(ChunkReplica(user_id=user_id, chunk_id=chunk_id, device_id=device_id, size=size,
-                                       stored_at=time.time()))
+            insert = pg_insert if s.bind.dialect.name == "postgresql" else sqlite_insert
+            row = {"user_id": user_id, "chunk_id": chunk_id, "device_id": device_id, "size": size,
+                   "stored_at": time.time()}
+            await s.execute(insert(ChunkReplica).values(**row).on_conflict_do_update(
+                index_elements=["user_id", "chunk_id", "device_id"], set_={"size": size, "stored_at": row["stored_at"]}))
 
     async def remove_replica(self, user_id: str, chunk_id: str, device_id: str) -> None:
         async with self._tx() as s:
@@ -125,9 +131,39 @@ class FileRecords:
                 holders[chunk].append(device)
             return [(c, int(n), int(k), holders.get(c, [])) for c, n, k in wanted]
 
-    async def users_with_files(self) -> list[str]:
+    async def users_with_storage(self) -> list[str]:
+        """Users with files or stored chunks."""
         async with self.session() as s:
-            return list((await s.execute(select(StoredFile.user_id).distinct())).scalars())
+            return list((await s.execute(select(StoredFile.user_id).union(select(ChunkReplica.user_id)))).scalars())
+
+    async def touch_replicas(self, user_id: str, chunk_id: str) -> int:
+        """Mark a chunk as just uploaded again (an upload in progress uses it: not an orphan); returns
+        how many replicas it has (0: gone meanwhile, store it anew)."""
+        async with self._tx() as s:
+            done = await s.execute(update(ChunkReplica).where(ChunkReplica.user_id == user_id,
+                                                              ChunkReplica.chunk_id == chunk_id)
+                                   .values(stored_at=time.time()))
+            return int(done.rowcount or 0)
+
+    async def remove_orphans(self, user_id: str, before: float) -> dict[str, list[str]]:
+        """Forget the replicas of chunks that no file of the user uses and that were last stored before
+        ``before`` (uploads that never finished); returns them (device -> chunks) for the caller to
+        delete on the devices."""
+        async with self._tx() as s:
+            used = select(FileChunk.chunk_id).join(StoredFile, StoredFile.id == FileChunk.file_id).where(
+                StoredFile.user_id == user_id)
+            stale = (select(ChunkReplica.chunk_id).where(ChunkReplica.user_id == user_id,
+                                                         ChunkReplica.chunk_id.not_in(used))
+                     .group_by(ChunkReplica.chunk_id).having(func.max(ChunkReplica.stored_at) < before))
+            # One statement that says what it removed: a replica recorded meanwhile is either kept or
+            # reported, never removed unreported.
+            rows = await s.execute(delete(ChunkReplica).where(ChunkReplica.user_id == user_id,
+                                                              ChunkReplica.chunk_id.in_(stale))
+                                   .returning(ChunkReplica.chunk_id, ChunkReplica.device_id))
+            freed: dict[str, list[str]] = defaultdict(list)
+            for chunk, device in rows:
+                freed[device].append(chunk)
+            return dict(freed)
 
 
 async def _chunks_of(s: AsyncSession, file_id: str) -> set[str]:

@@ -54,10 +54,11 @@ class Space:
 
 class FileBook:
     def __init__(self, hub: "Hub", repair_interval: float = 60.0, lost_after: float = 24 * 3600.0,
-                 bytes_per_round: int = 256 * 2 ** 20) -> None:
+                 orphan_after: float = 24 * 3600.0, bytes_per_round: int = 256 * 2 ** 20) -> None:
         self.hub = hub
         self.repair_interval = repair_interval
         self.lost_after = lost_after
+        self.orphan_after = orphan_after
         self.bytes_per_round = bytes_per_round
         self.space: dict[str, Space] = {}  # device -> storage it reported
         self._pending: dict[int, tuple[str, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
@@ -233,6 +234,8 @@ class FileBook:
         verify(chunk_id, data)
         async with self._lock(user_id, chunk_id):
             holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+            if holders and not await self.hub.store.touch_replicas(user_id, chunk_id):
+                holders = []  # collected as an orphan just now: store it anew
             views = await self.views(user_id)
             if not views:
                 raise FileError("none of your devices offers storage: start an agent with --storage (e.g. 20G)", 409)
@@ -293,9 +296,19 @@ class FileBook:
     async def repair_round(self) -> int:
         """One round over every user's chunks; returns the copies made."""
         copies = 0
-        for user_id in await self.hub.store.users_with_files():
+        for user_id in await self.hub.store.users_with_storage():
+            await self._collect_orphans(user_id)
             copies += await self._repair_user(user_id)
         return copies
+
+    async def _collect_orphans(self, user_id: str) -> None:
+        """Delete chunks uploaded more than `orphan_after` ago that no file uses (an upload that never
+        finished); devices offline now drop them when they return."""
+        freed = await self.hub.store.remove_orphans(user_id, time.time() - self.orphan_after)
+        if freed:
+            log.info("files of %s: %d chunks of unfinished uploads deleted", user_id,
+                     len({c for chunks in freed.values() for c in chunks}))
+            await self.delete_replicas(freed)
 
     async def _repair_user(self, user_id: str) -> int:
         views = await self.views(user_id, fresh=True)

@@ -28,6 +28,8 @@ from neuranet.server.models import ApiToken, Device, JoinToken, PresenceInterval
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 JOIN_TOKEN_TTL = 24 * 3600.0
+AUTH_CACHE_SECONDS = 5.0  # tokens cannot be revoked yet; when they can, revocation must clear the cache
+AUTH_CACHE_SIZE = 10_000
 
 
 class StoreError(Exception):
@@ -70,6 +72,7 @@ class Store(FileRecords):
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
+        self._auth_cache: dict[str, tuple[float, Principal]] = {}  # token hash -> (when looked up, user)
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
@@ -115,13 +118,22 @@ class Store(FileRecords):
         return token
 
     async def authenticate(self, token: str) -> Principal | None:
+        """The user behind an API token. A valid token is remembered for `AUTH_CACHE_SECONDS` (a file
+        transfer makes a request per chunk); an invalid one is looked up every time."""
+        key = hash_secret(token)
+        cached = self._auth_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < AUTH_CACHE_SECONDS:
+            return cached[1]
         async with self.session() as s:
             row = (
-                await s.execute(
-                    select(User).join(ApiToken, ApiToken.user_id == User.id).where(ApiToken.token_hash == hash_secret(token))
-                )
+                await s.execute(select(User).join(ApiToken, ApiToken.user_id == User.id).where(ApiToken.token_hash == key))
             ).scalar_one_or_none()
-        return Principal(row.id, row.name, row.is_admin) if row else None
+        if row is None:
+            return None
+        if len(self._auth_cache) >= AUTH_CACHE_SIZE:
+            self._auth_cache.clear()
+        who = self._auth_cache[key] = (time.monotonic(), Principal(row.id, row.name, row.is_admin))
+        return who[1]
 
     async def create_join_token(self, user_id: str, ttl: float = JOIN_TOKEN_TTL) -> tuple[str, float]:
         token = "nj_" + secrets.token_urlsafe(24)
