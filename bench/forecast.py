@@ -73,6 +73,7 @@ class Pooled:
 
     outcomes: np.ndarray  # [n, horizons]
     predictions: dict[str, np.ndarray]
+    times: np.ndarray  # [n] when each forecast was made
 
 
 def horizon_name(h: float) -> str:
@@ -119,8 +120,43 @@ def run_split(histories: list[DeviceHistory], points: list[Points], folds: list[
             predictions[method] += parts
         print(f"  fold {k + 1}/{len(folds)}: fitted on {len(train)} hosts, scored {len(test)} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    outcomes = np.concatenate([points[i].y for _, test in folds for i in test if len(points[i].times)])
-    return Pooled(outcomes, {m: np.concatenate(p) for m, p in predictions.items()})
+    scored = [points[i] for _, test in folds for i in test if len(points[i].times)]
+    return Pooled(np.concatenate([p.y for p in scored]), {m: np.concatenate(p) for m, p in predictions.items()},
+                  np.concatenate([p.times for p in scored]))
+
+
+def frozen_spans(histories: list[DeviceHistory], longer_than: float = 12 * 3600.0) -> list[tuple[float, float]]:
+    """Stretches longer than ``longer_than`` in which no host of the trace changes state (the recording
+    gaps that hold the last state)."""
+    changes = np.unique(np.concatenate([h.change_times for h in histories]))
+    return [(float(a), float(b)) for a, b in zip(changes[:-1], changes[1:]) if b - a > longer_than]
+
+
+def gap_diagnostic(pooled: Pooled, spans: list[tuple[float, float]], horizons: tuple[float, ...]) -> None:
+    """Our ECE with and without the forecasts whose target falls in a fleet-wide recording gap.
+
+    A diagnostic only (the aims are judged on every point): a gap freezes every host at one moment's
+    state for days, which nothing before it announces."""
+    print(f"
+Recording gaps (no host changes for > 12 h): "
+          + ", ".join(f"{a / 86400:.2f}-{b / 86400:.2f} d" for a, b in spans))
+    print(f"{'ours, held-out hosts':28}" + "".join(f"{horizon_name(h):>16}" for h in horizons))
+    rows: dict[str, list[str]] = {"target in a gap: share": [], "ECE, every point": [], "ECE, target outside gaps": [],
+                                  "mean p - mean y in gaps": []}
+    for k, h in enumerate(horizons):
+        ok = ~np.isnan(pooled.outcomes[:, k])
+        target = pooled.times + h
+        inside = np.zeros(len(target), dtype=bool)
+        for a, b in spans:
+            inside |= (target > a) & (target < b)
+        p, y = pooled.predictions["ours"][:, k], pooled.outcomes[:, k]
+        out, gap = ok & ~inside, ok & inside
+        rows["target in a gap: share"].append(f"{gap.sum() / max(ok.sum(), 1):.2f}")
+        rows["ECE, every point"].append(f"{ece(p[ok], y[ok]):.4f}")
+        rows["ECE, target outside gaps"].append(f"{ece(p[out], y[out]):.4f}" if out.any() else "-")
+        rows["mean p - mean y in gaps"].append(f"{p[gap].mean() - y[gap].mean():+.3f}" if gap.any() else "-")
+    for name, values in rows.items():
+        print(f"{name:28}" + "".join(f"{v:>16}" for v in values))
 
 
 def score(pooled: Pooled, horizons: tuple[float, ...]) -> Scores:
@@ -216,6 +252,7 @@ def main() -> None:
                 "scored on the last third", host_scores, host_split, horizons)
     met = check_aims(host_scores)
     print(f"\nall aims met: {'yes' if met else 'no'}")
+    gap_diagnostic(host_split, frozen_spans(histories), horizons)
 
     if not args.quick:
         t0, c0 = time.perf_counter(), time.process_time()

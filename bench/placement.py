@@ -116,7 +116,8 @@ class Outcome:
 
 
 def capacities(sizes: np.ndarray, k: int, hosts: int, slack: float) -> np.ndarray:
-    return np.full(hosts, int(slack * sizes.sum() * k / hosts))
+    # At least the largest file, so that a few big files still fit somewhere.
+    return np.full(hosts, max(int(slack * sizes.sum() * k / hosts), int(sizes.max())))
 
 
 def static_outcome(world: World, holders: list[list[int]], sizes: np.ndarray) -> Outcome:
