@@ -125,9 +125,10 @@ def run_split(histories: list[DeviceHistory], points: list[Points], folds: list[
                   np.concatenate([p.times for p in scored]))
 
 
-def frozen_spans(histories: list[DeviceHistory], longer_than: float = 12 * 3600.0) -> list[tuple[float, float]]:
-    """Stretches longer than ``longer_than`` in which no host of the trace changes state (the recording
-    gaps that hold the last state)."""
+def frozen_spans(histories: list[DeviceHistory], longer_than: float = 86400.0) -> list[tuple[float, float]]:
+    """Stretches longer than ``longer_than`` in which no host of the trace changes state: the recording
+    gaps that hold the last state. (On the SETI trace hosts change only at a few shared moments a day,
+    and every day has a 16-hour stretch without a change, so shorter ones are its normal calendar.)"""
     changes = np.unique(np.concatenate([h.change_times for h in histories]))
     return [(float(a), float(b)) for a, b in zip(changes[:-1], changes[1:]) if b - a > longer_than]
 
@@ -137,8 +138,7 @@ def gap_diagnostic(pooled: Pooled, spans: list[tuple[float, float]], horizons: t
 
     A diagnostic only (the aims are judged on every point): a gap freezes every host at one moment's
     state for days, which nothing before it announces."""
-    print(f"
-Recording gaps (no host changes for > 12 h): "
+    print("\nRecording gaps (no host changes for over a day): "
           + ", ".join(f"{a / 86400:.2f}-{b / 86400:.2f} d" for a, b in spans))
     print(f"{'ours, held-out hosts':28}" + "".join(f"{horizon_name(h):>16}" for h in horizons))
     rows: dict[str, list[str]] = {"target in a gap: share": [], "ECE, every point": [], "ECE, target outside gaps": [],

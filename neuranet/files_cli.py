@@ -13,6 +13,7 @@ from rich.table import Table
 
 from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, console
 from neuranet.client import Client, ClientError
+from neuranet.config import default_home
 
 files_app = typer.Typer(help="Files kept on your devices.", no_args_is_help=True)
 PASSPHRASE_ENV = "NEURANET_PASSPHRASE"
@@ -84,8 +85,15 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
 def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
         output: Optional[Path] = typer.Option(None, "-o", help="Where to write it (default: ./NAME)."),
         key_file: Optional[Path] = typer.Option(None, "--key-file", help="Key file of an encrypted file."),
+        agent_dir: Optional[Path] = typer.Option(None, "--agent-dir", help="Data dir of this machine's agent "
+                                                 "(default: ~/.neuranet/agent when its agent runs)."),
+        no_agent: bool = typer.Option(False, "--no-agent", help="Fetch through the coordinator even when "
+                                      "this machine runs an agent."),
         server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """Fetch a file from your devices (each chunk from an online replica, checked by its hash)."""
+    """Fetch a file from your devices (each chunk from an online replica, checked by its hash).
+
+    When this machine runs an agent of yours, chunks come through it: from its own disk, or from the
+    devices holding them over PeerLinks (direct when possible). Otherwise through the coordinator."""
     from neuranet.storage.sealing import Sealer, SealingError
     from neuranet.storage.transfer import TransferError, download
 
@@ -99,12 +107,32 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
 
     with _client(server, token, timeout=120.0) as c, _bar() as bar:
         try:
+            agent = None if no_agent else _local_agent(c, agent_dir)
             size = c.file_info(name)["size"]
             task = bar.add_task(f"get {name}", total=size)
-            download(c, name, target, opener, lambda n: bar.advance(task, n))
+            info = download(c, name, target, opener, lambda n: bar.advance(task, n), agent=agent)
         except (ClientError, SealingError, TransferError, OSError) as exc:
             _fail(exc)
-    console.print(f"wrote {target} ({_size(size)})")
+    ways = ", ".join(f"{n} {way}" for way, n in sorted(info["paths"].items()))
+    console.print(f"wrote {target} ({_size(size)}; chunks: {ways or 'none'})")
+
+
+def _local_agent(c: Any, agent_dir: Optional[Path]) -> Any:
+    """This machine's agent, when it runs and is one of the user's devices; else None (an explicit
+    ``--agent-dir`` that does not answer is an error)."""
+    from neuranet.agent.local_api import LocalAgent
+
+    agent = LocalAgent.find(agent_dir or default_home() / "agent")
+    if agent is None:
+        if agent_dir is not None:
+            raise OSError(f"no agent answers at {agent_dir} (is `neuranet agent --data-dir {agent_dir}` running?)")
+        return None
+    device = agent.request({"op": "whoami"})[0].get("device")
+    if device not in {d["id"] for d in c.devices()}:
+        if agent_dir is not None:
+            raise OSError(f"the agent at {agent_dir} is not one of your devices")
+        return None
+    return agent
 
 
 @files_app.command("ls")

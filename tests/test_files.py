@@ -18,6 +18,7 @@ from neuranet.cli import app
 from neuranet.client import ClientError
 from neuranet.fabric import LocalFabric
 from neuranet.storage.chunks import chunk_id
+from neuranet.agent.local_api import LocalAgent, LocalRequestError
 from neuranet.storage.transfer import download, upload
 
 pytestmark = pytest.mark.slow
@@ -171,6 +172,47 @@ def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_p
     assert result.exit_code == 1 and "no file named" in result.output
     result = runner.invoke(app, ["files", "held", "s0", *auth])
     assert result.exit_code == 0 and "s0:" in result.output and "quota 64.0 MiB" in result.output
+
+
+def test_get_through_this_machines_agent_goes_device_to_device_and_fails_over(fabric: LocalFabric,
+                                                                               tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB + 7)
+    put_bytes(fabric, tmp_path, "near.bin", data, "--replicas", "2")
+    with fabric.client() as c:
+        chunk_list = c.file_info("near.bin")["chunk_list"]
+        held = [{h["name"] for h in ch["holders"]} for ch in chunk_list]
+        ids = {d["name"]: d["id"] for d in c.devices()}
+        # "This machine" runs the agent that holds the fewest of the file's chunks.
+        near = min(AGENTS, key=lambda a: sum(a in h for h in held))
+        here = LocalAgent(fabric.root / "agents" / near)
+        info = download(c, "near.bin", tmp_path / "near.out", agent=here)
+        assert (tmp_path / "near.out").read_bytes() == data
+        # Every chunk came from its own disk or from a holder over a direct PeerLink, none via the server.
+        assert set(info["paths"]) <= {"local", "direct"} and sum(info["paths"].values()) == 5, info["paths"]
+        assert info["paths"].get("direct")
+        # A holder that is gone is skipped for the next one, whatever the order tried.
+        ch, holders_ = next((ch, sorted(h)) for ch, h in zip(chunk_list, held) if near not in h and len(h) == 2)
+        gone, alive = holders_
+        fabric.kill_agent(gone, signal.SIGKILL)
+        for _ in range(3):
+            answer, got = here.request({"op": "chunk", "chunk": ch["id"], "holders": [ids[gone], ids[alive]]})
+            assert chunk_id(got) == ch["id"] and (answer["source"], answer["path"]) == (ids[alive], "direct")
+        with pytest.raises(LocalRequestError, match="not a chunk name"):
+            here.request({"op": "chunk", "chunk": "nope"})
+        with pytest.raises(LocalRequestError, match="no holder returned it"):
+            here.request({"op": "chunk", "chunk": chunk_id(b"never stored"), "holders": [ids[alive]]})
+    # The CLI finds the agent and says how the chunks came.
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["files", "get", "near.bin", "-o", str(tmp_path / "cli.out"),
+                                      "--agent-dir", str(fabric.root / "agents" / near), *auth])
+    assert result.exit_code == 0 and "server" not in result.output.split("chunks:")[1], result.output
+    assert (tmp_path / "cli.out").read_bytes() == data
+    result = CliRunner().invoke(app, ["files", "get", "near.bin", "-o", str(tmp_path / "cli2.out"), "--no-agent", *auth])
+    assert result.exit_code == 0 and "5 server" in result.output, result.output
+    result = CliRunner().invoke(app, ["files", "get", "near.bin", "--agent-dir", str(tmp_path), *auth])
+    assert result.exit_code == 1 and "no agent answers" in result.output
+    fabric.start_agent(gone, extra=["--no-measure", "--storage", "64M", "-v"])
+    fabric.wait_online([gone])
 
 
 def test_chunks_of_an_unfinished_upload_are_deleted(fabric: LocalFabric) -> None:

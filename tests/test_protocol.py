@@ -305,6 +305,7 @@ SAMPLES: dict[str, list[Message]] = {
     "chunk_reply": [messages.ChunkReply(request=1, chunk="a" * 64, ok=True, free_bytes=10),
                     messages.ChunkReply(request=2, chunk="a" * 64, ok=False, held=False, error="not held here"),
                     messages.ChunkReply(request=3, chunk="e" * 64, ok=True, free_bytes=5, target_free_bytes=7)],
+    "chunk_lost": [messages.ChunkLost(chunks=["f" * 64])],
     "chunk_inventory": [messages.ChunkInventory(quota_bytes=2 ** 30, used_bytes=0, chunks=["d" * 64])],
     "stage_weights": [messages.StageWeights(run_id="r", stage=1, part=0, parts=3)],
     "stage_done": [messages.StageDone(run_id="r", stage=1, ok=True),

@@ -1,39 +1,50 @@
-"""The agent's side of files: keep, serve, copy and drop chunks when the coordinator says so.
+"""The agent's side of files: keep, serve, copy and drop chunks when the coordinator says so, and
+fetch them for programs on its own machine.
 
-Chunk bytes from a user's upload and for a user's download ride the control connection (the
-coordinator is the other end). Copies between devices (the other replicas of an upload, repair,
-migration) go device to device: the holder sends the chunk over a PeerLink on the ``chunks``
-channel, direct when a direct path works and relayed through the coordinator otherwise. The
-coordinator grants links on that channel only between one owner's devices, so the receiving side
-keeps whatever a peer sends there (after checking its hash); a chunk no file needs is dropped at
-the next inventory.
+Chunk bytes of a user's upload ride the control connection (the coordinator is the other end), and
+so do those of a download by a client that has no agent on its machine. Everything else goes device
+to device over PeerLinks on the ``chunks`` channel, direct when a direct path works and relayed
+through the coordinator otherwise:
+- copies (the other replicas of an upload, repair, migration): the coordinator sends ``chunk_copy``
+  to a holder, which sends the chunk to the target (``op: put``);
+- downloads through this agent (`neuranet.agent.local_api`, op ``chunk``): the chunk comes from this
+  device's store when it holds it, else from a holder (``op: get``), holders tried in random order
+  until one returns it intact.
+The coordinator grants links on that channel only between one owner's devices, so each side serves
+whatever a peer asks there (a kept chunk is checked against its hash; a chunk no file needs is
+dropped at the next inventory). A copy found damaged on this disk is dropped and reported
+(``chunk_lost``), so the coordinator repairs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from typing import Any
 
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
+from neuranet.agent.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import LinkClosed, PeerLink
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
-from neuranet.storage.chunks import ChunkError
+from neuranet.storage.chunks import ChunkError, is_chunk_id, verify
 
 log = logging.getLogger("neuranet.files")
 
 CHANNEL = "chunks"
-COPY_TIMEOUT = 60.0  # a copy whose target has not confirmed in this long fails
+COPY_TIMEOUT = 60.0  # a request on a chunk link not answered in this long fails
 LINK_IDLE = 30.0  # an outgoing chunk link unused this long is closed
+MAX_HOLDERS = 64  # holders one local fetch may name
 LINK_ERRORS = (LinkClosed, LinkRefused, PeerUnavailable, ProtocolError, ConnectionError, TimeoutError,
                asyncio.TimeoutError)
 
 
 class ChunkLinks:
-    """Outgoing chunk links, one per target device, reused across copies (a link costs a grant
-    from the coordinator and a direct-dial attempt) and closed when idle."""
+    """Outgoing chunk links, one per peer device, reused across requests (a link costs a grant from
+    the coordinator and a direct-dial attempt) and closed when idle."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -42,32 +53,35 @@ class ChunkLinks:
         self._used: dict[str, float] = {}
         self._reaper: asyncio.Task[None] | None = None
 
-    async def _link(self, target: str) -> tuple[PeerLink, asyncio.Lock]:
-        async with self._opening.setdefault(target, asyncio.Lock()):
-            entry = self._links.get(target)
+    async def _link(self, peer: str) -> tuple[PeerLink, asyncio.Lock]:
+        async with self._opening.setdefault(peer, asyncio.Lock()):
+            entry = self._links.get(peer)
+            if entry is not None and entry[0].peer_down_since is not None:
+                entry[0].abort()  # the peer went away (and may be back as a new process): start afresh
             if entry is None or entry[0].closed:
-                link = await self.agent.links.open(target, CHANNEL, timeout=COPY_TIMEOUT / 2)
-                entry = self._links[target] = (link, asyncio.Lock())
+                link = await self.agent.links.open(peer, CHANNEL, timeout=COPY_TIMEOUT / 2)
+                entry = self._links[peer] = (link, asyncio.Lock())
                 if self._reaper is None or self._reaper.done():
                     self._reaper = self.agent.spawn(self._reap())
             return entry
 
-    async def send(self, target: str, chunk: str, data: bytes) -> tuple[dict[str, object], str]:
-        """Send one chunk to ``target``; its answer (``error``, ``free``) and the path taken."""
+    async def request(self, peer: str, meta: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], bytes, str]:
+        """One request to ``peer`` on the chunks channel: its answer, the answer's bytes, and the path
+        taken ("direct" or "relay")."""
         for attempt in range(2):  # a cached link may have died since its last use: one fresh try
-            link, lock = await self._link(target)
+            link, lock = await self._link(peer)
             try:
-                async with lock:  # one chunk at a time per link, so each answer matches its chunk
-                    self._used[target] = time.monotonic()
-                    await link.send(data, {"chunk": chunk})
-                    answer = await asyncio.wait_for(link.recv(), COPY_TIMEOUT)
-                    self._used[target] = time.monotonic()
-                    if answer.meta.get("chunk") != chunk:
-                        raise ProtocolError(f"{target} answered for another chunk")
-                    return answer.meta, link.path
+                async with lock:  # one request at a time per link, so each answer matches its request
+                    self._used[peer] = time.monotonic()
+                    await link.send(data, meta)
+                    answer = await _answer(link)
+                    self._used[peer] = time.monotonic()
+                    if answer.meta.get("chunk") != meta.get("chunk"):
+                        raise ProtocolError(f"{peer} answered for another chunk")
+                    return answer.meta, bytes(answer.payload), link.path
             except LINK_ERRORS:
                 link.abort()
-                self._links.pop(target, None)
+                self._links.pop(peer, None)
                 if attempt:
                     raise
         raise AssertionError("unreachable")
@@ -76,92 +90,179 @@ class ChunkLinks:
         while self._links:
             await asyncio.sleep(LINK_IDLE / 3)
             now = time.monotonic()
-            for target, (link, lock) in list(self._links.items()):
-                if not lock.locked() and now - self._used.get(target, 0.0) > LINK_IDLE:
-                    del self._links[target]
+            for peer, (link, lock) in list(self._links.items()):
+                if not lock.locked() and now - self._used.get(peer, 0.0) > LINK_IDLE:
+                    del self._links[peer]
                     await link.close(flush_timeout=2.0)
 
 
-def install(agent: Agent, store: ChunkStore) -> None:
-    """Serve chunk requests from ``store`` and report its inventory on every connection."""
-    links = ChunkLinks(agent)
+async def _answer(link: PeerLink) -> Any:
+    """The next message on a chunk link. Unlike a pipeline's link, which waits for a peer to come back,
+    a chunk request fails as soon as the peer is gone: another holder or device can serve instead."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + COPY_TIMEOUT
+    reply = asyncio.ensure_future(link.recv())
+    try:
+        while not reply.done():
+            await asyncio.wait({reply}, timeout=0.25)
+            if not reply.done() and link.peer_down_since is not None:
+                raise PeerUnavailable(f"{link.peer} went offline")
+            if not reply.done() and loop.time() > deadline:
+                raise TimeoutError(f"{link.peer} did not answer within {COPY_TIMEOUT:.0f}s")
+        return reply.result()
+    finally:
+        reply.cancel()
 
-    async def keep(chunk: str, data: bytes) -> str:
+
+class FileWorker:
+    def __init__(self, agent: Agent, store: ChunkStore) -> None:
+        self.agent = agent
+        self.store = store
+        self.links = ChunkLinks(agent)
+
+    def install(self) -> None:
+        agent = self.agent
+        agent.on(m.ChunkPut, self.put)
+        agent.on(m.ChunkFetch, self.fetch)
+        agent.on(m.ChunkCopy, self.copy)
+        agent.on(m.ChunkDelete, self.delete)
+        agent.links.serve(CHANNEL, self.serve_link)
+        agent.local.register("chunk", self.local_chunk)
+        agent.on_connected(lambda: agent.send(m.ChunkInventory(
+            quota_bytes=self.store.quota_bytes, used_bytes=self.store.used_bytes, chunks=self.store.chunks())))
+
+    # --- this device's store ---------------------------------------------------------------
+
+    async def keep(self, chunk: str, data: bytes) -> str:
         """Store a chunk; "" when kept, else why not."""
         try:
-            await asyncio.to_thread(store.put, chunk, data)
+            await asyncio.to_thread(self.store.put, chunk, data)
             return ""
         except (ChunkError, StorageFull, OSError) as exc:
             return str(exc)
 
-    async def put(agent: Agent, msg: m.Message, payload: bytes) -> None:
-        assert isinstance(msg, m.ChunkPut)
-        error = await keep(msg.chunk, payload)
-        await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=not error, error=error,
-                                      free_bytes=store.free_bytes))
-
-    async def read(request: int, chunk: str) -> bytes | m.ChunkReply:
-        """The chunk's bytes, or the reply that says why they cannot be had."""
+    async def read(self, chunk: str) -> bytes | tuple[str, bool]:
+        """The chunk's bytes, or why not and whether the copy is still here (a read error) or not (never
+        held, or damaged: then it has been dropped and the coordinator is told)."""
         try:
-            return await asyncio.to_thread(store.get, chunk)
+            return await asyncio.to_thread(self.store.get, chunk)
         except KeyError:
-            return m.ChunkReply(request=request, chunk=chunk, ok=False, held=False, error="not held here",
-                                free_bytes=store.free_bytes)
-        except (ChunkError, OSError) as exc:  # a damaged chunk has been dropped; a read error leaves it
+            return "not held here", False
+        except ChunkError as exc:
             log.warning("%s", exc)
-            return m.ChunkReply(request=request, chunk=chunk, ok=False, error=str(exc),
-                                held=not isinstance(exc, ChunkError), free_bytes=store.free_bytes)
+            self.agent.spawn(self._report_lost(chunk))
+            return str(exc), False
+        except OSError as exc:
+            log.warning("reading chunk %s: %s", chunk[:12], exc)
+            return str(exc), True
 
-    async def fetch(agent: Agent, msg: m.Message, payload: bytes) -> None:
+    async def _report_lost(self, chunk: str) -> None:
+        try:
+            await self.agent.send(m.ChunkLost(chunks=[chunk]))
+        except (ConnectionError, OSError):
+            pass  # not connected: the next inventory says it is gone
+
+    # --- the coordinator's instructions ----------------------------------------------------------
+
+    async def put(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
+        assert isinstance(msg, m.ChunkPut)
+        error = await self.keep(msg.chunk, payload)
+        await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=not error, error=error,
+                                      free_bytes=self.store.free_bytes))
+
+    def _refusal(self, msg: m.ChunkFetch | m.ChunkCopy, why: tuple[str, bool]) -> m.ChunkReply:
+        return m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=False, error=why[0], held=why[1],
+                            free_bytes=self.store.free_bytes)
+
+    async def fetch(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkFetch)
-        data = await read(msg.request, msg.chunk)
-        if isinstance(data, m.ChunkReply):
-            await agent.send(data)
+        data = await self.read(msg.chunk)
+        if isinstance(data, tuple):
+            await agent.send(self._refusal(msg, data))
             return
-        await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=True, free_bytes=store.free_bytes),
-                         payload=data)
+        await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=True,
+                                      free_bytes=self.store.free_bytes), payload=data)
 
-    async def copy(agent: Agent, msg: m.Message, payload: bytes) -> None:
+    async def copy(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkCopy)
-        data = await read(msg.request, msg.chunk)
-        if isinstance(data, m.ChunkReply):
-            await agent.send(data)
+        data = await self.read(msg.chunk)
+        if isinstance(data, tuple):
+            await agent.send(self._refusal(msg, data))
             return
         try:
-            answer, path = await links.send(msg.target, msg.chunk, data)
+            answer, _, path = await self.links.request(msg.target, {"op": "put", "chunk": msg.chunk}, data)
             error = str(answer.get("error") or "")
-            target_free = int(answer.get("free", -1))  # type: ignore[call-overload]
+            target_free = int(answer.get("free", -1))
             if not error:
                 log.info("chunk %s copied to %s (%d bytes, %s path)", msg.chunk[:12], msg.target, len(data), path)
         except LINK_ERRORS as exc:
-            error, target_free = f"copy to {msg.target} failed: {type(exc).__name__}: {exc}", -1
+            error, target_free = f"copy failed: {type(exc).__name__}: {exc}", -1
         await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=not error,
                                       error=f"{msg.target}: {error}" if error else "",
-                                      free_bytes=store.free_bytes, target_free_bytes=max(-1, target_free)))
+                                      free_bytes=self.store.free_bytes, target_free_bytes=max(-1, target_free)))
 
-    async def receive(link: PeerLink) -> None:
-        """A peer of the same owner sends chunks (one at a time); keep each and answer."""
+    async def delete(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
+        assert isinstance(msg, m.ChunkDelete)
+        for name in msg.chunks:
+            try:
+                await asyncio.to_thread(self.store.delete, name)
+            except ChunkError:
+                continue
+
+    # --- peers ------------------------------------------------------------------------------
+
+    async def serve_link(self, link: PeerLink) -> None:
+        """A peer of the same owner puts or gets chunks, one request at a time; answer each."""
         while True:
             try:
                 msg = await link.recv()
             except (LinkClosed, PeerUnavailable):
                 return
-            chunk = str(msg.meta.get("chunk", ""))
-            error = await keep(chunk, bytes(msg.payload))
-            await link.send(b"", {"chunk": chunk, "error": error, "free": store.free_bytes})
+            chunk, op = str(msg.meta.get("chunk", "")), msg.meta.get("op", "put")
+            if op == "get":
+                data = await self.read(chunk)
+                if isinstance(data, tuple):
+                    await link.send(b"", {"chunk": chunk, "error": data[0]})
+                else:
+                    await link.send(data, {"chunk": chunk})
+            elif op == "put":
+                error = await self.keep(chunk, bytes(msg.payload))
+                await link.send(b"", {"chunk": chunk, "error": error, "free": self.store.free_bytes})
+            else:
+                await link.send(b"", {"chunk": chunk, "error": f"unknown op {op!r}"})
 
-    async def delete(agent: Agent, msg: m.Message, payload: bytes) -> None:
-        assert isinstance(msg, m.ChunkDelete)
-        for name in msg.chunks:
+    # --- programs on this machine --------------------------------------------------------------
+
+    async def local_chunk(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """``{"op": "chunk", "chunk": id, "holders": [device ids]}``: the chunk from this device's store,
+        else from the holders (random order, the next one when one fails), checked against its name."""
+        chunk, holders = request.get("chunk"), request.get("holders", [])
+        if not isinstance(chunk, str) or not is_chunk_id(chunk):
+            raise LocalRequestError(f"not a chunk name: {chunk!r}")
+        if not isinstance(holders, list) or len(holders) > MAX_HOLDERS or not all(isinstance(h, str) for h in holders):
+            raise LocalRequestError(f"holders must be a list of at most {MAX_HOLDERS} device ids")
+        errors = []
+        if chunk in self.store:
+            data = await self.read(chunk)
+            if not isinstance(data, tuple):
+                return {"source": self.agent.device_id, "path": "local"}, data
+            errors.append(f"this device: {data[0]}")
+        peers = [h for h in dict.fromkeys(holders) if h != self.agent.device_id]
+        random.shuffle(peers)  # spread reads over the replicas
+        for peer in peers:
             try:
-                await asyncio.to_thread(store.delete, name)
-            except ChunkError:
-                continue
+                answer, data, path = await self.links.request(peer, {"op": "get", "chunk": chunk})
+                if answer.get("error"):
+                    raise ChunkError(str(answer["error"]))
+                return {"source": peer, "path": path}, verify(chunk, data)
+            except (ChunkError, *LINK_ERRORS) as exc:
+                errors.append(f"{peer}: {type(exc).__name__}: {exc}")
+        raise LocalRequestError(f"chunk {chunk[:12]}: no holder returned it ({'; '.join(errors) or 'no holders'})")
 
-    agent.on(m.ChunkPut, put)
-    agent.on(m.ChunkFetch, fetch)
-    agent.on(m.ChunkCopy, copy)
-    agent.on(m.ChunkDelete, delete)
-    agent.links.serve(CHANNEL, receive)
-    agent.on_connected(lambda: agent.send(m.ChunkInventory(quota_bytes=store.quota_bytes,
-                                                           used_bytes=store.used_bytes, chunks=store.chunks())))
+
+def install(agent: Agent, store: ChunkStore) -> FileWorker:
+    """Serve chunk requests from ``store``, fetch chunks for local programs, report the inventory on
+    every connection."""
+    worker = FileWorker(agent, store)
+    worker.install()
+    return worker

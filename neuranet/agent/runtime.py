@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from neuranet import __version__
 from neuranet.agent.identity import Identity
+from neuranet.agent.local_api import LocalApi
 from neuranet.agent.profile import collect_profile
 from neuranet.agent.telemetry import TelemetrySampler
 from neuranet.config import AgentConfig, MiB
@@ -65,6 +66,7 @@ class Agent:
         self.identity = Identity.load_or_create(config.data_dir)
         self.links = LinkManager(config, self._relay_send, self.send)
         self.listener = DirectListener(self.links.lookup, config.frame_bytes * 2)
+        self.local = LocalApi(lambda: self.device_id)  # programs on this machine (the CLI) use the agent
         self.connected = asyncio.Event()
         self.welcome: m.Welcome | None = None
         self.server_rtt_ms: float | None = None
@@ -120,6 +122,8 @@ class Agent:
     async def run(self) -> None:
         """Connect and serve until cancelled; raises EnrolmentError when retrying cannot help."""
         await self.listener.start(self.config.listen_host, self.config.listen_port)
+        if self.local.ops:
+            await self.local.start(self.config.data_dir)
         try:
             self._static = await asyncio.to_thread(collect_profile, self.config.data_dir, self.config.measure)
             attempt = 0
@@ -139,6 +143,7 @@ class Agent:
         finally:
             await self.links.close()
             await self.listener.close()
+            await self.local.close()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -507,6 +507,13 @@ class ChunkReply(Message):
     target_free_bytes: int = Field(-1, ge=-1)  # for a copy: what the target's quota has left (-1: unknown)
 
 
+class ChunkLost(Message):
+    """A device found chunks damaged on its disk (a read failed its hash) and dropped them."""
+
+    TYPE: ClassVar[str] = "chunk_lost"
+    chunks: list[str] = Field(max_length=100_000)
+
+
 class ChunkInventory(Message):
     """A device's storage on connecting: its quota, bytes used, and the chunks it holds."""
 

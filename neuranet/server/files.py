@@ -80,6 +80,8 @@ class FileBook:
         elif isinstance(msg, m.ChunkInventory):
             self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
             self._tasks.spawn(self._reconcile(conn, set(msg.chunks)))
+        elif isinstance(msg, m.ChunkLost):
+            self._tasks.spawn(self._forget(conn, msg.chunks))
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -88,6 +90,14 @@ class FileBook:
         for dev, fut in self._pending.values():
             if dev == device_id and not fut.done():
                 fut.set_exception(FileError(f"device {device_id} went offline", 503))
+
+    async def _forget(self, conn: "AgentConnection", chunks: list[str]) -> None:
+        """A device dropped damaged copies: forget them (the repair loop makes new ones)."""
+        try:
+            for chunk in chunks:
+                await self.hub.store.remove_replica(conn.user_id, chunk, conn.device_id)
+        except Exception:
+            log.exception("forgetting the lost chunks of %s failed", conn.device_id)
 
     async def _reconcile(self, conn: "AgentConnection", held: set[str]) -> None:
         """A device just reported what it holds: drop what no file needs (deleted while it was away),

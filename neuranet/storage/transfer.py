@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from neuranet.storage.chunks import CHUNK_SIZE, ChunkRef, Manifest, split, verify
+from neuranet.agent.local_api import LocalAgent, LocalRequestError
+from neuranet.storage.chunks import CHUNK_SIZE, ChunkError, ChunkRef, Manifest, split, verify
 from neuranet.storage.sealing import NONCE, TAG, Sealer
 
 PARALLEL = 4
@@ -80,9 +83,12 @@ class _Hashing:
 
 
 def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, Any]], Sealer] | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Progress | None = None, agent: LocalAgent | None = None) -> dict[str, Any]:
     """Fetch ``name`` into ``target`` (atomically); ``opener(sealing)`` gives the sealer of an encrypted
-    file. Returns the file's info."""
+    file. With ``agent`` (this machine's agent) each chunk comes through it, from its own store or
+    over a PeerLink from a holder, and from the coordinator only when that fails. Returns the file's
+    info, with ``paths``: how many chunks came which way ("local", "direct", "relay" through the
+    agent; "server" from the coordinator)."""
     info = client.file_info(name)
     sealer = None
     if info.get("sealing"):
@@ -94,10 +100,28 @@ def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, A
     whole = hashlib.sha256()
     chunks = info["chunk_list"]
 
+    paths: Counter[str] = Counter()
+    counting = threading.Lock()
+
+    def fetch(chunk: dict[str, Any]) -> bytes:
+        path, data = "server", b""
+        if agent is not None:
+            try:
+                answer, data = agent.request({"op": "chunk", "chunk": chunk["id"],
+                                              "holders": [h["device"] for h in chunk["holders"] if h["online"]]})
+                data, path = verify(chunk["id"], data), str(answer.get("path", "agent"))
+            except (OSError, LocalRequestError, ChunkError):
+                data = b""  # the coordinator has its own way to the holders
+        if path == "server":
+            data = verify(chunk["id"], client.get_chunk(chunk["id"]))
+        with counting:
+            paths[path] += 1
+        return data
+
     def jobs() -> Iterator[Callable[[], bytes]]:
         for index, c in enumerate(chunks):
-            def get(index: int = index, chunk: str = c["id"]) -> bytes:
-                data = verify(chunk, client.get_chunk(chunk))
+            def get(index: int = index, chunk: dict[str, Any] = c) -> bytes:
+                data = fetch(chunk)
                 return sealer.open(index, data) if sealer is not None else data
 
             yield get
@@ -115,4 +139,4 @@ def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, A
     finally:
         if tmp.exists():
             tmp.unlink()
-    return info
+    return {**info, "paths": dict(paths)}
