@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fabric_helpers import async_wait_for, free_port
+from fabric_helpers import async_wait_for, device_by_name, free_port
 from neuranet.agent.runtime import Agent
 from neuranet.config import AgentConfig
 from neuranet.fabric import LocalFabric
-from neuranet.protocol.errors import LinkRefused
+from neuranet.protocol.errors import LinkRefused, PeerUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +96,19 @@ async def test_link_to_another_users_device_is_refused(fabric: LocalFabric) -> N
         with pytest.raises(LinkRefused, match="forbidden"):
             await theirs.links.open(mine.device_id)
         assert not mine.links.links  # nothing reached the target
+
+
+async def test_opening_a_link_to_an_offline_device_fails_at_once(fabric: LocalFabric) -> None:
+    async with Agent(agent_config(fabric, "a")) as a:
+        await a.wait_connected()
+        async with Agent(agent_config(fabric, "b")) as b:
+            await b.wait_connected()
+            gone = b.device_id
+        with fabric.client() as c:
+            await async_wait_for(lambda: not device_by_name(c, "b")["online"], what="b offline")
+        # Nothing would grant the link later, so the opener hears now rather than after its timeout.
+        with pytest.raises(PeerUnavailable, match="offline"):
+            await a.links.open(gone, timeout=60)
 
 
 async def test_devices_put_in_one_run_may_link_across_owners(fabric: LocalFabric, tmp_path: Path) -> None:

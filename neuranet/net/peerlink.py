@@ -184,8 +184,11 @@ class PeerLink:
 
     def on_refused(self, reason: str) -> None:
         """The server would not relay: wait for the peer if it is away (or the link is being
-        renewed after a reconnect), give up if the link is not allowed at all."""
-        if reason.startswith("offline") or (reason.startswith("ungranted") and self.granted.is_set()):
+        renewed after a reconnect), give up if the link is not allowed at all, or if it was never
+        granted and the peer is offline (nothing would grant it later: the opener hears at once)."""
+        if reason.startswith("offline") and not self.granted.is_set():
+            self._shutdown(PeerUnavailable(f"link to {self.peer} refused: {reason}"))
+        elif reason.startswith("offline") or (reason.startswith("ungranted") and self.granted.is_set()):
             self.peer_down_since = self.peer_down_since or time.monotonic()
             self.relay_ready = False
         else:
