@@ -29,11 +29,13 @@ Reported per policy and k: mean over files of the fraction of time retrievable, 
 files (1st percentile), and bytes copied per stored byte per day. Aim (issue 6): forecast at k = 3
 mean >= 0.95, worst 1% >= 0.8, at most 1 byte moved per stored byte per day.
 
-Then (``--transfer-mib``, 0 to skip) the real thing on loopback: a coordinator and two agents
+Then (``--transfer-mib``, 0 to skip) the real thing on loopback: a coordinator and three agents
 (``--no-direct``, so PeerLinks between them relay through the coordinator), a file of that size
-put with one replica and got back through the REST API (`neuranet.storage.transfer`), next to
-the same number of bytes copied from one agent to the other as plain PeerLink bytes through the
-relay (a link test, 1 MiB messages). Each figure is the median of three, interleaved.
+put with one replica on the two that offer storage and got back (`neuranet.storage.transfer`) both
+through the REST API and through the third agent, "this machine's" (`files get` when an agent
+runs here: each chunk over a PeerLink from its holder, relayed here), next to the same number of
+bytes copied from one agent to another as plain PeerLink bytes through the relay (a link test,
+1 MiB messages). Each figure is the median of three, interleaved.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ def transfer(mib: int) -> None:
     import statistics
     import tempfile
 
+    from neuranet.agent.local_api import LocalAgent
     from neuranet.fabric import LocalFabric
     from neuranet.storage.transfer import download, upload
 
@@ -216,12 +219,14 @@ def transfer(mib: int) -> None:
         fab.start_server()
         for name in ("a", "b"):
             fab.start_agent(name, extra=["--no-measure", "--no-direct", "--storage", f"{4 * mib}M"])
-        devices = fab.wait_online(["a", "b"])
+        fab.start_agent("here", extra=["--no-measure", "--no-direct"])  # this machine's agent, no storage
+        devices = fab.wait_online(["a", "b", "here"])
+        here = LocalAgent(Path(tmp) / "agents" / "here")
         src = Path(tmp) / "payload.bin"
         with open(src, "wb") as f:
             for _ in range(mib):
                 f.write(os.urandom(2 ** 20))
-        rates: dict[str, list[float]] = {"files put": [], "files get": [], "relay PeerLink": []}
+        rates: dict[str, list[float]] = {"files put": [], "files get": [], "get via agent": [], "relay PeerLink": []}
         with fab.client() as c:
             for trial in range(3):
                 t0 = time.perf_counter()
@@ -231,6 +236,11 @@ def transfer(mib: int) -> None:
                 t0 = time.perf_counter()
                 download(c, f"payload-{trial}", Path(tmp) / "back.bin")
                 rates["files get"].append(size / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                paths = download(c, f"payload-{trial}", Path(tmp) / "back.bin", agent=here)["paths"]
+                rates["get via agent"].append(size / (time.perf_counter() - t0))
+                if set(paths) != {"relay"}:
+                    print(f"  (get via agent: chunks came {paths})")
                 c.delete_file(f"payload-{trial}")
                 state = c.start_linktest(devices["a"]["id"], devices["b"]["id"], size, 2 ** 20)
                 deadline = time.monotonic() + 300

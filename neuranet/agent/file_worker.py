@@ -27,7 +27,7 @@ from typing import Any
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
 from neuranet.agent.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
-from neuranet.net.peerlink import LinkClosed, PeerLink
+from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
 from neuranet.storage.chunks import ChunkError, is_chunk_id, verify
@@ -38,80 +38,112 @@ CHANNEL = "chunks"
 COPY_TIMEOUT = 60.0  # a request on a chunk link not answered in this long fails
 LINK_IDLE = 30.0  # an outgoing chunk link unused this long is closed
 MAX_HOLDERS = 64  # holders one local fetch may name
+SERVE_PARALLEL = 8  # requests from one peer served at once (reads and writes run in threads)
 LINK_ERRORS = (LinkClosed, LinkRefused, PeerUnavailable, ProtocolError, ConnectionError, TimeoutError,
                asyncio.TimeoutError)
 
 
+class _Link:
+    """One outgoing chunk link and its requests in flight (answers carry the request's ``rid``)."""
+
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
+        self.pending: dict[int, asyncio.Future[LinkMessage]] = {}
+        self.next_rid = 0
+        self.used = time.monotonic()
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = await self.link.recv()
+                fut = self.pending.pop(msg.meta.get("rid", -1), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except BaseException as exc:  # the link ended: every request in flight fails with it
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else LinkClosed("link closed"))
+            self.pending.clear()
+            if not isinstance(exc, Exception):
+                raise
+
+    def close(self) -> None:
+        self.link.abort()
+        self.reader.cancel()
+
+
 class ChunkLinks:
     """Outgoing chunk links, one per peer device, reused across requests (a link costs a grant from
-    the coordinator and a direct-dial attempt) and closed when idle."""
+    the coordinator and a direct-dial attempt), several requests in flight on each, closed when idle."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self._links: dict[str, tuple[PeerLink, asyncio.Lock]] = {}
+        self._links: dict[str, _Link] = {}
         self._opening: dict[str, asyncio.Lock] = {}
-        self._used: dict[str, float] = {}
         self._reaper: asyncio.Task[None] | None = None
 
-    async def _link(self, peer: str) -> tuple[PeerLink, asyncio.Lock]:
+    async def _link(self, peer: str) -> _Link:
         async with self._opening.setdefault(peer, asyncio.Lock()):
             entry = self._links.get(peer)
-            if entry is not None and entry[0].peer_down_since is not None:
-                entry[0].abort()  # the peer went away (and may be back as a new process): start afresh
-            if entry is None or entry[0].closed:
-                link = await self.agent.links.open(peer, CHANNEL, timeout=COPY_TIMEOUT / 2)
-                entry = self._links[peer] = (link, asyncio.Lock())
+            if entry is not None and (entry.link.closed or entry.link.peer_down_since is not None):
+                entry.close()  # gone (the peer may be back as a new process): start afresh
+                entry = None
+            if entry is None:
+                entry = self._links[peer] = _Link(await self.agent.links.open(peer, CHANNEL, timeout=COPY_TIMEOUT / 2))
                 if self._reaper is None or self._reaper.done():
                     self._reaper = self.agent.spawn(self._reap())
             return entry
 
     async def request(self, peer: str, meta: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], bytes, str]:
         """One request to ``peer`` on the chunks channel: its answer, the answer's bytes, and the path
-        taken ("direct" or "relay")."""
+        taken ("direct" or "relay"). Fails as soon as the peer is gone (unlike a pipeline's link, which
+        waits for its peer to come back): another holder or device can serve instead."""
         for attempt in range(2):  # a cached link may have died since its last use: one fresh try
-            link, lock = await self._link(peer)
+            entry = await self._link(peer)
+            entry.next_rid += 1
+            rid = entry.next_rid
+            fut = entry.pending[rid] = asyncio.get_running_loop().create_future()
             try:
-                async with lock:  # one request at a time per link, so each answer matches its request
-                    self._used[peer] = time.monotonic()
-                    await link.send(data, meta)
-                    answer = await _answer(link)
-                    self._used[peer] = time.monotonic()
-                    if answer.meta.get("chunk") != meta.get("chunk"):
-                        raise ProtocolError(f"{peer} answered for another chunk")
-                    return answer.meta, bytes(answer.payload), link.path
+                entry.used = time.monotonic()
+                await entry.link.send(data, {**meta, "rid": rid})
+                answer = await _answer(entry.link, fut)
+                entry.used = time.monotonic()
+                if answer.meta.get("chunk") != meta.get("chunk"):
+                    raise ProtocolError(f"{peer} answered for another chunk")
+                return answer.meta, bytes(answer.payload), entry.link.path
             except LINK_ERRORS:
-                link.abort()
-                self._links.pop(peer, None)
+                entry.close()
+                if self._links.get(peer) is entry:
+                    del self._links[peer]
                 if attempt:
                     raise
+            finally:
+                entry.pending.pop(rid, None)
         raise AssertionError("unreachable")
 
     async def _reap(self) -> None:
         while self._links:
             await asyncio.sleep(LINK_IDLE / 3)
             now = time.monotonic()
-            for peer, (link, lock) in list(self._links.items()):
-                if not lock.locked() and now - self._used.get(peer, 0.0) > LINK_IDLE:
+            for peer, entry in list(self._links.items()):
+                if not entry.pending and now - entry.used > LINK_IDLE:
                     del self._links[peer]
-                    await link.close(flush_timeout=2.0)
+                    entry.reader.cancel()
+                    await entry.link.close(flush_timeout=2.0)
 
 
-async def _answer(link: PeerLink) -> Any:
-    """The next message on a chunk link. Unlike a pipeline's link, which waits for a peer to come back,
-    a chunk request fails as soon as the peer is gone: another holder or device can serve instead."""
+async def _answer(link: PeerLink, reply: asyncio.Future[LinkMessage]) -> LinkMessage:
+    """The answer to one request, or an error as soon as the peer is gone or past `COPY_TIMEOUT`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + COPY_TIMEOUT
-    reply = asyncio.ensure_future(link.recv())
-    try:
-        while not reply.done():
-            await asyncio.wait({reply}, timeout=0.25)
-            if not reply.done() and link.peer_down_since is not None:
-                raise PeerUnavailable(f"{link.peer} went offline")
-            if not reply.done() and loop.time() > deadline:
-                raise TimeoutError(f"{link.peer} did not answer within {COPY_TIMEOUT:.0f}s")
-        return reply.result()
-    finally:
-        reply.cancel()
+    while not reply.done():
+        await asyncio.wait({reply}, timeout=0.25)
+        if not reply.done() and link.peer_down_since is not None:
+            raise PeerUnavailable(f"{link.peer} went offline")
+        if not reply.done() and loop.time() > deadline:
+            raise TimeoutError(f"{link.peer} did not answer within {COPY_TIMEOUT:.0f}s")
+    return reply.result()
 
 
 class FileWorker:
@@ -212,24 +244,42 @@ class FileWorker:
     # --- peers ------------------------------------------------------------------------------
 
     async def serve_link(self, link: PeerLink) -> None:
-        """A peer of the same owner puts or gets chunks, one request at a time; answer each."""
-        while True:
-            try:
-                msg = await link.recv()
-            except (LinkClosed, PeerUnavailable):
-                return
+        """A peer of the same owner puts or gets chunks; up to `SERVE_PARALLEL` requests are served at
+        once, each answer tagged with its request's ``rid``."""
+        slots = asyncio.Semaphore(SERVE_PARALLEL)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    msg = await link.recv()
+                except (LinkClosed, PeerUnavailable):
+                    return
+                await slots.acquire()
+                task = asyncio.ensure_future(self._serve_one(link, msg, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve_one(self, link: PeerLink, msg: LinkMessage, slots: asyncio.Semaphore) -> None:
+        try:
             chunk, op = str(msg.meta.get("chunk", "")), msg.meta.get("op", "put")
+            tag = {"chunk": chunk, "rid": msg.meta.get("rid")}
             if op == "get":
                 data = await self.read(chunk)
                 if isinstance(data, tuple):
-                    await link.send(b"", {"chunk": chunk, "error": data[0]})
+                    await link.send(b"", {**tag, "error": data[0]})
                 else:
-                    await link.send(data, {"chunk": chunk})
+                    await link.send(data, tag)
             elif op == "put":
                 error = await self.keep(chunk, bytes(msg.payload))
-                await link.send(b"", {"chunk": chunk, "error": error, "free": self.store.free_bytes})
+                await link.send(b"", {**tag, "error": error, "free": self.store.free_bytes})
             else:
-                await link.send(b"", {"chunk": chunk, "error": f"unknown op {op!r}"})
+                await link.send(b"", {**tag, "error": f"unknown op {op!r}"})
+        except (LinkClosed, PeerUnavailable, ConnectionError):
+            pass  # the requester is gone; it fails over on its side
+        finally:
+            slots.release()
 
     # --- programs on this machine --------------------------------------------------------------
 
