@@ -51,6 +51,12 @@ def _size(n: float) -> str:
     return f"{n}"
 
 
+AgentDirOpt = typer.Option(None, "--agent-dir", help="Data dir of this machine's agent (default: "
+                           "~/.neuranet/agent when its agent runs).")
+NoAgentOpt = typer.Option(False, "--no-agent", help="Go through the coordinator even when this machine runs "
+                          "an agent.")
+
+
 @files_app.command("put")
 def put(path: Path = typer.Argument(..., help="The file to store."),
         name: Optional[str] = typer.Option(None, "--name", help="Its name on the fabric (default: the file's name)."),
@@ -59,8 +65,12 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
         key_file: Optional[Path] = typer.Option(None, "--key-file", help="Encrypt with this key file "
                                                 "(else a passphrase: prompted, or $NEURANET_PASSPHRASE)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file of the same name."),
+        agent_dir: Optional[Path] = AgentDirOpt, no_agent: bool = NoAgentOpt,
         server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """Store a file on your devices, chunk by chunk, each chunk on REPLICAS devices."""
+    """Store a file on your devices, chunk by chunk, each chunk on REPLICAS devices.
+
+    When this machine runs an agent of yours, chunks go through it: it keeps them or sends them to the
+    chosen devices over PeerLinks (direct when possible). Otherwise through the coordinator."""
     from neuranet.storage.sealing import Sealer, SealingError
     from neuranet.storage.transfer import upload
 
@@ -74,21 +84,20 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
     with _client(server, token, timeout=120.0) as c, _bar() as bar, open(path, "rb") as f:
         task = bar.add_task(f"put {path.name}", total=path.stat().st_size)
         try:
-            out = upload(c, f, name or path.name, replicas, sealer, overwrite, lambda n: bar.advance(task, n))
-        except ClientError as exc:
+            agent = None if no_agent else _local_agent(c, agent_dir)
+            out = upload(c, f, name or path.name, replicas, sealer, overwrite, lambda n: bar.advance(task, n),
+                         agent=agent)
+        except (ClientError, OSError) as exc:
             _fail(exc)
     console.print(f"stored {out['name']}: {_size(out['size'])} in {out['chunks']} chunk(s), "
-                  f"{out['replicas']} replicas{', encrypted' if out['encrypted'] else ''}")
+                  f"{out['replicas']} replicas{', encrypted' if out['encrypted'] else ''} ({_ways(out['paths'])})")
 
 
 @files_app.command("get")
 def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
         output: Optional[Path] = typer.Option(None, "-o", help="Where to write it (default: ./NAME)."),
         key_file: Optional[Path] = typer.Option(None, "--key-file", help="Key file of an encrypted file."),
-        agent_dir: Optional[Path] = typer.Option(None, "--agent-dir", help="Data dir of this machine's agent "
-                                                 "(default: ~/.neuranet/agent when its agent runs)."),
-        no_agent: bool = typer.Option(False, "--no-agent", help="Fetch through the coordinator even when "
-                                      "this machine runs an agent."),
+        agent_dir: Optional[Path] = AgentDirOpt, no_agent: bool = NoAgentOpt,
         server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Fetch a file from your devices (each chunk from an online replica, checked by its hash).
 
@@ -113,8 +122,12 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
             info = download(c, name, target, opener, lambda n: bar.advance(task, n), agent=agent)
         except (ClientError, SealingError, TransferError, OSError) as exc:
             _fail(exc)
-    ways = ", ".join(f"{n} {way}" for way, n in sorted(info["paths"].items()))
-    console.print(f"wrote {target} ({_size(size)}; chunks: {ways or 'none'})")
+    console.print(f"wrote {target} ({_size(size)}; {_ways(info['paths'])})")
+
+
+def _ways(paths: dict[str, int]) -> str:
+    """How chunks travelled, e.g. "chunks: 3 direct, 1 local"."""
+    return "chunks: " + (", ".join(f"{n} {way}" for way, n in sorted(paths.items())) or "none")
 
 
 def _local_agent(c: Any, agent_dir: Optional[Path]) -> Any:

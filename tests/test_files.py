@@ -174,7 +174,7 @@ def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_p
     assert result.exit_code == 0 and "s0:" in result.output and "quota 64.0 MiB" in result.output
 
 
-def test_get_through_this_machines_agent_goes_device_to_device_and_fails_over(fabric: LocalFabric,
+def test_put_and_get_through_this_machines_agent_go_device_to_device_with_failover(fabric: LocalFabric,
                                                                                tmp_path: Path) -> None:
     data = os.urandom(4 * MiB + 7)
     put_bytes(fabric, tmp_path, "near.bin", data, "--replicas", "2")
@@ -197,6 +197,19 @@ def test_get_through_this_machines_agent_goes_device_to_device_and_fails_over(fa
         for _ in range(3):
             answer, got = here.request({"op": "chunk", "chunk": ch["id"], "holders": [ids[gone], ids[alive]]})
             assert chunk_id(got) == ch["id"] and (answer["source"], answer["path"]) == (ids[alive], "direct")
+        # Uploads through the agent too: it keeps a chunk or sends it to the devices the coordinator
+        # chose over PeerLinks, and answers once the coordinator has recorded them.
+        up = os.urandom(3 * MiB)
+        src = tmp_path / "up.bin"
+        src.write_bytes(up)
+        with open(src, "rb") as f:
+            out = upload(c, f, "up.bin", replicas=2, agent=here)
+        assert set(out["paths"]) <= {"local", "direct"} and sum(out["paths"].values()) == 2 * 3, out["paths"]
+        assert all(len(set(h)) == 2 for h in holders(c, "up.bin"))
+        download(c, "up.bin", tmp_path / "up.out")  # through the coordinator
+        assert (tmp_path / "up.out").read_bytes() == up
+        with pytest.raises(LocalRequestError, match="does not match"):
+            here.request({"op": "put", "chunk": chunk_id(b"abc"), "replicas": 1}, b"abd")
         with pytest.raises(LocalRequestError, match="not a chunk name"):
             here.request({"op": "chunk", "chunk": "nope"})
         with pytest.raises(LocalRequestError, match="no holder returned it"):
@@ -211,6 +224,9 @@ def test_get_through_this_machines_agent_goes_device_to_device_and_fails_over(fa
     assert result.exit_code == 0 and "5 server" in result.output, result.output
     result = CliRunner().invoke(app, ["files", "get", "near.bin", "--agent-dir", str(tmp_path), *auth])
     assert result.exit_code == 1 and "no agent answers" in result.output
+    result = CliRunner().invoke(app, ["files", "put", str(src), "--name", "up2.bin", "-k", "1",
+                                      "--agent-dir", str(fabric.root / "agents" / near), *auth])
+    assert result.exit_code == 0 and "server" not in result.output.split("chunks:")[1], result.output
     fabric.start_agent(gone, extra=["--no-measure", "--storage", "64M", "-v"])
     fabric.wait_online([gone])
 

@@ -151,6 +151,8 @@ class FileWorker:
         self.agent = agent
         self.store = store
         self.links = ChunkLinks(agent)
+        self._asks: dict[int, asyncio.Future[m.ChunkPlaced]] = {}  # uploads' questions to the coordinator
+        self._next_ask = 0
 
     def install(self) -> None:
         agent = self.agent
@@ -160,6 +162,8 @@ class FileWorker:
         agent.on(m.ChunkDelete, self.delete)
         agent.links.serve(CHANNEL, self.serve_link)
         agent.local.register("chunk", self.local_chunk)
+        agent.local.register("put", self.local_put)
+        agent.on(m.ChunkPlaced, self._placed)
         agent.on_connected(lambda: agent.send(m.ChunkInventory(
             quota_bytes=self.store.quota_bytes, used_bytes=self.store.used_bytes, chunks=self.store.chunks())))
 
@@ -283,7 +287,7 @@ class FileWorker:
 
     # --- programs on this machine --------------------------------------------------------------
 
-    async def local_chunk(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    async def local_chunk(self, request: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """``{"op": "chunk", "chunk": id, "holders": [device ids]}``: the chunk from this device's store,
         else from the holders (random order, the next one when one fails), checked against its name."""
         chunk, holders = request.get("chunk"), request.get("holders", [])
@@ -308,6 +312,80 @@ class FileWorker:
             except (ChunkError, *LINK_ERRORS) as exc:
                 errors.append(f"{peer}: {type(exc).__name__}: {exc}")
         raise LocalRequestError(f"chunk {chunk[:12]}: no holder returned it ({'; '.join(errors) or 'no holders'})")
+
+
+    async def local_put(self, request: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """``{"op": "put", "chunk": id, "replicas": k, "size": n}`` + the bytes: store the chunk for the
+        owner on the devices the coordinator places it on, sending it to each over a PeerLink (or
+        keeping it here), and answer once the coordinator has recorded where it is."""
+        chunk, replicas = request.get("chunk"), request.get("replicas", 3)
+        if not isinstance(chunk, str) or not is_chunk_id(chunk):
+            raise LocalRequestError(f"not a chunk name: {chunk!r}")
+        if not isinstance(replicas, int) or not 1 <= replicas <= 16:
+            raise LocalRequestError("replicas must be an integer from 1 to 16")
+        try:
+            verify(chunk, payload)
+        except ChunkError as exc:
+            raise LocalRequestError(str(exc)) from None
+        holders: list[str] = []
+        failed: dict[str, str] = {}
+        paths: dict[str, int] = {}
+        for _ in range(3):  # devices that fail are excluded and others asked for, a few times
+            placed = await self._ask(m.ChunkPlace(request=0, chunk=chunk, size=len(payload), replicas=replicas,
+                                                  exclude=sorted(failed)))
+            holders = placed.holders
+            if not placed.targets:
+                break
+            sent = await asyncio.gather(*(self._send_to(t, chunk, payload) for t in placed.targets))
+            stored = []
+            for target, (path, error) in zip(placed.targets, sent):
+                if error:
+                    failed[target] = error
+                else:
+                    stored.append(target)
+                    paths[path] = paths.get(path, 0) + 1
+            if stored:
+                holders = (await self._ask(m.ChunkStored(request=0, chunk=chunk, size=len(payload),
+                                                         devices=stored))).holders
+            if len(holders) >= replicas:
+                break
+        if not holders:
+            why = "; ".join(f"{d}: {e}" for d, e in failed.items()) or "no device to store it on"
+            raise LocalRequestError(f"chunk {chunk[:12]}: {why}")
+        return {"holders": holders, "paths": paths}, b""
+
+    async def _send_to(self, target: str, chunk: str, data: bytes) -> tuple[str, str]:
+        """Give a chunk to one device (this one: keep it); the path taken, and an error ("" if stored)."""
+        if target == self.agent.device_id:
+            return "local", await self.keep(chunk, data)
+        try:
+            answer, _, path = await self.links.request(target, {"op": "put", "chunk": chunk}, data)
+            return path, str(answer.get("error") or "")
+        except LINK_ERRORS as exc:
+            return "", f"{type(exc).__name__}: {exc}"
+
+    async def _ask(self, msg: m.ChunkPlace | m.ChunkStored) -> m.ChunkPlaced:
+        """One question to the coordinator about an upload; its answer (`LocalRequestError` if it
+        refuses or does not answer)."""
+        self._next_ask += 1
+        msg = msg.model_copy(update={"request": self._next_ask})
+        fut = self._asks[msg.request] = asyncio.get_running_loop().create_future()
+        try:
+            await self.agent.send(msg)
+            answer = await asyncio.wait_for(fut, COPY_TIMEOUT)
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            raise LocalRequestError(f"the coordinator did not answer: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._asks.pop(msg.request, None)
+        if answer.error:
+            raise LocalRequestError(answer.error)
+        return answer
+
+    async def _placed(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
+        assert isinstance(msg, m.ChunkPlaced)
+        fut = self._asks.get(msg.request)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
 
 def install(agent: Agent, store: ChunkStore) -> FileWorker:

@@ -6,12 +6,14 @@ otherwise), so the bytes go device to device instead of through the coordinator.
 
 A Unix socket, ``data_dir/agent.sock``, mode 0600: only the agent's own OS user can connect, the same
 user who can read the agent's key. One request per line (a JSON object with an ``op``), answered by
-one JSON line, followed by ``size`` raw bytes when the answer has a ``size``:
+one JSON line. A request or an answer with a ``size`` is followed by that many raw bytes:
 
     {"op": "whoami"}                                   -> {"ok": true, "device": "<id>"}
-    {"op": "<registered op>", ...}                     -> {"ok": true, ...} [+ bytes] | {"ok": false, "error": "..."}
+    {"op": "<registered op>", ...[, "size": n]} [+ n bytes]
+                                                       -> {"ok": true, ...} [+ bytes] | {"ok": false, "error": "..."}
 
-Requests are bounded (`MAX_REQUEST` bytes per line); a connection may send any number of them.
+Requests are bounded (`MAX_REQUEST` bytes per line, `MAX_PAYLOAD` after it); a connection may send
+any number of them.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ log = logging.getLogger("neuranet.local")
 
 SOCKET_NAME = "agent.sock"
 MAX_REQUEST = 1 << 20
-# An op's answer: a JSON-able dict, and bytes to send after it (b"" for none).
-LocalHandler = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], bytes]]]
+MAX_PAYLOAD = 16 << 20
+# An op gets the request and its bytes (b"" for none); its answer: a JSON-able dict, and bytes to
+# send after it (b"" for none).
+LocalHandler = Callable[[dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]]
 
 
 class LocalRequestError(Exception):
@@ -83,8 +87,10 @@ class LocalApi:
                     return
                 if not line:
                     return
-                answer, data = await self._handle(line)
+                answer, data = await self._handle(line, reader)
                 await _answer(writer, answer, data)
+                if answer.get("fatal"):
+                    return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -92,13 +98,18 @@ class LocalApi:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _handle(self, line: bytes) -> tuple[dict[str, Any], bytes]:
+    async def _handle(self, line: bytes, reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
         try:
             request = json.loads(line)
         except ValueError:
             return {"ok": False, "error": "a request is one JSON object per line"}, b""
         if not isinstance(request, dict):
             return {"ok": False, "error": "a request is one JSON object per line"}, b""
+        size = request.get("size", 0)
+        if not isinstance(size, int) or not 0 <= size <= MAX_PAYLOAD:
+            # The bytes that follow cannot be skipped reliably: answer, then end the connection.
+            return {"ok": False, "error": f"size must be an integer in [0, {MAX_PAYLOAD}]", "fatal": True}, b""
+        payload = await reader.readexactly(size) if size else b""
         op = request.get("op")
         if op == "whoami":
             return {"ok": True, "device": self._device_id(), "ops": sorted(self.ops)}, b""
@@ -106,7 +117,7 @@ class LocalApi:
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r} (known: whoami, {', '.join(sorted(self.ops))})"}, b""
         try:
-            answer, data = await handler(request)
+            answer, data = await handler(request, payload)
         except LocalRequestError as exc:
             return {"ok": False, "error": str(exc)}, b""
         except Exception as exc:  # one bad request must not take the door down
@@ -142,13 +153,15 @@ class LocalAgent:
             return None
         return agent
 
-    def request(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """One request; its answer and bytes. Raises `LocalRequestError` for a refusal, OSError when the
-        agent cannot be reached."""
+    def request(self, request: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        """One request (with ``data`` after it); its answer and bytes. Raises `LocalRequestError` for a
+        refusal, OSError when the agent cannot be reached."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
             sock.connect(str(self.path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.sendall(json.dumps({**request, "size": len(data)} if data else request).encode() + b"\n")
+            if data:
+                sock.sendall(data)
             with sock.makefile("rb") as f:
                 line = f.readline(MAX_REQUEST)
                 if not line:

@@ -507,6 +507,41 @@ class ChunkReply(Message):
     target_free_bytes: int = Field(-1, ge=-1)  # for a copy: what the target's quota has left (-1: unknown)
 
 
+class ChunkPlace(Message):
+    """A device uploads a chunk for its owner (a program on its machine gave it the bytes): it asks
+    where the chunk should go. ``exclude``: devices that already failed to take it."""
+
+    TYPE: ClassVar[str] = "chunk_place"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+    size: int = Field(ge=0)
+    replicas: int = Field(ge=1, le=16)
+    exclude: list[str] = Field(default_factory=list, max_length=64)
+
+
+class ChunkStored(Message):
+    """The uploading device reports which devices now hold the chunk (it sent them the bytes over
+    PeerLinks, or kept them itself); the server records them and answers with `ChunkPlaced`."""
+
+    TYPE: ClassVar[str] = "chunk_stored"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+    size: int = Field(ge=0)
+    devices: list[str] = Field(max_length=64)
+
+
+class ChunkPlaced(Message):
+    """The server's answer to `ChunkPlace` (``targets``: where to send the chunk) and to `ChunkStored`
+    (no targets); ``holders``: the devices recorded as holding it; ``error`` when it cannot be placed."""
+
+    TYPE: ClassVar[str] = "chunk_placed"
+    request: int = Field(ge=0)
+    chunk: str = _ChunkName
+    holders: list[str] = Field(default_factory=list, max_length=64)
+    targets: list[str] = Field(default_factory=list, max_length=64)
+    error: str = ""
+
+
 class ChunkLost(Message):
     """A device found chunks damaged on its disk (a read failed its hash) and dropped them."""
 

@@ -172,7 +172,7 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
         hub.runs.on_message(conn, msg, bytes(env.payload))
     elif isinstance(msg, (m.ServeStatus, m.ServeOutput)):
         hub.serving.on_message(conn, msg, bytes(env.payload))
-    elif isinstance(msg, (m.ChunkReply, m.ChunkInventory, m.ChunkLost)):
+    elif isinstance(msg, (m.ChunkReply, m.ChunkInventory, m.ChunkLost, m.ChunkPlace, m.ChunkStored)):
         hub.files.on_message(conn, msg, bytes(env.payload))
     else:
         raise UnexpectedMessage(f"{env.type} is not accepted from agents")

@@ -82,6 +82,8 @@ class FileBook:
             self._tasks.spawn(self._reconcile(conn, set(msg.chunks)))
         elif isinstance(msg, m.ChunkLost):
             self._tasks.spawn(self._forget(conn, msg.chunks))
+        elif isinstance(msg, (m.ChunkPlace, m.ChunkStored)):
+            self._tasks.spawn(self._upload_step(conn, msg))
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -90,6 +92,21 @@ class FileBook:
         for dev, fut in self._pending.values():
             if dev == device_id and not fut.done():
                 fut.set_exception(FileError(f"device {device_id} went offline", 503))
+
+    async def _upload_step(self, conn: "AgentConnection", msg: m.ChunkPlace | m.ChunkStored) -> None:
+        """A device uploading a chunk itself asks where it should go, or reports where it went."""
+        try:
+            if isinstance(msg, m.ChunkPlace):
+                holders, targets = await self.plan_upload(conn.user_id, msg.chunk, msg.size, msg.replicas, msg.exclude)
+            else:
+                holders, targets = await self.record_upload(conn.user_id, msg.chunk, msg.size, msg.devices), []
+            reply = m.ChunkPlaced(request=msg.request, chunk=msg.chunk, holders=holders, targets=targets)
+        except FileError as exc:
+            reply = m.ChunkPlaced(request=msg.request, chunk=msg.chunk, error=str(exc))
+        except Exception as exc:
+            log.exception("upload step %s from %s failed", msg.TYPE, conn.device_id)
+            reply = m.ChunkPlaced(request=msg.request, chunk=msg.chunk, error=f"server error: {type(exc).__name__}")
+        conn.send(reply)
 
     async def _forget(self, conn: "AgentConnection", chunks: list[str]) -> None:
         """A device dropped damaged copies: forget them (the repair loop makes new ones)."""
@@ -239,27 +256,58 @@ class FileBook:
             lock = self._chunk_locks[(user_id, chunk_id)] = asyncio.Lock()
         return lock
 
+    async def _holders_and_views(self, user_id: str, chunk_id: str) -> tuple[list[str], list[DeviceView]]:
+        """A chunk being uploaded (under its lock): who holds it already (those records touched, so no
+        orphan collection takes them now) and the user's devices that offer storage."""
+        holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+        if holders and not await self.hub.store.touch_replicas(user_id, chunk_id):
+            holders = []  # collected as an orphan just now: store it anew
+        views = await self.views(user_id)
+        if not views:
+            raise FileError("none of your devices offers storage: start an agent with --storage (e.g. 20G)", 409)
+        return holders, views
+
+    def _place(self, chunk_id: str, size: int, replicas: int, holders: list[str], views: list[DeviceView],
+               exclude: set[str], refusals: list[str]) -> list[str]:
+        """Devices to add (none when enough hold it, or when no more can and some do); `FileError`
+        (507) when nobody holds it and nobody can take it."""
+        if len(holders) >= replicas:
+            return []
+        try:
+            return place(size, replicas, views, holders=holders, exclude=exclude,
+                         free={v.device_id: self._free(v.device_id) for v in views})
+        except PlacementError as exc:
+            if holders:
+                return []  # fewer replicas than asked for now; repair adds the rest later
+            why = "; ".join(refusals) if refusals else str(exc)
+            raise FileError(f"cannot store chunk {chunk_id[:12]}: {why}", 507) from None
+
+    async def plan_upload(self, user_id: str, chunk_id: str, size: int, replicas: int,
+                          exclude: list[str]) -> tuple[list[str], list[str]]:
+        """For a device uploading a chunk itself: its holders now, and the devices to send it to."""
+        async with self._lock(user_id, chunk_id):
+            holders, views = await self._holders_and_views(user_id, chunk_id)
+            return holders, self._place(chunk_id, size, replicas, holders, views, set(exclude), [])
+
+    async def record_upload(self, user_id: str, chunk_id: str, size: int, devices: list[str]) -> list[str]:
+        """A device uploading a chunk itself reports where it is now: record those of the user's devices;
+        the chunk's holders."""
+        mine = {d.id for d in await self.hub.store.list_devices(user_id)}
+        async with self._lock(user_id, chunk_id):
+            for device_id in dict.fromkeys(devices):
+                if device_id in mine:
+                    await self.hub.store.add_replica(user_id, chunk_id, size, device_id)
+            return (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+
     async def put_chunk(self, user_id: str, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
         """Store a chunk on up to ``replicas`` of the user's devices (kept once per user); its holders."""
         verify(chunk_id, data)
         async with self._lock(user_id, chunk_id):
-            holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
-            if holders and not await self.hub.store.touch_replicas(user_id, chunk_id):
-                holders = []  # collected as an orphan just now: store it anew
-            views = await self.views(user_id)
-            if not views:
-                raise FileError("none of your devices offers storage: start an agent with --storage (e.g. 20G)", 409)
+            holders, views = await self._holders_and_views(user_id, chunk_id)
             tried: set[str] = set()
             refusals: list[str] = []
             while len(holders) < replicas:
-                try:
-                    chosen = place(len(data), replicas, views, holders=holders, exclude=tried,
-                                   free={v.device_id: self._free(v.device_id) for v in views})
-                except PlacementError as exc:
-                    if holders:
-                        break  # fewer replicas than asked for now; repair adds the rest later
-                    why = "; ".join(refusals) if refusals else str(exc)
-                    raise FileError(f"cannot store chunk {chunk_id[:12]}: {why}", 507) from None
+                chosen = self._place(chunk_id, len(data), replicas, holders, views, tried, refusals)
                 if not chosen:
                     break
                 source = next((h for h in holders if h in self.hub.conns), None)

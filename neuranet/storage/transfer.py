@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,10 +43,25 @@ def _bounded(executor: ThreadPoolExecutor, jobs: Iterator[Callable[[], Any]], li
 
 
 def upload(client: Any, stream: BinaryIO, name: str, replicas: int = 3, sealer: Sealer | None = None,
-           overwrite: bool = False, progress: Progress | None = None, chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
-    """Store ``stream`` on the fabric as ``name``; the server's view of the committed file."""
+           overwrite: bool = False, progress: Progress | None = None, chunk_size: int = CHUNK_SIZE,
+           agent: LocalAgent | None = None) -> dict[str, Any]:
+    """Store ``stream`` on the fabric as ``name``; the server's view of the committed file, with
+    ``paths``: how the replicas went ("local", "direct", "relay" from this machine's agent when one is
+    given; "server" through the coordinator, which is also the fallback)."""
     reader = _Hashing(stream)
     refs: list[ChunkRef] = []
+    paths = _Paths()
+
+    def put(chunk: str, stored: bytes) -> None:
+        if agent is not None:
+            try:
+                answer, _ = agent.request({"op": "put", "chunk": chunk, "replicas": replicas}, stored)
+                paths.add(answer.get("paths") or {"agent": 1})
+                return
+            except (OSError, LocalRequestError):
+                pass  # the coordinator can place it itself
+        client.put_chunk(chunk, stored, replicas)
+        paths.add({"server": 1})
 
     def pieces() -> Iterator[Callable[[], int]]:
         seal = sealer.seal if sealer is not None else None
@@ -56,7 +70,7 @@ def upload(client: Any, stream: BinaryIO, name: str, replicas: int = 3, sealer: 
             plain = len(stored) - (SEALING_OVERHEAD if sealer is not None else 0)
 
             def send(ref: ChunkRef = ref, stored: bytes = stored, plain: int = plain) -> int:
-                client.put_chunk(ref.id, stored, replicas)
+                put(ref.id, stored)
                 return plain
 
             yield send
@@ -67,7 +81,21 @@ def upload(client: Any, stream: BinaryIO, name: str, replicas: int = 3, sealer: 
                 progress(moved)
     manifest = Manifest(name, reader.count, tuple(refs), reader.digest.hexdigest(),
                         sealer.describe() if sealer else None)
-    return client.commit_file({**manifest.to_json(), "replicas": replicas, "overwrite": overwrite})
+    return {**client.commit_file({**manifest.to_json(), "replicas": replicas, "overwrite": overwrite}),
+            "paths": paths.counts}
+
+
+class _Paths:
+    """How many chunks (or replicas) went which way; shared by a transfer's threads."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            for way, n in counts.items():
+                self.counts[way] = self.counts.get(way, 0) + int(n)
 
 
 class _Hashing:
@@ -101,8 +129,7 @@ def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, A
     whole = hashlib.sha256()
     chunks = info["chunk_list"]
 
-    paths: Counter[str] = Counter()
-    counting = threading.Lock()
+    paths = _Paths()
 
     def fetch(chunk: dict[str, Any]) -> bytes:
         path, data = "server", b""
@@ -117,8 +144,7 @@ def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, A
                 data = b""  # the coordinator has its own way to the holders
         if path == "server":
             data = verify(chunk["id"], client.get_chunk(chunk["id"]))
-        with counting:
-            paths[path] += 1
+        paths.add({path: 1})
         return data
 
     def jobs() -> Iterator[Callable[[], bytes]]:
@@ -142,4 +168,4 @@ def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, A
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {**info, "paths": dict(paths)}
+    return {**info, "paths": paths.counts}
