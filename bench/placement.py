@@ -32,8 +32,8 @@ mean >= 0.95, worst 1% >= 0.8, at most 1 byte moved per stored byte per day.
 Then (``--transfer-mib``, 0 to skip) the real thing on loopback: a coordinator and three agents
 (``--no-direct``, so PeerLinks between them relay through the coordinator), a file of that size
 put with one replica on the two that offer storage and got back (`neuranet.storage.transfer`) both
-through the REST API and through the third agent, "this machine's" (`files get` when an agent
-runs here: each chunk over a PeerLink from its holder, relayed here), next to the same number of
+through the REST API and through the third agent, "this machine's" (`files put` / `get` when an
+agent runs here: each chunk over a PeerLink to or from its holder, relayed here), next to the same number of
 bytes copied from one agent to another as plain PeerLink bytes through the relay (a link test,
 1 MiB messages). Each figure is the median of three, interleaved.
 """
@@ -226,13 +226,21 @@ def transfer(mib: int) -> None:
         with open(src, "wb") as f:
             for _ in range(mib):
                 f.write(os.urandom(2 ** 20))
-        rates: dict[str, list[float]] = {"files put": [], "files get": [], "get via agent": [], "relay PeerLink": []}
+        rates: dict[str, list[float]] = {"files put": [], "put via agent": [], "files get": [], "get via agent": [],
+                                         "relay PeerLink": []}
         with fab.client() as c:
             for trial in range(3):
                 t0 = time.perf_counter()
                 with open(src, "rb") as f:
                     upload(c, f, f"payload-{trial}", replicas=1)
                 rates["files put"].append(size / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                with open(src, "rb") as f:
+                    paths = upload(c, f, f"payload-{trial}-agent", replicas=1, agent=here)["paths"]
+                rates["put via agent"].append(size / (time.perf_counter() - t0))
+                c.delete_file(f"payload-{trial}-agent")
+                if set(paths) != {"relay"}:
+                    print(f"  (put via agent: chunks went {paths})")
                 t0 = time.perf_counter()
                 download(c, f"payload-{trial}", Path(tmp) / "back.bin")
                 rates["files get"].append(size / (time.perf_counter() - t0))
