@@ -35,7 +35,9 @@ put with one replica on the two that offer storage and got back (`neuranet.stora
 through the REST API and through the third agent, "this machine's" (`files put` / `get` when an
 agent runs here: each chunk over a PeerLink to or from its holder, relayed here), next to the same number of
 bytes copied from one agent to another as plain PeerLink bytes through the relay (a link test,
-1 MiB messages). Each figure is the median of three, interleaved.
+1 MiB messages). Then the same with direct PeerLinks between the agents (the agent rows now skip
+the coordinator for the bytes; put and get without an agent still go through it), next to direct
+PeerLink bytes. Each figure is the median of three, interleaved.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +208,9 @@ def forecast_placement(world: World, p: np.ndarray, sizes: np.ndarray, k: int, a
     return Outcome(available / steps, moved / (stored * days), per_step, moved_at)
 
 
-def transfer(mib: int) -> None:
-    """files put / get throughput next to plain relayed PeerLink bytes, on loopback."""
+def transfer(mib: int, direct: bool) -> None:
+    """files put / get throughput next to plain PeerLink bytes, on loopback: with ``direct`` False the
+    agents' PeerLinks relay through the coordinator, else they connect directly."""
     import statistics
     import tempfile
 
@@ -215,40 +219,42 @@ def transfer(mib: int) -> None:
     from neuranet.storage.transfer import download, upload
 
     size = mib * 2 ** 20
+    way = "direct" if direct else "relay"
+    flags = ["--no-measure"] + ([] if direct else ["--no-direct"])
     with tempfile.TemporaryDirectory(prefix="neuranet-bench-files-") as tmp, LocalFabric(Path(tmp)) as fab:
         fab.start_server()
         for name in ("a", "b"):
-            fab.start_agent(name, extra=["--no-measure", "--no-direct", "--storage", f"{4 * mib}M"])
-        fab.start_agent("here", extra=["--no-measure", "--no-direct"])  # this machine's agent, no storage
+            fab.start_agent(name, extra=[*flags, "--storage", f"{4 * mib}M"])
+        fab.start_agent("here", extra=flags)  # this machine's agent, no storage
         devices = fab.wait_online(["a", "b", "here"])
         here = LocalAgent(Path(tmp) / "agents" / "here")
-        src = Path(tmp) / "payload.bin"
-        with open(src, "wb") as f:
-            for _ in range(mib):
-                f.write(os.urandom(2 ** 20))
+        # Two payloads: chunks are kept once per user, so the same bytes put twice would not move.
+        src, other = Path(tmp) / "payload.bin", Path(tmp) / "other.bin"
+        for path in (src, other):
+            with open(path, "wb") as f:
+                for _ in range(mib):
+                    f.write(os.urandom(2 ** 20))
         rates: dict[str, list[float]] = {"files put": [], "put via agent": [], "files get": [], "get via agent": [],
-                                         "relay PeerLink": []}
+                                         f"{way} PeerLink": []}
+
+        def timed(name: str, run: Any) -> Any:
+            t0 = time.perf_counter()
+            out = run()
+            rates[name].append(size / (time.perf_counter() - t0))
+            paths = out.get("paths", {}) if isinstance(out, dict) else {}
+            if name.endswith("via agent") and set(paths) != {way}:
+                print(f"  ({name}: chunks went {paths})")
+            return out
+
         with fab.client() as c:
             for trial in range(3):
-                t0 = time.perf_counter()
                 with open(src, "rb") as f:
-                    upload(c, f, f"payload-{trial}", replicas=1)
-                rates["files put"].append(size / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                with open(src, "rb") as f:
-                    paths = upload(c, f, f"payload-{trial}-agent", replicas=1, agent=here)["paths"]
-                rates["put via agent"].append(size / (time.perf_counter() - t0))
-                c.delete_file(f"payload-{trial}-agent")
-                if set(paths) != {"relay"}:
-                    print(f"  (put via agent: chunks went {paths})")
-                t0 = time.perf_counter()
-                download(c, f"payload-{trial}", Path(tmp) / "back.bin")
-                rates["files get"].append(size / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                paths = download(c, f"payload-{trial}", Path(tmp) / "back.bin", agent=here)["paths"]
-                rates["get via agent"].append(size / (time.perf_counter() - t0))
-                if set(paths) != {"relay"}:
-                    print(f"  (get via agent: chunks came {paths})")
+                    timed("files put", lambda: upload(c, f, f"payload-{trial}", replicas=1))
+                with open(other, "rb") as f:
+                    timed("put via agent", lambda: upload(c, f, f"other-{trial}", replicas=1, agent=here))
+                c.delete_file(f"other-{trial}")
+                timed("files get", lambda: download(c, f"payload-{trial}", Path(tmp) / "back.bin"))
+                timed("get via agent", lambda: download(c, f"payload-{trial}", Path(tmp) / "back.bin", agent=here))
                 c.delete_file(f"payload-{trial}")
                 state = c.start_linktest(devices["a"]["id"], devices["b"]["id"], size, 2 ** 20)
                 deadline = time.monotonic() + 300
@@ -258,14 +264,14 @@ def transfer(mib: int) -> None:
                 result = state.get("result") or {}
                 if not result.get("ok") or not result.get("seconds"):
                     raise RuntimeError(f"link test failed: {state}")
-                if result.get("path") != "relay":
+                if result.get("path") != way:
                     print(f"  (link test took the {result.get('path')!r} path)")
-                rates["relay PeerLink"].append(result["bytes"] / result["seconds"])
-    base = statistics.median(rates["relay PeerLink"])
-    print(f"\ntransfer on loopback, {mib} MiB, median of 3 (MB = 10^6 bytes):")
+                rates[f"{way} PeerLink"].append(result["bytes"] / result["seconds"])
+    base = statistics.median(rates[f"{way} PeerLink"])
+    print(f"\ntransfer on loopback, agents' PeerLinks {way}, {mib} MiB, median of 3 (MB = 10^6 bytes):")
     for name, r in rates.items():
         med = statistics.median(r)
-        print(f"  {name:16s} {med / 1e6:8.1f} MB/s   {med / base:5.2f}x relay PeerLink")
+        print(f"  {name:16s} {med / 1e6:8.1f} MB/s   {med / base:5.2f}x {way} PeerLink")
 
 
 def main() -> None:
@@ -325,7 +331,8 @@ def main() -> None:
         print(f"\naim, forecast at k = 3: mean {mean:.3f} (>= 0.95), worst 1% {worst:.3f} (>= 0.8), moved "
               f"{o.moved_per_stored_day:.3f} (<= 1) -> {'met' if met else 'NOT met'}")
     if args.transfer_mib > 0:
-        transfer(16 if args.quick else args.transfer_mib)
+        for direct in (False, True):
+            transfer(16 if args.quick else args.transfer_mib, direct)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

@@ -345,8 +345,9 @@ class FileWorker:
                     stored.append(target)
                     paths[path] = paths.get(path, 0) + 1
             if stored:
-                holders = (await self._ask(m.ChunkStored(request=0, chunk=chunk, size=len(payload),
-                                                         devices=stored))).holders
+                recorded = (await self._ask(m.ChunkStored(request=0, chunk=chunk, size=len(payload),
+                                                          devices=stored))).holders
+                holders = list(dict.fromkeys([*holders, *recorded]))
             if len(holders) >= replicas:
                 break
         if not holders:

@@ -531,8 +531,8 @@ class ChunkStored(Message):
 
 
 class ChunkPlaced(Message):
-    """The server's answer to `ChunkPlace` (``targets``: where to send the chunk) and to `ChunkStored`
-    (no targets); ``holders``: the devices recorded as holding it; ``error`` when it cannot be placed."""
+    """The server's answer to `ChunkPlace` (``holders``: who holds it already; ``targets``: where to send
+    it) and to `ChunkStored` (``holders``: the devices just recorded); ``error`` when it cannot be placed."""
 
     TYPE: ClassVar[str] = "chunk_placed"
     request: int = Field(ge=0)

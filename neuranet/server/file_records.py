@@ -39,13 +39,20 @@ class FileRecords:
         return dict(out)
 
     async def add_replica(self, user_id: str, chunk_id: str, size: int, device_id: str) -> None:
-        """Record that a device holds a chunk (one upsert statement: this runs once per chunk copy)."""
+        """Record that a device holds a chunk."""
+        await self.add_replicas(user_id, chunk_id, size, [device_id])
+
+    async def add_replicas(self, user_id: str, chunk_id: str, size: int, device_ids: list[str]) -> None:
+        """Record that devices hold a chunk (one upsert statement: this runs for every chunk stored)."""
+        if not device_ids:
+            return
         async with self._tx() as s:
             insert = pg_insert if s.bind.dialect.name == "postgresql" else sqlite_insert
-            row = {"user_id": user_id, "chunk_id": chunk_id, "device_id": device_id, "size": size,
-                   "stored_at": time.time()}
-            await s.execute(insert(ChunkReplica).values(**row).on_conflict_do_update(
-                index_elements=["user_id", "chunk_id", "device_id"], set_={"size": size, "stored_at": row["stored_at"]}))
+            now = time.time()
+            rows = [{"user_id": user_id, "chunk_id": chunk_id, "device_id": d, "size": size, "stored_at": now}
+                    for d in dict.fromkeys(device_ids)]
+            await s.execute(insert(ChunkReplica).values(rows).on_conflict_do_update(
+                index_elements=["user_id", "chunk_id", "device_id"], set_={"size": size, "stored_at": now}))
 
     async def remove_replica(self, user_id: str, chunk_id: str, device_id: str) -> None:
         async with self._tx() as s:

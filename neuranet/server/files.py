@@ -290,14 +290,13 @@ class FileBook:
             return holders, self._place(chunk_id, size, replicas, holders, views, set(exclude), [])
 
     async def record_upload(self, user_id: str, chunk_id: str, size: int, devices: list[str]) -> list[str]:
-        """A device uploading a chunk itself reports where it is now: record those of the user's devices;
-        the chunk's holders."""
-        mine = {d.id for d in await self.hub.store.list_devices(user_id)}
+        """A device uploading a chunk itself reports where it is now: record those of the user's devices
+        that offer storage (placement chose among them); the devices recorded."""
+        mine = {v.device_id for v in await self.views(user_id)}
+        recorded = [d for d in dict.fromkeys(devices) if d in mine]
         async with self._lock(user_id, chunk_id):
-            for device_id in dict.fromkeys(devices):
-                if device_id in mine:
-                    await self.hub.store.add_replica(user_id, chunk_id, size, device_id)
-            return (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+            await self.hub.store.add_replicas(user_id, chunk_id, size, recorded)
+        return recorded
 
     async def put_chunk(self, user_id: str, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
         """Store a chunk on up to ``replicas`` of the user's devices (kept once per user); its holders."""
