@@ -159,3 +159,38 @@ def test_chunk_store_quota_verification_and_restart(tmp_path) -> None:
     assert parse_size("20G") == 20 * 2 ** 30 and parse_size("1.5k") == 1536 and parse_size("512MiB") == 512 * 2 ** 20
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_chunk_store_reads_and_puts_during_a_write(tmp_path, monkeypatch) -> None:
+    import os
+    import threading
+    import time
+
+    from neuranet.agent import chunk_store
+    from neuranet.agent.chunk_store import ChunkStore
+
+    store = ChunkStore(tmp_path / "chunks", quota_bytes=1000)
+    data = b"x" * 100
+    name = chunk_id(data)
+    entered = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        time.sleep(0.3)
+        real_fsync(fd)
+
+    monkeypatch.setattr(chunk_store.os, "fsync", slow_fsync)
+    first = threading.Thread(target=store.put, args=(name, data))
+    first.start()
+    assert entered.wait(5)
+    # While it is written: not held yet for readers, deletes and the inventory, and nothing is lost.
+    with pytest.raises(KeyError):
+        store.get(name)
+    assert name not in store and store.chunks() == [] and store.delete(name) is False
+    second = threading.Thread(target=store.put, args=(name, data))  # the same chunk again waits for the first
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert store.get(name) == data and store.chunks() == [name] and store.used_bytes == 100
+    assert store.written_within(name, 60) and not store.written_within(chunk_id(b"other"), 60)

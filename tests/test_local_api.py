@@ -73,6 +73,10 @@ async def test_bad_requests_get_clear_answers_and_the_door_stays_open(api: Local
     assert "one JSON object per line" in answers[0]["error"]
     lines = await asyncio.to_thread(raw, path, json.dumps({"op": "echo", "size": MAX_PAYLOAD + 1}).encode() + b"\n")
     assert "size must be an integer" in json.loads(lines[0])["error"]
+    lines = await asyncio.to_thread(raw, path, json.dumps({"op": "echo", "size": True}).encode() + b"\n")
+    assert "size must be an integer" in json.loads(lines[0])["error"]
+    lines = await asyncio.to_thread(raw, path, b"[" * 100_000 + b"\n")  # too deep for the JSON parser
+    assert "one JSON object per line" in json.loads(lines[0])["error"]
     # Still serving after all that.
     assert (await asyncio.to_thread(agent.request, {"op": "echo"}, b"x"))[1] == b"x"
 

@@ -9,9 +9,11 @@ it opens: what is on disk is what it holds.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 from neuranet.storage.chunks import ChunkError, chunk_id, is_chunk_id
@@ -38,6 +40,8 @@ class ChunkStore:
         self.root = Path(root)
         self.quota_bytes = quota_bytes
         self._sizes: dict[str, int] = {}
+        self._writing: dict[str, threading.Event] = {}  # chunks being written: set when done
+        self._written: dict[str, float] = {}  # monotonic time of recent writes (see `written_within`)
         self._lock = threading.Lock()
         if self.root.exists():
             for path in self.root.glob("*/*"):
@@ -55,10 +59,15 @@ class ChunkStore:
         return max(0, self.quota_bytes - self.used_bytes)
 
     def chunks(self) -> list[str]:
-        return sorted(self._sizes)
+        with self._lock:
+            return sorted(n for n in self._sizes if n not in self._writing)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._sizes
+        return name in self._sizes and name not in self._writing
+
+    def written_within(self, name: str, seconds: float) -> bool:
+        """Whether this process wrote the chunk in the last ``seconds``."""
+        return time.monotonic() - self._written.get(name, -math.inf) < seconds
 
     def _path(self, name: str) -> Path:
         if not is_chunk_id(name):
@@ -71,13 +80,20 @@ class ChunkStore:
         path = self._path(name)
         if chunk_id(data) != name:
             raise ChunkError(f"chunk {name[:12]}: content does not match its hash")
-        with self._lock:  # puts run in worker threads: check and reserve the space at once
-            if name in self._sizes:
-                return
-            if len(data) > self.free_bytes:
-                raise StorageFull(f"storage quota full: {self.free_bytes} of {self.quota_bytes} bytes free, "
-                                  f"chunk needs {len(data)}")
-            self._sizes[name] = len(data)
+        while True:
+            with self._lock:  # puts run in worker threads: check and reserve the space at once
+                self._written[name] = time.monotonic()
+                writing = self._writing.get(name)
+                if writing is None:
+                    if name in self._sizes:
+                        return
+                    if len(data) > self.free_bytes:
+                        raise StorageFull(f"storage quota full: {self.free_bytes} of {self.quota_bytes} bytes "
+                                          f"free, chunk needs {len(data)}")
+                    self._sizes[name] = len(data)
+                    done = self._writing[name] = threading.Event()
+                    break
+            writing.wait(60.0)  # the same chunk is being written by another put: its outcome decides
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
@@ -90,12 +106,19 @@ class ChunkStore:
             with self._lock:
                 self._sizes.pop(name, None)
             raise
+        finally:
+            with self._lock:
+                del self._writing[name]
+                if len(self._written) > 10_000:  # keep only recent writes
+                    cut = time.monotonic() - 3600.0
+                    self._written = {n: t for n, t in self._written.items() if t > cut}
+            done.set()
 
     def get(self, name: str) -> bytes:
         """The chunk's bytes; `KeyError` if not held, `ChunkError` (and the chunk is dropped) if it
         no longer matches its hash."""
         path = self._path(name)
-        if name not in self._sizes:
+        if name not in self:  # not held, or not written yet
             raise KeyError(name)
         try:
             data = path.read_bytes()
@@ -108,9 +131,11 @@ class ChunkStore:
         return data
 
     def delete(self, name: str) -> bool:
-        """Drop a chunk; False if it was not held."""
+        """Drop a chunk; False if it was not held (or is being written: that write decides)."""
         path = self._path(name)
         with self._lock:
+            if name in self._writing:
+                return False
             held = self._sizes.pop(name, None) is not None
         path.unlink(missing_ok=True)
         return held

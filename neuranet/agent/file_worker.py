@@ -19,6 +19,7 @@ dropped at the next inventory). A copy found damaged on this disk is dropped and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -30,7 +31,7 @@ from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
-from neuranet.storage.chunks import ChunkError, is_chunk_id, verify
+from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id, verify
 
 log = logging.getLogger("neuranet.files")
 
@@ -38,6 +39,7 @@ CHANNEL = "chunks"
 COPY_TIMEOUT = 60.0  # a request on a chunk link not answered in this long fails
 LINK_IDLE = 30.0  # an outgoing chunk link unused this long is closed
 MAX_HOLDERS = 64  # holders one local fetch may name
+SERVE_IDLE = 4 * 30.0  # a served link with no request this long is closed (requesters close theirs at LINK_IDLE)
 SERVE_PARALLEL = 8  # requests from one peer served at once (reads and writes run in threads)
 LINK_ERRORS = (LinkClosed, LinkRefused, PeerUnavailable, ProtocolError, ConnectionError, TimeoutError,
                asyncio.TimeoutError)
@@ -57,7 +59,8 @@ class _Link:
         try:
             while True:
                 msg = await self.link.recv()
-                fut = self.pending.pop(msg.meta.get("rid", -1), None)
+                rid = msg.meta.get("rid")
+                fut = self.pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
         except BaseException as exc:  # the link ended: every request in flight fails with it
@@ -68,9 +71,14 @@ class _Link:
             if not isinstance(exc, Exception):
                 raise
 
-    def close(self) -> None:
-        self.link.abort()
+    @property
+    def usable(self) -> bool:
+        return not self.link.closed and self.link.peer_down_since is None and not self.reader.done()
+
+    async def close(self) -> None:
+        """End the link and tell the peer (best effort), so its side does not wait on it."""
         self.reader.cancel()
+        await self.link.close(flush_timeout=0.0)
 
 
 class ChunkLinks:
@@ -86,8 +94,8 @@ class ChunkLinks:
     async def _link(self, peer: str) -> _Link:
         async with self._opening.setdefault(peer, asyncio.Lock()):
             entry = self._links.get(peer)
-            if entry is not None and (entry.link.closed or entry.link.peer_down_since is not None):
-                entry.close()  # gone (the peer may be back as a new process): start afresh
+            if entry is not None and not entry.usable:
+                await entry.close()  # gone (the peer may be back as a new process): start afresh
                 entry = None
             if entry is None:
                 entry = self._links[peer] = _Link(await self.agent.links.open(peer, CHANNEL, timeout=COPY_TIMEOUT / 2))
@@ -106,16 +114,17 @@ class ChunkLinks:
             fut = entry.pending[rid] = asyncio.get_running_loop().create_future()
             try:
                 entry.used = time.monotonic()
-                await entry.link.send(data, {**meta, "rid": rid})
+                # A peer that stopped reading would block the send on the link's window: bounded too.
+                await asyncio.wait_for(entry.link.send(data, {**meta, "rid": rid}), COPY_TIMEOUT)
                 answer = await _answer(entry.link, fut)
                 entry.used = time.monotonic()
                 if answer.meta.get("chunk") != meta.get("chunk"):
                     raise ProtocolError(f"{peer} answered for another chunk")
                 return answer.meta, bytes(answer.payload), entry.link.path
             except LINK_ERRORS:
-                entry.close()
                 if self._links.get(peer) is entry:
                     del self._links[peer]
+                await entry.close()
                 if attempt:
                     raise
             finally:
@@ -129,8 +138,7 @@ class ChunkLinks:
             for peer, entry in list(self._links.items()):
                 if not entry.pending and now - entry.used > LINK_IDLE:
                     del self._links[peer]
-                    entry.reader.cancel()
-                    await entry.link.close(flush_timeout=2.0)
+                    await entry.close()
 
 
 async def _answer(link: PeerLink, reply: asyncio.Future[LinkMessage]) -> LinkMessage:
@@ -240,6 +248,8 @@ class FileWorker:
     async def delete(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkDelete)
         for name in msg.chunks:
+            if msg.grace and self.store.written_within(name, msg.grace):
+                continue  # its record may be on its way (a copy over a PeerLink races the control link)
             try:
                 await asyncio.to_thread(self.store.delete, name)
             except ChunkError:
@@ -255,9 +265,9 @@ class FileWorker:
         try:
             while True:
                 try:
-                    msg = await link.recv()
-                except (LinkClosed, PeerUnavailable):
-                    return
+                    msg = await asyncio.wait_for(link.recv(), SERVE_IDLE)
+                except (LinkClosed, PeerUnavailable, LinkRefused, ProtocolError, asyncio.TimeoutError):
+                    return  # ended, broken, or idle long past the requester's own idle close
                 await slots.acquire()
                 task = asyncio.ensure_future(self._serve_one(link, msg, slots))
                 tasks.add(task)
@@ -280,8 +290,13 @@ class FileWorker:
                 await link.send(b"", {**tag, "error": error, "free": self.store.free_bytes})
             else:
                 await link.send(b"", {**tag, "error": f"unknown op {op!r}"})
-        except (LinkClosed, PeerUnavailable, ConnectionError):
+        except (LinkClosed, PeerUnavailable, LinkRefused, ProtocolError, ConnectionError):
             pass  # the requester is gone; it fails over on its side
+        except Exception as exc:  # answer anyway, so the requester does not wait out its timeout
+            log.exception("serving a chunk request from %s failed", link.peer)
+            with contextlib.suppress(Exception):
+                await link.send(b"", {"chunk": msg.meta.get("chunk"), "rid": msg.meta.get("rid"),
+                                      "error": f"{type(exc).__name__}: {exc}"})
         finally:
             slots.release()
 
@@ -323,6 +338,8 @@ class FileWorker:
             raise LocalRequestError(f"not a chunk name: {chunk!r}")
         if not isinstance(replicas, int) or not 1 <= replicas <= 16:
             raise LocalRequestError("replicas must be an integer from 1 to 16")
+        if len(payload) > MAX_CHUNK_SIZE:
+            raise LocalRequestError(f"a chunk is at most {MAX_CHUNK_SIZE} bytes, got {len(payload)}")
         try:
             verify(chunk, payload)
         except ChunkError as exc:

@@ -101,12 +101,12 @@ class LocalApi:
     async def _handle(self, line: bytes, reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"ok": False, "error": "a request is one JSON object per line"}, b""
         if not isinstance(request, dict):
             return {"ok": False, "error": "a request is one JSON object per line"}, b""
         size = request.get("size", 0)
-        if not isinstance(size, int) or not 0 <= size <= MAX_PAYLOAD:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_PAYLOAD:
             # The bytes that follow cannot be skipped reliably: answer, then end the connection.
             return {"ok": False, "error": f"size must be an integer in [0, {MAX_PAYLOAD}]", "fatal": True}, b""
         payload = await reader.readexactly(size) if size else b""

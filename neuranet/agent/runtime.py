@@ -215,7 +215,11 @@ class Agent:
         if ws is None:
             raise RelayUnavailable("not connected to the server")
         self._next_id += 1
-        await ws.send(encode_frame(msg.envelope(id=self._next_id, src=self.device_id or "", dst="server", payload=payload)))
+        try:
+            await ws.send(encode_frame(msg.envelope(id=self._next_id, src=self.device_id or "", dst="server",
+                                                    payload=payload)))
+        except websockets.ConnectionClosed as exc:
+            raise RelayUnavailable(f"connection to the server lost: {exc}") from None
 
     async def _relay_send(self, frame: bytes) -> None:
         ws = self._ws

@@ -80,8 +80,10 @@ class LinkManager:
         if isinstance(msg, m.LinkGrant):
             link = self.links.get(msg.link_id)
             if link is None:
-                if msg.initiator:
-                    return  # a late grant for a link this side already gave up on: not an incoming link
+                if msg.initiator or msg.link_id.startswith(f"{self.me[:8]}-"):
+                    # A late grant (or the peer's renewal) of a link this side opened and has since
+                    # ended: not an incoming link.
+                    return
                 link = PeerLink(self, msg.link_id, msg.peer, msg.channel, initiator=False)
                 self.links[link.link_id] = link
                 link.start()

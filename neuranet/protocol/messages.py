@@ -476,10 +476,14 @@ class ChunkFetch(Message):
 
 
 class ChunkDelete(Message):
-    """Server tells a device to drop chunks (no reply needed: a later inventory shows what is left)."""
+    """Server tells a device to drop chunks (no reply needed: a later inventory shows what is left).
+    ``grace``: keep a copy written in the last that many seconds. The records do not know of copies
+    being deleted as stale (an inventory check, unfinished uploads), and a copy that just arrived over
+    a PeerLink may be one whose record is still on its way."""
 
     TYPE: ClassVar[str] = "chunk_delete"
     chunks: list[str] = Field(max_length=100_000)
+    grace: float = Field(0.0, ge=0.0, le=86400.0)
 
 
 class ChunkCopy(Message):
@@ -514,7 +518,7 @@ class ChunkPlace(Message):
     TYPE: ClassVar[str] = "chunk_place"
     request: int = Field(ge=0)
     chunk: str = _ChunkName
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=16 << 20)
     replicas: int = Field(ge=1, le=16)
     exclude: list[str] = Field(default_factory=list, max_length=64)
 
@@ -526,7 +530,7 @@ class ChunkStored(Message):
     TYPE: ClassVar[str] = "chunk_stored"
     request: int = Field(ge=0)
     chunk: str = _ChunkName
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=16 << 20)
     devices: list[str] = Field(max_length=64)
 
 

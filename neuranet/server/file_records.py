@@ -164,8 +164,10 @@ class FileRecords:
                      .group_by(ChunkReplica.chunk_id).having(func.max(ChunkReplica.stored_at) < before))
             # One statement that says what it removed: a replica recorded meanwhile is either kept or
             # reported, never removed unreported.
+            # stored_at again in the outer WHERE: PostgreSQL rechecks it on rows touched meanwhile.
             rows = await s.execute(delete(ChunkReplica).where(ChunkReplica.user_id == user_id,
-                                                              ChunkReplica.chunk_id.in_(stale))
+                                                              ChunkReplica.chunk_id.in_(stale),
+                                                              ChunkReplica.stored_at < before)
                                    .returning(ChunkReplica.chunk_id, ChunkReplica.device_id))
             freed: dict[str, list[str]] = defaultdict(list)
             for chunk, device in rows:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("neuranet.files")
 CHUNK_TIMEOUT = 60.0  # a device that does not answer a chunk request in this long is skipped
 VIEW_TTL = 10.0  # seconds a user's device views (forecasts) are reused between chunks
+STALE_GRACE = 600.0  # devices keep copies this recent despite a stale delete (their record may be on its way)
 
 
 class FileError(Exception):
@@ -123,7 +124,7 @@ class FileBook:
             recorded = await self.hub.store.device_chunks(conn.device_id)
             stale = sorted(held - set(recorded))
             if stale:
-                conn.send(m.ChunkDelete(chunks=stale))
+                conn.send(m.ChunkDelete(chunks=stale, grace=STALE_GRACE))
             for chunk in set(recorded) - held:
                 await self.hub.store.remove_replica(conn.user_id, chunk, conn.device_id)
         except Exception:
@@ -317,16 +318,20 @@ class FileBook:
                     results = await asyncio.gather(*(self._copy_or_put(user_id, source, d, chunk_id, data)
                                                      for d in chosen))
                 tried.update(chosen)
-                holders += [d for d, error in zip(chosen, results) if error is None]
                 refusals += [error for error in results if error is not None]
+                if len(refusals) == 0:
+                    holders += chosen
+                else:  # a failed copy may have shown that its source lost the chunk: ask the records
+                    holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
         return {"chunk": chunk_id, "holders": holders}
 
-    async def delete_replicas(self, freed: dict[str, list[str]]) -> None:
-        """Tell online devices to drop chunks (offline ones are told on their return)."""
+    async def delete_replicas(self, freed: dict[str, list[str]], grace: float = 0.0) -> None:
+        """Tell online devices to drop chunks (offline ones are told on their return); ``grace``: see
+        `ChunkDelete`."""
         for device_id, chunks in freed.items():
             conn = self.hub.conns.get(device_id)
             if conn is not None:
-                conn.send(m.ChunkDelete(chunks=chunks))
+                conn.send(m.ChunkDelete(chunks=chunks, grace=grace))
 
     # --- reports -------------------------------------------------------------------------
 
@@ -365,7 +370,8 @@ class FileBook:
         if freed:
             log.info("files of %s: %d chunks of unfinished uploads deleted", user_id,
                      len({c for chunks in freed.values() for c in chunks}))
-            await self.delete_replicas(freed)
+            # An orphan was written at least orphan_after ago; a copy newer than that is a re-upload.
+            await self.delete_replicas(freed, grace=min(STALE_GRACE, self.orphan_after / 2))
 
     async def _repair_user(self, user_id: str) -> int:
         views = await self.views(user_id, fresh=True)
