@@ -194,3 +194,48 @@ def test_chunk_store_reads_and_puts_during_a_write(tmp_path, monkeypatch) -> Non
     second.join(5)
     assert store.get(name) == data and store.chunks() == [name] and store.used_bytes == 100
     assert store.written_within(name, 60) and not store.written_within(chunk_id(b"other"), 60)
+
+
+async def test_inventory_goes_in_pages_and_is_reconciled_whole(tmp_path, monkeypatch) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from neuranet.agent.chunk_store import ChunkStore
+    from neuranet.agent.file_worker import FileWorker
+    from neuranet.protocol import messages as m
+    from neuranet.server.files import FileBook
+
+    monkeypatch.setattr(m, "INVENTORY_PAGE", 2)
+    store = ChunkStore(tmp_path / "chunks", quota_bytes=1000)
+    names = []
+    for i in range(5):
+        data = bytes([i]) * 10
+        store.put(chunk_id(data), data)
+        names.append(chunk_id(data))
+    sent: list = []
+
+    async def send(msg, payload=b""):
+        sent.append(msg)
+
+    agent = SimpleNamespace(send=send, links=None, local=None)
+    await FileWorker(agent, store).send_inventory()  # type: ignore[arg-type]
+    assert [len(p.chunks) for p in sent] == [2, 2, 1] and [p.last for p in sent] == [False, False, True]
+
+    # The coordinator reconciles once, against every page: it holds one of the five on record.
+    async def device_chunks(device_id):
+        return {names[0]: 10}
+
+    hub = SimpleNamespace(store=SimpleNamespace(device_chunks=device_chunks))
+    told: list = []
+
+    class Conn:  # a connection as FileBook sees it (weakly referenced, like the hub's)
+        device_id, user_id = "d", "u"
+        send = staticmethod(told.append)
+
+    conn = Conn()
+    book = FileBook(hub)  # type: ignore[arg-type]
+    for page in sent:
+        book.on_message(conn, page, b"")  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert len(told) == 1 and sorted(told[0].chunks) == sorted(names[1:]) and told[0].grace > 0
+    await book.close()

@@ -172,8 +172,15 @@ class FileWorker:
         agent.local.register("chunk", self.local_chunk)
         agent.local.register("put", self.local_put)
         agent.on(m.ChunkPlaced, self._placed)
-        agent.on_connected(lambda: agent.send(m.ChunkInventory(
-            quota_bytes=self.store.quota_bytes, used_bytes=self.store.used_bytes, chunks=self.store.chunks())))
+        agent.on_connected(self.send_inventory)
+
+    async def send_inventory(self) -> None:
+        """What this device holds, in pages (a big store's list would not fit one message)."""
+        chunks = self.store.chunks()
+        pages = [chunks[i:i + m.INVENTORY_PAGE] for i in range(0, len(chunks), m.INVENTORY_PAGE)] or [[]]
+        for i, page in enumerate(pages):
+            await self.agent.send(m.ChunkInventory(quota_bytes=self.store.quota_bytes, used_bytes=self.store.used_bytes,
+                                                   chunks=page, last=i == len(pages) - 1))
 
     # --- this device's store ---------------------------------------------------------------
 

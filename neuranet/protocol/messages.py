@@ -553,10 +553,15 @@ class ChunkLost(Message):
     chunks: list[str] = Field(max_length=100_000)
 
 
+INVENTORY_PAGE = 20_000  # chunk names per inventory message (~1.4 MB, well inside a message's limit)
+
+
 class ChunkInventory(Message):
-    """A device's storage on connecting: its quota, bytes used, and the chunks it holds."""
+    """A device's storage on connecting: its quota, bytes used, and the chunks it holds, in pages of
+    at most `INVENTORY_PAGE` names (``last`` on the final one)."""
 
     TYPE: ClassVar[str] = "chunk_inventory"
     quota_bytes: int = Field(ge=0)
     used_bytes: int = Field(ge=0)
-    chunks: list[str] = Field(max_length=1_000_000)
+    chunks: list[str] = Field(max_length=INVENTORY_PAGE)
+    last: bool = True

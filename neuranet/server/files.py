@@ -68,6 +68,8 @@ class FileBook:
         # Locks only while someone holds them: one per chunk forever would grow without bound.
         self._chunk_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks = OwnedTasks()  # inventory reconciliations
+        # Inventory pages received so far, per connection (dropped with the connection).
+        self._inventories: weakref.WeakKeyDictionary[AgentConnection, set[str]] = weakref.WeakKeyDictionary()
 
     # --- messages from agents --------------------------------------------------------
 
@@ -80,7 +82,11 @@ class FileBook:
                 self.space[conn.device_id].free = msg.free_bytes
         elif isinstance(msg, m.ChunkInventory):
             self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
-            self._tasks.spawn(self._reconcile(conn, set(msg.chunks)))
+            pages = self._inventories.setdefault(conn, set())
+            pages.update(msg.chunks)
+            if msg.last:
+                del self._inventories[conn]
+                self._tasks.spawn(self._reconcile(conn, pages))
         elif isinstance(msg, m.ChunkLost):
             self._tasks.spawn(self._forget(conn, msg.chunks))
         elif isinstance(msg, (m.ChunkPlace, m.ChunkStored)):
