@@ -140,8 +140,7 @@ def _local_agent(c: Any, agent_dir: Optional[Path]) -> Any:
         if agent_dir is not None:
             raise OSError(f"no agent answers at {agent_dir} (is `neuranet agent --data-dir {agent_dir}` running?)")
         return None
-    device = agent.request({"op": "whoami"})[0].get("device")
-    if device not in {d["id"] for d in c.devices()}:
+    if agent.device not in {d["id"] for d in c.devices()}:
         if agent_dir is not None:
             raise OSError(f"the agent at {agent_dir} is not one of your devices")
         return None

@@ -221,24 +221,26 @@ class FileWorker:
         await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=not error, error=error,
                                       free_bytes=self.store.free_bytes))
 
-    def _refusal(self, msg: m.ChunkFetch | m.ChunkCopy, why: tuple[str, bool]) -> m.ChunkReply:
-        return m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=False, error=why[0], held=why[1],
-                            free_bytes=self.store.free_bytes)
+    async def _read_or_refuse(self, msg: m.ChunkFetch | m.ChunkCopy) -> bytes | None:
+        """The chunk a request is about, or None once the coordinator has been told why not."""
+        data = await self.read(msg.chunk)
+        if not isinstance(data, tuple):
+            return data
+        await self.agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=False, error=data[0],
+                                           held=data[1], free_bytes=self.store.free_bytes))
+        return None
 
     async def fetch(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkFetch)
-        data = await self.read(msg.chunk)
-        if isinstance(data, tuple):
-            await agent.send(self._refusal(msg, data))
-            return
-        await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=True,
-                                      free_bytes=self.store.free_bytes), payload=data)
+        data = await self._read_or_refuse(msg)
+        if data is not None:
+            await agent.send(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=True,
+                                          free_bytes=self.store.free_bytes), payload=data)
 
     async def copy(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkCopy)
-        data = await self.read(msg.chunk)
-        if isinstance(data, tuple):
-            await agent.send(self._refusal(msg, data))
+        data = await self._read_or_refuse(msg)
+        if data is None:
             return
         try:
             answer, _, path = await self.links.request(msg.target, {"op": "put", "chunk": msg.chunk}, data)

@@ -140,15 +140,16 @@ class LocalAgent:
     def __init__(self, data_dir: Path, timeout: float = 120.0) -> None:
         self.path = Path(data_dir) / SOCKET_NAME
         self.timeout = timeout
+        self.device: str | None = None  # the agent's device id, once `find` has asked
 
     @classmethod
     def find(cls, data_dir: Path | None) -> LocalAgent | None:
-        """The agent whose data dir is ``data_dir``, if its socket answers; else None."""
+        """The agent whose data dir is ``data_dir``, if its socket answers (``device`` set); else None."""
         if data_dir is None:
             return None
         agent = cls(data_dir)
         try:
-            agent.request({"op": "whoami"})
+            agent.device = agent.request({"op": "whoami"})[0].get("device")
         except (OSError, LocalRequestError):
             return None
         return agent

@@ -162,9 +162,9 @@ class FileRecords:
             stale = (select(ChunkReplica.chunk_id).where(ChunkReplica.user_id == user_id,
                                                          ChunkReplica.chunk_id.not_in(used))
                      .group_by(ChunkReplica.chunk_id).having(func.max(ChunkReplica.stored_at) < before))
-            # One statement that says what it removed: a replica recorded meanwhile is either kept or
-            # reported, never removed unreported.
-            # stored_at again in the outer WHERE: PostgreSQL rechecks it on rows touched meanwhile.
+            # One statement that says what it removed, so a replica recorded meanwhile is kept or reported,
+            # never removed unreported; stored_at again in the outer WHERE, which PostgreSQL rechecks on
+            # rows touched meanwhile.
             rows = await s.execute(delete(ChunkReplica).where(ChunkReplica.user_id == user_id,
                                                               ChunkReplica.chunk_id.in_(stale),
                                                               ChunkReplica.stored_at < before)

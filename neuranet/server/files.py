@@ -4,8 +4,9 @@
 ``chunk_fetch`` to read one (the bytes of a user's upload or download ride as message payloads,
 about 1 MiB each), ``chunk_copy`` to have a holder copy a chunk to another device over a PeerLink
 (the other replicas of an upload, repair and migration: device to device, direct when it can be),
-``chunk_delete`` to drop some. Placement is `neuranet.storage.placement` over the owner's online devices that offer
-storage, each weighted by its availability forecast. A chunk upload is acknowledged only once it is
+``chunk_delete`` to drop some; an agent that uploads for a program on its own machine asks
+``chunk_place`` and reports ``chunk_stored``. Placement is `neuranet.storage.placement` over the
+owner's online devices that offer storage, each weighted by its availability forecast. A chunk upload is acknowledged only once it is
 on disk on at least one device and recorded in the database, so a server restart loses nothing
 acknowledged. Deletion is recorded first; devices offline at the time drop the chunks when they
 return (their inventory is reconciled against the records on every connection). A repair loop
