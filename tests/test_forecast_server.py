@@ -17,25 +17,33 @@ DAY = 86400
 FAST = '{"epochs": 3, "hidden": 32}'  # a small forecaster: the tests check behaviour, bench/forecast.py quality
 
 
-def office_and_roamer_trace(hosts: int = 12, days: int = 8, seed: int = 0) -> str:
+def office_and_roamer_trace(hosts: int = 12, days: int = 8, seed: int = 0, shift: float = 0.0) -> str:
     """Office hosts online every day from about 08:00 to 18:00 (a little jitter); roamers online for
-    sessions of 1-6 h at any hour with 0.5-4 h gaps: together they teach both time of day and persistence."""
+    sessions of 1-6 h at any hour with 0.5-4 h gaps: together they teach both time of day and persistence.
+    ``shift`` moves the office day (08:00 + shift to 18:00 + shift) and the trace's end (midnight + shift)."""
     rng = np.random.default_rng(seed)
     rows = ["client_id,event_type,event_start,event_end"]
+    end_of_trace = days * DAY + shift
     for h in range(hosts):
         t = 0.0
         for d in range(days):
-            on = d * DAY + 8 * 3600 + rng.integers(-1800, 1800)
-            off = d * DAY + 18 * 3600 + rng.integers(-1800, 1800)
+            on = d * DAY + 8 * 3600 + shift + rng.integers(-1800, 1800)
+            off = d * DAY + 18 * 3600 + shift + rng.integers(-1800, 1800)
             rows += [f"office{h},0,{t:.0f},{on:.0f}", f"office{h},1,{on:.0f},{off:.0f}"]
             t = off
-        rows.append(f"office{h},0,{t:.0f},{days * DAY:.0f}")
+        rows.append(f"office{h},0,{t:.0f},{end_of_trace:.0f}")
         t, state = 0.0, 1
-        while t < days * DAY:
-            end = min(days * DAY, t + (rng.uniform(1, 6) if state else rng.uniform(0.5, 4)) * 3600)
+        while t < end_of_trace:
+            end = min(end_of_trace, t + (rng.uniform(1, 6) if state else rng.uniform(0.5, 4)) * 3600)
             rows.append(f"roamer{h},{state},{t:.0f},{end:.0f}")
             t, state = end, 1 - state
     return "\n".join(rows) + "\n"
+
+
+def office_shift(now: float | None = None) -> float:
+    """Seconds to move the office day by so that ``now`` (UTC) falls at 03:00 office time."""
+    now = time.time() if now is None else now
+    return float((now % DAY - 3 * 3600) % DAY)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +55,12 @@ def fabric(tmp_path_factory: pytest.TempPathFactory):
 
 def test_imported_trace_trains_the_forecaster_and_forecasts_follow_the_schedule(fabric: LocalFabric) -> None:
     with fabric.client() as c:
-        out = c.import_trace(office_and_roamer_trace().encode(), prefix="sim")
-        assert out["devices"] == 24 and out["days"] == pytest.approx(8)
+        # The office day is placed so that the next tests' real agent, forecast at the wall clock's time
+        # of day, sits in the offices' night (03:00 office time): at 07:45 UTC an unshifted office day
+        # would rightly expect a device back by 08:00.
+        shift = office_shift()
+        out = c.import_trace(office_and_roamer_trace(shift=shift).encode(), prefix="sim")
+        assert out["devices"] == 24 and out["days"] == pytest.approx(8 + shift / DAY, abs=0.01)
         info = c.retrain_forecaster()
         assert info["devices"] >= 24 and info["kind"] == "mlp"
         rows = c.forecast()
