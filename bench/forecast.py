@@ -45,7 +45,7 @@ from neuranet.forecast.dataset import Samples, grid_times, online_targets, train
 from neuranet.forecast.features import feature_matrix  # noqa: E402
 from neuranet.forecast.metrics import brier, ece, log_loss  # noqa: E402
 from neuranet.forecast.model import AvailabilityForecast, ForecastConfig  # noqa: E402
-from neuranet.forecast.trace import DeviceHistory, read_trace  # noqa: E402
+from neuranet.forecast.trace import DeviceHistory, read_trace, recording_gaps  # noqa: E402
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "boinc-seti-availability-dev.csv"
 EVAL_STEP = 900.0
@@ -123,14 +123,6 @@ def run_split(histories: list[DeviceHistory], points: list[Points], folds: list[
     scored = [points[i] for _, test in folds for i in test if len(points[i].times)]
     return Pooled(np.concatenate([p.y for p in scored]), {m: np.concatenate(p) for m, p in predictions.items()},
                   np.concatenate([p.times for p in scored]))
-
-
-def frozen_spans(histories: list[DeviceHistory], longer_than: float = 86400.0) -> list[tuple[float, float]]:
-    """Stretches longer than ``longer_than`` in which no host of the trace changes state: the recording
-    gaps that hold the last state. (On the SETI trace hosts change only at a few shared moments a day,
-    and every day has a 16-hour stretch without a change, so shorter ones are its normal calendar.)"""
-    changes = np.unique(np.concatenate([h.change_times for h in histories]))
-    return [(float(a), float(b)) for a, b in zip(changes[:-1], changes[1:]) if b - a > longer_than]
 
 
 def gap_diagnostic(pooled: Pooled, spans: list[tuple[float, float]], horizons: tuple[float, ...]) -> None:
@@ -252,7 +244,7 @@ def main() -> None:
                 "scored on the last third", host_scores, host_split, horizons)
     met = check_aims(host_scores)
     print(f"\nall aims met: {'yes' if met else 'no'}")
-    gap_diagnostic(host_split, frozen_spans(histories), horizons)
+    gap_diagnostic(host_split, recording_gaps(histories), horizons)
 
     if not args.quick:
         t0, c0 = time.perf_counter(), time.process_time()

@@ -18,7 +18,7 @@ from neuranet.forecast.errors import ForecastError, HistoryError, NotFittedError
 from neuranet.forecast.features import UNIX_CLOCK_OFFSET, FeatureConfig, feature_matrix
 from neuranet.forecast.metrics import brier, ece, log_loss
 from neuranet.forecast.model import AvailabilityForecast, ForecastConfig, _fit_temperature, target_weights
-from neuranet.forecast.trace import DAY, HOUR, DeviceHistory, Interval, parse_trace, read_trace
+from neuranet.forecast.trace import DAY, HOUR, DeviceHistory, Interval, parse_trace, read_trace, recording_gaps
 
 HEADER = "client_id,event_type,event_start,event_end\n"
 CONFIG = FeatureConfig()
@@ -50,6 +50,14 @@ def test_parse_trace_merges_sorts_and_answers_state_queries() -> None:
     assert h.state_at(100.5) is True and h.state_at(400) is False and h.state_at(400.5) is None
     assert float(h.online_seconds(50, 350)) == 200 and float(h.known_seconds(-10, 1000)) == 400
     assert trace.start == 0 and trace.end == 400
+
+
+def test_recording_gaps_are_long_stretches_without_any_change() -> None:
+    # Host 7 changes at 100 and 300, host 8 at 150: the stretches between changes are 50, 150 and 0.
+    trace = parse_trace(HEADER + "7,0,0,100\n7,1,100,300\n7,0,300,400\n8,1,0,150\n8,0,150,400\n")
+    assert recording_gaps(trace.values(), longer_than=100) == [(150.0, 300.0)]
+    assert recording_gaps(trace.values(), longer_than=200) == []
+    assert recording_gaps([]) == []
 
 
 def test_timeline_is_unknown_before_the_first_interval() -> None:

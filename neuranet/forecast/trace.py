@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,15 @@ class Trace(Mapping[str, DeviceHistory]):
     @property
     def end(self) -> float:
         return max(h.end for h in self.values())
+
+
+def recording_gaps(histories: Iterable[DeviceHistory], longer_than: float = 86400.0) -> list[tuple[float, float]]:
+    """Stretches longer than ``longer_than`` in which no device of a trace changes state: on a trace
+    recorded from many hosts, the gaps in the recording that hold the last state. (On the SETI trace
+    hosts change only at a few shared moments a day, and every day has a 16-hour stretch without a
+    change, so shorter ones are its normal calendar.)"""
+    changes = np.unique(np.concatenate([h.change_times for h in histories] or [np.zeros(0)]))
+    return [(float(a), float(b)) for a, b in itertools.pairwise(changes) if b - a > longer_than]
 
 
 def read_trace(path: str | Path) -> Trace:

@@ -84,24 +84,41 @@ def miss_probabilities(devices: Iterable[DeviceView]) -> np.ndarray:
     return np.ones(len(DEFAULT_WEIGHTS)) if out is None else out
 
 
+class _Pool:
+    """Devices as arrays, for scoring sets of them and picking the best addition to a set quickly."""
+
+    def __init__(self, devices: Sequence[DeviceView], weights: Sequence[float]) -> None:
+        self.devices = list(devices)
+        self.index = {d.device_id: i for i, d in enumerate(self.devices)}
+        self.ids = [d.device_id for d in self.devices]
+        w = np.asarray(weights, dtype=np.float64)
+        self.w = w / w.sum()
+        self.p = np.array([d.p_online for d in self.devices], dtype=np.float64).reshape(-1, len(w))
+
+    def miss(self, members: Iterable[int]) -> np.ndarray:
+        """P(none of the members is online) per horizon (independent devices; 1 for none)."""
+        return np.prod(1.0 - self.p[list(members)], axis=0)
+
+    def worth(self, members: Iterable[int]) -> float:
+        """Predicted availability of a set: the weighted mean over the horizons of P(some member online)."""
+        return float(np.dot(self.w, 1.0 - self.miss(members)))
+
+    def best(self, miss: np.ndarray, allowed: np.ndarray, size: int, free: np.ndarray) -> int | None:
+        """The allowed device with room that adds most predicted availability to a set that misses
+        with ``miss`` (ties: more free space, then the larger id), or None."""
+        rows = np.flatnonzero(allowed & (free >= size))
+        if not len(rows):
+            return None
+        gain = np.round(self.p[rows] @ (self.w * miss), 9)
+        top = rows[gain == gain.max()]
+        top = top[free[top] == free[top].max()]
+        return int(max(top, key=lambda n: self.ids[n]))
+
+
 def availability(devices: Iterable[DeviceView], weights: Sequence[float] = DEFAULT_WEIGHTS) -> float:
     """Predicted availability of a chunk held by ``devices``: weighted mean of P(some holder online)."""
-    w = np.asarray(weights, dtype=np.float64)
-    return float(np.dot(w, 1.0 - miss_probabilities(devices)) / w.sum())
-
-
-def _best_addition(miss: np.ndarray, candidates: Iterable[DeviceView], size: int, free: Mapping[str, int],
-                   weights: np.ndarray) -> DeviceView | None:
-    """The candidate that adds most predicted availability (ties: more free space), or None."""
-    best, best_key = None, None
-    for d in candidates:
-        if free.get(d.device_id, d.free_bytes) < size:
-            continue
-        gain = float(np.dot(weights, miss * np.asarray(d.p_online)))
-        key = (round(gain, 9), free.get(d.device_id, d.free_bytes), d.device_id)
-        if best_key is None or key > best_key:
-            best, best_key = d, key
-    return best
+    pool = _Pool(list(devices), weights)
+    return pool.worth(range(len(pool.devices)))
 
 
 def place(size: int, replicas: int, devices: Sequence[DeviceView], holders: Iterable[str] = (),
@@ -115,21 +132,21 @@ def place(size: int, replicas: int, devices: Sequence[DeviceView], holders: Iter
     """
     if size < 0 or replicas < 1:
         raise ValueError(f"size must be >= 0 and replicas >= 1, got {size}, {replicas}")
-    by_id = {d.device_id: d for d in devices}
-    held = [by_id[h] for h in holders if h in by_id]
+    pool = _Pool(devices, weights)
+    held = [pool.index[h] for h in holders if h in pool.index]
     taken = set(holders) | set(exclude)
-    pool = [d for d in devices if d.device_id not in taken and (d.online or not online_only)]
+    allowed = np.array([d.device_id not in taken and (d.online or not online_only) for d in pool.devices], dtype=bool)
     free = dict(free or {})
-    w = np.asarray(weights, dtype=np.float64)
-    miss = miss_probabilities(held)
+    room = np.array([free.get(d.device_id, d.free_bytes) for d in pool.devices], dtype=np.int64)
+    miss = pool.miss(held)
     chosen: list[str] = []
     while len(held) + len(chosen) < replicas:
-        d = _best_addition(miss, pool, size, free, w)
-        if d is None:
+        n = pool.best(miss, allowed, size, room)
+        if n is None:
             break
-        chosen.append(d.device_id)
-        pool = [p for p in pool if p.device_id != d.device_id]
-        miss = miss * (1.0 - np.asarray(d.p_online))
+        chosen.append(pool.devices[n].device_id)
+        allowed[n] = False
+        miss = miss * (1.0 - pool.p[n])
     if not chosen and len(held) < replicas:
         raise PlacementError(_why_not(size, devices, taken, online_only, free))
     return chosen
@@ -156,16 +173,12 @@ def plan_moves(chunks: Iterable[ChunkState], devices: Sequence[DeviceView], budg
     ``lost`` devices count as gone (departed, or offline past the repair deadline): their replicas
     are replaced and then dropped. Copies go from an online holder to an online device with room.
     """
-    by_id = {d.device_id: d for d in devices}
-    gone = set(lost)
-    w = np.asarray(weights, dtype=np.float64)
-    free = {d.device_id: d.free_bytes for d in devices}
-    candidates = [d for d in devices if d.online and d.device_id not in gone]
+    plan = _Planner(devices, set(lost), weights, min_gain)
     urgent: list[tuple[tuple[int, float], ChunkState]] = []
     for c in chunks:
-        alive = [by_id[h] for h in c.holders if h in by_id and h not in gone]
+        alive = plan.alive(c)
         short = len(alive) < c.replicas
-        score = availability(alive, w)
+        score = plan.pool.worth(alive)
         if short or score < c.target:
             urgent.append(((0 if short else 1, score), c))
     urgent.sort(key=lambda item: item[0])
@@ -174,55 +187,70 @@ def plan_moves(chunks: Iterable[ChunkState], devices: Sequence[DeviceView], budg
     for _, c in urgent:
         if spent + c.size > budget_bytes:
             continue
-        move = _repair(c, by_id, gone, candidates, free, w) or _migrate(c, by_id, gone, candidates, free, w, min_gain)
+        move = plan.repair(c) or plan.migrate(c)
         if move is not None:
             moves.append(move)
             spent += c.size
-            free[move.target] = free.get(move.target, 0) - c.size
+            plan.free[plan.pool.index[move.target]] -= c.size
     return moves
 
 
-def _source(c: ChunkState, by_id: Mapping[str, DeviceView], gone: set[str]) -> DeviceView | None:
-    """The online holder to copy from: the one least needed (most likely online anyway, any will do)."""
-    online = [by_id[h] for h in c.holders if h in by_id and h not in gone and by_id[h].online]
-    return max(online, key=lambda d: (d.p_online[0], d.device_id)) if online else None
+class _Planner:
+    """One `plan_moves` call: the devices, who counts as gone, and the free space left."""
 
+    def __init__(self, devices: Sequence[DeviceView], gone: set[str], weights: Sequence[float],
+                 min_gain: float) -> None:
+        self.pool = _Pool(devices, weights)
+        self.gone, self.min_gain = gone, min_gain
+        self.free = np.array([d.free_bytes for d in self.pool.devices], dtype=np.int64)
+        self.candidates = np.array([d.online and d.device_id not in gone for d in self.pool.devices], dtype=bool)
 
-def _repair(c: ChunkState, by_id: Mapping[str, DeviceView], gone: set[str], candidates: Sequence[DeviceView],
-            free: dict[str, int], w: np.ndarray) -> Move | None:
-    alive = [by_id[h] for h in c.holders if h in by_id and h not in gone]
-    if len(alive) >= c.replicas:
-        return None
-    source = _source(c, by_id, gone)
-    if source is None:
-        return None
-    pool = [d for d in candidates if d.device_id not in c.holders]
-    target = _best_addition(miss_probabilities(alive), pool, c.size, free, w)
-    if target is None:
-        return None
-    dead = [h for h in c.holders if h not in {a.device_id for a in alive}]
-    return Move(c.chunk, c.size, source.device_id, target.device_id, drop=dead[0] if dead else None, reason="repair")
+    def alive(self, c: ChunkState) -> list[int]:
+        """Pool rows of the chunk's holders that are known and not gone."""
+        return [self.pool.index[h] for h in c.holders if h in self.pool.index and h not in self.gone]
 
+    def _source(self, alive: list[int]) -> int | None:
+        """The online holder to copy from: the one least needed (most likely online anyway, any will do)."""
+        online = [n for n in alive if self.pool.devices[n].online]
+        return max(online, key=lambda n: (self.pool.p[n, 0], self.pool.ids[n])) if online else None
 
-def _migrate(c: ChunkState, by_id: Mapping[str, DeviceView], gone: set[str], candidates: Sequence[DeviceView],
-             free: dict[str, int], w: np.ndarray, min_gain: float) -> Move | None:
-    holders = [by_id[h] for h in c.holders if h in by_id and h not in gone]
-    source = _source(c, by_id, gone)
-    if source is None:
-        return None
-    before = availability(holders, w)
-    pool = [d for d in candidates if d.device_id not in c.holders]
-    target = _best_addition(miss_probabilities(holders), pool, c.size, free, w)
-    if target is None:
-        return None
-    grown = [*holders, target]
-    if len(grown) <= c.replicas:
-        drop = None
-        after = availability(grown, w)
-    else:  # drop the holder whose loss costs least once the copy is in
-        drop_dev = max(holders, key=lambda d: (availability([g for g in grown if g is not d], w), d.device_id))
-        drop = drop_dev.device_id
-        after = availability([g for g in grown if g is not drop_dev], w)
-    if after < before + min_gain:
-        return None
-    return Move(c.chunk, c.size, source.device_id, target.device_id, drop=drop)
+    def _target(self, c: ChunkState, alive: list[int]) -> int | None:
+        allowed = self.candidates.copy()
+        allowed[[self.pool.index[h] for h in c.holders if h in self.pool.index]] = False
+        return self.pool.best(self.pool.miss(alive), allowed, c.size, self.free)
+
+    def _move(self, c: ChunkState, source: int, target: int, drop: str | None, reason: str) -> Move:
+        ids = self.pool.ids
+        return Move(c.chunk, c.size, ids[source], ids[target], drop=drop, reason=reason)
+
+    def repair(self, c: ChunkState) -> Move | None:
+        alive = self.alive(c)
+        if len(alive) >= c.replicas:
+            return None
+        source = self._source(alive)
+        target = self._target(c, alive) if source is not None else None
+        if source is None or target is None:
+            return None
+        living = {self.pool.ids[n] for n in alive}
+        dead = [h for h in c.holders if h not in living]
+        return self._move(c, source, target, dead[0] if dead else None, "repair")
+
+    def migrate(self, c: ChunkState) -> Move | None:
+        alive = self.alive(c)
+        source = self._source(alive)
+        target = self._target(c, alive) if source is not None else None
+        if source is None or target is None:
+            return None
+        worth = self.pool.worth
+        before = worth(alive)
+        grown = [*alive, target]
+        if len(grown) <= c.replicas:
+            drop = None
+            after = worth(grown)
+        else:  # drop the holder whose loss costs least once the copy is in
+            left = {n: worth([g for g in grown if g != n]) for n in alive}
+            dropped = max(alive, key=lambda n: (left[n], self.pool.ids[n]))
+            drop, after = self.pool.ids[dropped], left[dropped]
+        if after < before + self.min_gain:
+            return None
+        return self._move(c, source, target, drop, "migrate")
