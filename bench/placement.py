@@ -207,9 +207,11 @@ def gap_report(world: World, results: dict[tuple[str, int], Outcome], k: int) ->
     origin = min(h.start for h in world.histories)
     before = np.array([float(h.online_seconds(origin, a)) / max(float(h.known_seconds(origin, a)), 1.0)
                        for h in world.histories])
-    best = np.argsort(-before, kind="stable")[:len(frozen)]
-    print(f"longest gap in them, {a / DAY:.2f}-{b / DAY:.2f} d: {len(frozen)} hosts online through it; of the "
-          f"{len(frozen)} hosts online most of the trace before it, {len(frozen & set(best))} are among them")
+    order = list(np.argsort(-before, kind="stable"))
+    ranks = sorted(order.index(i) + 1 for i in frozen)
+    print(f"longest gap in them, {a / DAY:.2f}-{b / DAY:.2f} d: {len(frozen)} hosts online through it, ranked "
+          f"{', '.join(map(str, ranks))} of {len(order)} by their online fraction over the trace before it "
+          f"(the top {ranks[0] - 1 if ranks else len(order)} are offline throughout)")
 
 
 def forecast_placement(world: World, p: np.ndarray, sizes: np.ndarray, k: int, args: argparse.Namespace) -> Outcome:
