@@ -239,3 +239,36 @@ async def test_inventory_goes_in_pages_and_is_reconciled_whole(tmp_path, monkeyp
     await asyncio.sleep(0.1)
     assert len(told) == 1 and sorted(told[0].chunks) == sorted(names[1:]) and told[0].grace > 0
     await book.close()
+
+
+async def test_chunks_kept_for_a_grace_are_reported_again_when_it_is_over(tmp_path) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from neuranet.agent.chunk_store import ChunkStore
+    from neuranet.agent.file_worker import FileWorker
+    from neuranet.protocol import messages as m
+
+    store = ChunkStore(tmp_path / "chunks", quota_bytes=1000)
+    fresh, old = b"fresh" * 4, b"old" * 4
+    store.put(chunk_id(old), old)
+    await asyncio.sleep(0.3)
+    store.put(chunk_id(fresh), fresh)
+    sent: list = []
+
+    async def send(msg, payload=b""):
+        sent.append(msg)
+
+    worker = FileWorker(SimpleNamespace(send=send, links=None, local=None), store)  # type: ignore[arg-type]
+    delete = m.ChunkDelete(chunks=[chunk_id(fresh), chunk_id(old)], grace=0.2)
+    await worker.delete(worker.agent, delete, b"")
+    # The chunk written within the grace stays (its record may be on its way), the other goes ...
+    assert store.chunks() == [chunk_id(fresh)] and sent == []
+    # ... and once the grace is over the device says again what it holds, so that the coordinator
+    # can delete it for good if no record came; that delete is no longer held back.
+    await asyncio.sleep(0.4)
+    assert len(sent) == 1 and sent[0].chunks == [chunk_id(fresh)] and sent[0].last
+    await worker.delete(worker.agent, delete, b"")
+    assert store.chunks() == []
+    await asyncio.sleep(0.3)
+    assert len(sent) == 1  # nothing kept, nothing to report again

@@ -28,7 +28,7 @@ from typing import Any
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
 from neuranet.agent.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
-from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink
+from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink, RelayUnavailable
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id, verify
@@ -161,6 +161,7 @@ class FileWorker:
         self.links = ChunkLinks(agent)
         self._asks: dict[int, asyncio.Future[m.ChunkPlaced]] = {}  # uploads' questions to the coordinator
         self._next_ask = 0
+        self._recheck: asyncio.Task[None] | None = None  # an inventory after chunks kept for a grace
 
     def install(self) -> None:
         agent = self.agent
@@ -256,13 +257,27 @@ class FileWorker:
 
     async def delete(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkDelete)
+        kept = False
         for name in msg.chunks:
             if msg.grace and self.store.written_within(name, msg.grace):
-                continue  # its record may be on its way (a copy over a PeerLink races the control link)
+                kept = True  # its record may be on its way (a copy over a PeerLink races the control link)
+                continue
             try:
                 await asyncio.to_thread(self.store.delete, name)
             except ChunkError:
                 continue
+        if kept and (self._recheck is None or self._recheck.done()):
+            self._recheck = asyncio.get_running_loop().create_task(self._inventory_after(msg.grace))
+
+    async def _inventory_after(self, seconds: float) -> None:
+        """Report the inventory again once a grace is over: the coordinator then deletes the chunks kept
+        for it whose records never came (say, of a file deleted meanwhile), rather than at the next
+        reconnect."""
+        await asyncio.sleep(seconds)
+        try:
+            await self.send_inventory()
+        except RelayUnavailable:
+            pass  # offline now: the inventory goes at the reconnect anyway
 
     # --- peers ------------------------------------------------------------------------------
 
