@@ -35,8 +35,8 @@ Reported per policy and k: mean over files of the fraction of time retrievable, 
 files (1st percentile), and bytes copied per stored byte per day. Aim (issue 6): forecast at k = 3
 mean >= 0.95, worst 1% >= 0.8, at most 1 byte moved per stored byte per day. At k = 3 the share of
 files readable is also split between the trace's recording gaps (no host changes for over a day;
-every host holds its state at the gap's first moment) and the rest of the time, with how many of
-the hosts online through the longest gap had been among the most available before it.
+every host holds its state at the gap's first moment) and the rest of the time, with where the
+hosts online through the longest gap ranked by their online fraction before it.
 
 Then (``--transfer-mib``, 0 to skip) the real thing on loopback: a coordinator and three agents
 (``--no-direct``, so PeerLinks between them relay through the coordinator), a file of that size
@@ -95,9 +95,13 @@ def load_world(path: Path) -> World:
     times = np.arange(start, trace.end, STEP)
     states = np.stack([h.states_at(times) for h in histories])
     gone = np.stack([times >= h.end for h in histories])
-    past = np.array([float(h.online_seconds(trace.start, start)) / max(float(h.known_seconds(trace.start, start)), 1.0)
+    return World(histories, times, states == 1.0, gone, online_fraction(histories, trace.start, start))
+
+
+def online_fraction(histories: list[DeviceHistory], start: float, end: float) -> np.ndarray:
+    """Each host's online share of the time its state is known in [start, end)."""
+    return np.array([float(h.online_seconds(start, end)) / max(float(h.known_seconds(start, end)), 1.0)
                      for h in histories])
-    return World(histories, times, states == 1.0, gone, past)
 
 
 def forecasts(world: World, refit_hours: float, config: ForecastConfig) -> np.ndarray:
@@ -204,9 +208,7 @@ def gap_report(world: World, results: dict[tuple[str, int], Outcome], k: int) ->
     a, b = max(((max(a, world.times[0]), b) for a, b in gaps), key=lambda g: g[1] - g[0])
     step = int(np.searchsorted(world.times, a, side="right"))
     frozen = set(np.flatnonzero(world.online[:, min(step, len(world.times) - 1)]))
-    origin = min(h.start for h in world.histories)
-    before = np.array([float(h.online_seconds(origin, a)) / max(float(h.known_seconds(origin, a)), 1.0)
-                       for h in world.histories])
+    before = online_fraction(world.histories, min(h.start for h in world.histories), a)
     order = list(np.argsort(-before, kind="stable"))
     ranks = sorted(order.index(i) + 1 for i in frozen)
     print(f"longest gap in them, {a / DAY:.2f}-{b / DAY:.2f} d: {len(frozen)} hosts online through it, ranked "

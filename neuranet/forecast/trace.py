@@ -231,7 +231,7 @@ class Trace(Mapping[str, DeviceHistory]):
         return max(h.end for h in self.values())
 
 
-def recording_gaps(histories: Iterable[DeviceHistory], longer_than: float = 86400.0) -> list[tuple[float, float]]:
+def recording_gaps(histories: Iterable[DeviceHistory], longer_than: float = DAY) -> list[tuple[float, float]]:
     """Stretches longer than ``longer_than`` in which no device of a trace changes state: on a trace
     recorded from many hosts, the gaps in the recording that hold the last state. (On the SETI trace
     hosts change only at a few shared moments a day, and every day has a 16-hour stretch without a

@@ -75,15 +75,6 @@ class Move:
     reason: str = "migrate"  # "repair" or "migrate"
 
 
-def miss_probabilities(devices: Iterable[DeviceView]) -> np.ndarray:
-    """P(no device of the set is online) at each horizon (independent devices); 1 for an empty set."""
-    out: np.ndarray | None = None
-    for d in devices:
-        miss = 1.0 - np.asarray(d.p_online, dtype=np.float64)
-        out = miss if out is None else out * miss
-    return np.ones(len(DEFAULT_WEIGHTS)) if out is None else out
-
-
 class _Pool:
     """Devices as arrays, for scoring sets of them and picking the best addition to a set quickly."""
 
@@ -144,7 +135,7 @@ def place(size: int, replicas: int, devices: Sequence[DeviceView], holders: Iter
         n = pool.best(miss, allowed, size, room)
         if n is None:
             break
-        chosen.append(pool.devices[n].device_id)
+        chosen.append(pool.ids[n])
         allowed[n] = False
         miss = miss * (1.0 - pool.p[n])
     if not chosen and len(held) < replicas:
