@@ -24,6 +24,9 @@ class Limits:
     # past it after relay_stall_timeout, the source is cut off (its destination is not reading).
     max_queued_bytes_per_peer: int = 16 * MiB
     relay_stall_timeout: float = 10.0
+    # Everything waiting for one agent, the server's own frames included (a model's weights go out at
+    # once). An agent whose own traffic passes it (it sends and does not read) is disconnected.
+    max_queued_bytes_per_connection: int = 256 * MiB
     max_connections_per_user: int = 256
     max_peers_per_device: int = 256  # distinct devices one device may hold links with
 

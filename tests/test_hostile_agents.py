@@ -216,3 +216,31 @@ async def test_connections_per_user_are_capped(tmp_path: Path) -> None:
         await first.close()
         third, _ = await enrolled_socket(small)  # room again once one has left
         await asyncio.gather(second.close(), third.close())
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_errors_to_a_device_that_does_not_read_stay_small(fabric: LocalFabric) -> None:
+    from neuranet.protocol.envelope import Envelope
+
+    ws, device_id = await enrolled_socket(fabric)
+    before = peak_rss(fabric.server.pid)
+    name = "x" * (64 << 10)  # an unknown type the error reply used to repeat whole
+    for i in range(1500):  # ~96 MiB of error replies before, while the client reads nothing
+        await asyncio.wait_for(ws.send(encode_frame(Envelope(type=name, id=i, src=device_id, dst="server"))), 10)
+    await ws.send(encode_frame(m.Heartbeat(seq=1).envelope(src=device_id, dst="server")))
+    errors = 0
+    while not isinstance(msg := await recv_msg(ws), m.HeartbeatAck):  # now read: every frame was handled
+        assert isinstance(msg, m.Error) and msg.code == "unknown_type" and len(msg.message) < 300, msg.message[:100]
+        errors += 1
+    assert errors == 1500
+    grown = peak_rss(fabric.server.pid) - before
+    assert grown < 24 << 20, f"the server grew by {grown >> 20} MiB"
+    await ws.close()
+    honest_still_served(fabric)

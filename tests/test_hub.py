@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from neuranet.agent.runtime import backoff_delay
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import decode_frame
-from neuranet.protocol.errors import QueueLimitExceeded
+from neuranet.protocol.errors import QueueLimitExceeded, UnknownMessageType
 from neuranet.server.hub import AgentConnection
 
 
@@ -274,3 +274,60 @@ async def test_relay_cuts_off_a_source_whose_destination_never_reads() -> None:
     await conn.close()
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
+
+
+# --- what one connection may have waiting -------------------------------------------------------
+
+
+async def test_replies_to_an_agent_that_does_not_read_close_it_and_free_its_queue() -> None:
+    sock = FakeSocket(gated=True)  # the agent sends but never reads
+    conn = AgentConnection("dev-b", "user-1", sock.send_bytes, sock.close, 1000, max_total=10_000)
+    writer = asyncio.create_task(conn.writer())
+    try:
+        sent = 0
+        while not conn.closed and sent < 1000:
+            conn.send_error(UnknownMessageType("unknown message type 'x'"))  # what a flood of bad frames gets
+            sent += 1
+        assert conn.closed and sent < 50  # cut off near its 1,000-byte allowance, not after 1,000 replies
+        await asyncio.wait_for(conn.closing, 5)
+        assert conn.queued_bytes == 0 and len(conn._queue) == 0  # the queue is dropped at once
+        code, reason = sock.closes[0]
+        assert code == 4002 and reason.startswith("queue_limit: ") and "dev-b" in reason
+        conn.send(m.PeerDown(peer="dev-a"))  # later frames are dropped quietly
+        assert conn.queued_bytes == 0
+    finally:
+        sock.release(100)
+        await asyncio.wait_for(writer, 5)
+
+
+async def test_server_frames_count_against_the_connection_total() -> None:
+    sock = FakeSocket(gated=True)
+    conn = AgentConnection("dev-b", "user-1", sock.send_bytes, sock.close, 100, max_total=1000)
+    conn.enqueue(b"p" * 100, source="peer")
+    conn.enqueue(b"s" * 800)  # the server's own: no per-source limit, but the total counts them
+    assert conn.queued_bytes == 900 and not conn.closed
+    conn.enqueue(b"s" * 101)
+    assert conn.closed and conn.queued_bytes == 0
+    await asyncio.wait_for(conn.closing, 5)
+    assert sock.closes and "1000" in sock.closes[0][1]
+
+
+async def test_a_peer_finding_the_total_full_is_refused_alone() -> None:
+    sock = FakeSocket(gated=True)
+    conn = AgentConnection("dev-b", "user-1", sock.send_bytes, sock.close, 100, stall_timeout=0.05, max_total=150)
+    conn.enqueue(b"s" * 100)
+    await conn.relay_from("peer", b"a" * 50)  # fits the total exactly
+    with pytest.raises(QueueLimitExceeded, match="150 bytes already wait for dev-b; limit is 150.*not reading"):
+        await conn.relay_from("other", b"b")  # its own allowance is untouched, the total is not
+    assert not conn.closed and conn.queued_bytes == 150  # the destination keeps its connection
+
+
+def test_echoed_text_is_cut_and_escaped() -> None:
+    from neuranet.protocol.envelope import Envelope
+    from neuranet.protocol.errors import MAX_SHOWN_CHARS, shown
+
+    with pytest.raises(UnknownMessageType) as info:
+        m.parse(Envelope(type="x" * 200_000 + "\n\ud800"))
+    text = str(info.value)
+    assert len(text) < 3 * MAX_SHOWN_CHARS and "(199922 more characters)" in text
+    assert shown("a\nb\x1b[31m\ud800") == r"'a\nb\x1b[31m\ud800'"  # no forged log lines, no raw escapes

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+MAX_SHOWN_CHARS = 80  # of a peer's string repeated in an error or a log line
+MAX_ERROR_CHARS = 1000  # of an error message sent to a peer
+
+
+def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """A peer-supplied value as an error or a log line may repeat it: quoted with control characters
+    (and lone surrogates) escaped, cut to ``limit`` characters with the rest counted. Echoing a peer's
+    input then costs it as much as us, and cannot forge log lines."""
+    text = text if isinstance(text, str) else str(text)
+    more = f"... ({len(text) - limit} more characters)" if len(text) > limit else ""
+    return repr(text[:limit]) + more
+
 
 class ProtocolError(Exception):
     """A peer sent something this side cannot accept.

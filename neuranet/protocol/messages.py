@@ -12,11 +12,12 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from neuranet.protocol.envelope import Buffer, Envelope
-from neuranet.protocol.errors import InvalidMessage, UnknownMessageType
+from neuranet.protocol.errors import MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
 
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
-_Id = Field(min_length=1, max_length=128)
+MAX_ID_CHARS = 128  # of a device, link, run or test id
+_Id = Field(min_length=1, max_length=MAX_ID_CHARS)
 
 
 class Message(BaseModel):
@@ -40,13 +41,13 @@ def parse(env: Envelope) -> Message:
     """Validate an envelope's body against its registered message type."""
     cls = MESSAGE_TYPES.get(env.type)
     if cls is None:
-        raise UnknownMessageType(f"unknown message type {env.type!r}")
+        raise UnknownMessageType(f"unknown message type {shown(env.type)}")
     try:
         return cls.model_validate(env.body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidMessage(f"{env.type}: {where}: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])[:MAX_SHOWN_CHARS] or "body"  # keys come from the peer
+        raise InvalidMessage(f"{env.type}: {where}: {first['msg'][:MAX_SHOWN_CHARS * 4]}") from None
 
 
 # --- handshake -----------------------------------------------------------------

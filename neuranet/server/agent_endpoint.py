@@ -17,9 +17,11 @@ from neuranet.protocol.errors import (
     AuthenticationFailed,
     MalformedFrame,
     ProtocolError,
+    MAX_SHOWN_CHARS,
     QueueLimitExceeded,
     UnexpectedMessage,
     VersionMismatch,
+    shown,
 )
 from neuranet.server.hub import AgentConnection, Hub
 from neuranet.server.store import StoreError
@@ -106,7 +108,7 @@ async def serve_agent(ws: WebSocket, hub: Hub) -> None:
         return
     limits = hub.config.limits
     conn = AgentConnection(device_id, user_id, ws.send_bytes, ws.close, limits.max_queued_bytes_per_peer,
-                           limits.relay_stall_timeout)
+                           limits.relay_stall_timeout, limits.max_queued_bytes_per_connection)
     writer = asyncio.create_task(conn.writer(), name=f"writer-{device_id}")
     try:
         # Inside the try: if opening the presence fails, the finally still unregisters the connection.
@@ -137,7 +139,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
                 raise MalformedFrame("text frames are not part of the protocol; send binary frames")
             env = decode_frame(data, limit)
             if env.src != conn.device_id:
-                raise AuthenticationFailed(f"frame claims source {env.src!r} but this connection is {conn.device_id}")
+                raise AuthenticationFailed(f"frame claims source {shown(env.src)} but this connection is {conn.device_id}")
             if env.dst and env.dst != "server":
                 await hub.relay(conn, env, data)
             else:
@@ -145,7 +147,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
         except ProtocolError as exc:
             conn.send_error(exc, ref=env.id if env is not None else None)
             if exc.fatal:
-                log.info("closing agent %s: %s", conn.device_id, exc)
+                log.info("closing agent %s: %s", conn.device_id, str(exc)[:MAX_SHOWN_CHARS * 4])
                 await conn.drained(timeout=1.0)  # let the error frame go out first
                 await conn.close(4002, f"{exc.code}: {exc}")
                 return
@@ -154,7 +156,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
 async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
     msg = m.parse(env)
     if isinstance(msg, m.Heartbeat):
-        conn.send(m.HeartbeatAck(seq=msg.seq))
+        conn.reply(m.HeartbeatAck(seq=msg.seq))
     elif isinstance(msg, m.Telemetry):
         hub.add_telemetry(conn.device_id, msg.samples)
     elif isinstance(msg, m.Profile):
@@ -163,7 +165,7 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
     elif isinstance(msg, m.Echo):
         # Counted against the agent's own bytes: an agent that sends echoes and never reads them
         # is cut off with queue_limit instead of growing the server's memory without bound.
-        conn.send(m.Echo(reply=True), payload=bytes(env.payload), source=conn.device_id)
+        conn.reply(m.Echo(reply=True), payload=bytes(env.payload))
     elif isinstance(msg, m.LinkOpen):
         await hub.open_link(conn, msg)
     elif isinstance(msg, (m.LinkTestProgress, m.LinkTestDone)):

@@ -114,7 +114,7 @@ class FileBook:
         except Exception as exc:
             log.exception("upload step %s from %s failed", msg.TYPE, conn.device_id)
             reply = m.ChunkPlaced(request=msg.request, chunk=msg.chunk, error=f"server error: {type(exc).__name__}")
-        conn.send(reply)
+        conn.reply(reply)
 
     async def _forget(self, conn: "AgentConnection", chunks: list[str]) -> None:
         """A device dropped damaged copies: forget them (the repair loop makes new ones)."""

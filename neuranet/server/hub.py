@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from neuranet.config import ServerConfig
+from neuranet.config import Limits, ServerConfig
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
-from neuranet.protocol.errors import ProtocolError, QueueLimitExceeded
+from neuranet.protocol.messages import MAX_ID_CHARS
+from neuranet.protocol.errors import MAX_ERROR_CHARS, PeerUnavailable, ProtocolError, QueueLimitExceeded, shown
 from neuranet.server.runs import RunBook
 from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
@@ -29,6 +30,7 @@ from neuranet.server.store import Store
 log = logging.getLogger("neuranet.hub")
 
 MAX_LINKTESTS = 1000
+CLOSE_TIMEOUT = 5.0  # seconds a socket close may wait for the agent to take the close frame
 RELAYED_TYPES = frozenset({"link_data", "link_ack", "link_close", "ping", "pong"})
 # Channels whose links join only devices of one owner (a shared run is not enough): a device
 # accepts file chunks on them from any peer, which is safe only because the peer is its owner's.
@@ -39,10 +41,16 @@ CloseFn = Callable[[int, str], Awaitable[None]]
 
 
 class AgentConnection:
-    """One agent's WebSocket as the hub sees it: identity, liveness and an outbound queue."""
+    """One agent's WebSocket as the hub sees it: identity, liveness and an outbound queue.
+
+    Everything waiting for the agent is bounded twice: per source (a relaying peer, or the agent
+    itself for the server's replies to it) by ``max_queued``, and in total, the server's own frames
+    included, by ``max_total``. A peer past its share is refused alone; a connection whose own
+    traffic overflows (it sends and does not read) is closed, its queue dropped at once.
+    """
 
     def __init__(self, device_id: str, user_id: str, send_bytes: SendBytes, close: CloseFn, max_queued: int,
-                 stall_timeout: float = 10.0) -> None:
+                 stall_timeout: float = 10.0, max_total: int = Limits.max_queued_bytes_per_connection) -> None:
         self.device_id = device_id
         self.user_id = user_id
         self.profile: dict[str, Any] = {}
@@ -51,60 +59,101 @@ class AgentConnection:
         self._send_bytes = send_bytes
         self._close = close
         self._max_queued = max_queued
+        self._max_total = max_total
         self._stall_timeout = stall_timeout
         self._written = asyncio.Condition()  # notified as the writer drains, for paused sources
         self._queue: collections.deque[tuple[bytes, str]] = collections.deque()
         self._queued_from: collections.Counter[str] = collections.Counter()
+        self._queued_total = 0
         self._ready = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
         self.closed = False
+        self.closing: asyncio.Task[None] | None = None  # the socket close after an overflow (awaited by close)
         self._next_id = 0
 
     @property
     def queued_bytes(self) -> int:
-        return sum(self._queued_from.values())
+        return self._queued_total
+
+    def _no_room(self, source: str, size: int) -> str:
+        """Why a frame of ``size`` bytes from ``source`` does not fit now; "" when it does."""
+        if source and self._queued_from[source] + size > self._max_queued:
+            return (f"{self._queued_from[source]} bytes from {source} already wait for {self.device_id}; "
+                    f"limit is {self._max_queued}")
+        if self._queued_total + size > self._max_total:
+            return f"{self._queued_total} bytes already wait for {self.device_id}; limit is {self._max_total}"
+        return ""
 
     def enqueue(self, frame: bytes, source: str = "") -> None:
-        """Queue a frame for this agent; raises QueueLimitExceeded if ``source`` has too much waiting."""
+        """Queue a frame for this agent. Raises QueueLimitExceeded if another device, ``source``, has too
+        much waiting; when the agent's own traffic (``source`` empty or the agent itself) does not fit,
+        the connection is closed instead: the agent is not reading what it asks for."""
         if self.closed:
             return
-        if source and self._queued_from[source] + len(frame) > self._max_queued:
-            raise QueueLimitExceeded(
-                f"{self._queued_from[source]} bytes from {source} already wait for {self.device_id}; "
-                f"limit is {self._max_queued}"
-            )
+        why = self._no_room(source, len(frame))
+        if why and source and source != self.device_id:
+            raise QueueLimitExceeded(why)
+        if why:
+            self._overflow(why)
+            return
         self._queued_from[source] += len(frame)
+        self._queued_total += len(frame)
         self._queue.append((frame, source))
         self._empty.clear()
         self._ready.set()
 
+    def _overflow(self, why: str) -> None:
+        """Drop everything queued and close the socket (in a task this connection owns: enqueue is called
+        from synchronous code, and the writer may be blocked on the very socket that does not drain)."""
+        log.warning("closing agent %s: %s", self.device_id, why)
+        self._queue.clear()
+        self._queued_from.clear()
+        self._queued_total = 0
+        self.closed = True
+        self._ready.set()
+        self.closing = asyncio.ensure_future(self._shut(4002, f"{QueueLimitExceeded.code}: {why}"))
+
+    def _release(self, source: str, size: int) -> None:
+        left = self._queued_from.get(source, 0) - size
+        if left > 0:
+            self._queued_from[source] = left
+        else:
+            self._queued_from.pop(source, None)  # no empty counters left behind (or: dropped by an overflow)
+        self._queued_total = max(0, self._queued_total - size)
+
     async def relay_from(self, source: str, frame: bytes) -> None:
         """Queue a relayed frame, first pausing the source (its reader waits here) while too many of
-        its bytes wait for this agent. A source still over the limit after ``stall_timeout`` gets
-        QueueLimitExceeded: the destination is not reading, and memory stays bounded either way."""
-        if self._queued_from[source] + len(frame) > self._max_queued and not self.closed:
+        its bytes (or of everyone's) wait for this agent. A source still over the limit after
+        ``stall_timeout`` gets QueueLimitExceeded: the destination is not reading, and memory stays
+        bounded either way."""
+        if self._no_room(source, len(frame)) and not self.closed:
             def room() -> bool:
-                return self.closed or self._queued_from[source] + len(frame) <= self._max_queued
+                return self.closed or not self._no_room(source, len(frame))
 
             try:
                 async with self._written:
                     await asyncio.wait_for(self._written.wait_for(room), self._stall_timeout)
             except asyncio.TimeoutError:
                 raise QueueLimitExceeded(
-                    f"{self._queued_from[source]} bytes from {source} have waited {self._stall_timeout:.0f}s for "
-                    f"{self.device_id}, which is not reading; limit is {self._max_queued}"
+                    f"{self._no_room(source, len(frame))}; waited {self._stall_timeout:.0f}s for "
+                    f"{self.device_id}, which is not reading"
                 ) from None
         self.enqueue(frame, source)
 
     def send(self, msg: m.Message, *, payload: bytes = b"", source: str = "") -> None:
-        """Queue a message from the server; ``source`` counts it against that source's limit."""
+        """Queue a message from the server; ``source`` counts it against that source's limit (the agent's
+        own id for a reply to it, so that what it asks for is bounded by what it reads)."""
         self._next_id += 1
         env = msg.envelope(id=self._next_id, src="server", dst=self.device_id, payload=payload)
         self.enqueue(encode_frame(env), source)
 
+    def reply(self, msg: m.Message, *, payload: bytes = b"") -> None:
+        """Queue an answer to something the agent sent, counted against the agent's own allowance."""
+        self.send(msg, payload=payload, source=self.device_id)
+
     def send_error(self, exc: ProtocolError, ref: int | None = None) -> None:
-        self.send(m.Error(code=exc.code, message=str(exc), ref=ref))
+        self.reply(m.Error(code=exc.code, message=str(exc)[:MAX_ERROR_CHARS], ref=ref))
 
     async def writer(self) -> None:
         """Drain the queue into the socket until the connection closes."""
@@ -123,12 +172,11 @@ class AgentConnection:
                 await self.close(1011, "send failed")
                 raise
             finally:
-                self._queued_from[source] -= len(frame)
-                if self._queued_from[source] <= 0:
-                    del self._queued_from[source]
+                self._release(source, len(frame))
                 if source:
                     async with self._written:
                         self._written.notify_all()
+        self._empty.set()
 
     async def drained(self, timeout: float) -> None:
         """Wait (bounded) until everything queued so far has been written."""
@@ -141,12 +189,24 @@ class AgentConnection:
         if not self.closed:
             self.closed = True
             self._ready.set()
-            async with self._written:
-                self._written.notify_all()
-            try:
-                await self._close(code, reason[:120])
-            except Exception:  # the socket may already be gone
-                pass
+            await self._shut(code, reason)
+        elif self.closing is not None:
+            await asyncio.gather(self.closing, return_exceptions=True)
+
+    async def _shut(self, code: int, reason: str) -> None:
+        async with self._written:
+            self._written.notify_all()  # paused sources see the close
+        try:
+            # Bounded: closing waits for the socket to take the close frame, which an agent that does
+            # not read never lets it do.
+            await asyncio.wait_for(self._close(code, _close_reason(reason)), CLOSE_TIMEOUT)
+        except Exception:  # the socket may already be gone
+            pass
+
+
+def _close_reason(reason: str) -> str:
+    """A WebSocket close reason fits 123 bytes of UTF-8."""
+    return reason.encode()[:120].decode(errors="ignore")
 
 
 @dataclass
@@ -239,26 +299,26 @@ class Hub:
 
     async def open_link(self, conn: AgentConnection, req: m.LinkOpen) -> None:
         if req.peer == conn.device_id or not await self.store.may_link(conn.device_id, req.peer):
-            conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="forbidden: the device is not yours and shares no run with you"))
+            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="forbidden: the device is not yours and shares no run with you"))
             return
         peer = self.conns.get(req.peer)
         if peer is None:
-            conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
+            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
             return
         if req.channel in OWNER_CHANNELS and peer.user_id != conn.user_id:
-            conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
+            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
                                        reason=f"forbidden: channel {req.channel!r} links only one user's devices"))
             return
         if req.peer not in self._peers[conn.device_id]:
             limit = self.config.limits.max_peers_per_device
             if len(self._peers[conn.device_id]) >= limit or len(self._peers[req.peer]) >= limit:
-                conn.send(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
+                conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
                                            reason=f"limit: a device may link with at most {limit} peers at once"))
                 return
             self._peers[conn.device_id].add(req.peer)
             self._peers[req.peer].add(conn.device_id)
         secret = secrets.token_bytes(32)
-        conn.send(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
+        conn.reply(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
                               peer_addrs=_addrs(peer.profile), secret=secret))
         peer.send(m.LinkGrant(link_id=req.link_id, peer=conn.device_id, channel=req.channel, initiator=False,
                               peer_addrs=_addrs(conn.profile), secret=secret))
@@ -266,15 +326,17 @@ class Hub:
     async def relay(self, conn: AgentConnection, env: Envelope, frame: bytes) -> None:
         """Forward a frame unchanged to its destination device."""
         if env.type not in RELAYED_TYPES:
-            raise ProtocolError(f"message type {env.type!r} cannot be relayed")
+            raise ProtocolError(f"message type {shown(env.type)} cannot be relayed")
         peer = self.conns.get(env.dst)
         if peer is None:
-            conn.send(m.PeerDown(peer=env.dst))
+            if len(env.dst) > MAX_ID_CHARS:  # no device has such an id: do not echo it whole
+                raise PeerUnavailable(f"no device {shown(env.dst)}")
+            conn.reply(m.PeerDown(peer=env.dst))
             return
         if env.dst not in self._peers.get(conn.device_id, ()):
             # Also what a live link sees for a moment after its peer reconnected and before the link is
             # renewed; PeerLink waits for the renewal then, since the link was granted before.
-            conn.send(m.LinkRefusedMsg(link_id=str(env.body.get("link", "")), peer=env.dst,
+            conn.reply(m.LinkRefusedMsg(link_id=str(env.body.get("link", ""))[:MAX_ID_CHARS], peer=env.dst,
                                        reason="ungranted: no link was granted to that device"))
             return
         await peer.relay_from(conn.device_id, frame)
