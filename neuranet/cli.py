@@ -194,10 +194,11 @@ def agent(
     storage: str = typer.Option("0", help="Disk space offered to the owner's files, e.g. 20G (default: none)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run this device's agent: one outbound connection to the coordinator, reconnecting forever."""
+    """Run this device's agent: one outbound connection to the coordinator, reconnecting until the
+    server answers something no retry can change (wrong URL, refused device, other version)."""
     from neuranet.agent import file_worker, linktest, serve_worker, stage_worker
     from neuranet.agent.chunk_store import ChunkStore, parse_size
-    from neuranet.agent.runtime import Agent, EnrolmentError
+    from neuranet.agent.runtime import Agent, ServerRefused
 
     _logging(verbose)
     try:
@@ -231,8 +232,9 @@ def agent(
 
     try:
         run_service(main())
-    except EnrolmentError as exc:
-        _fail(exc)
+    except ServerRefused as exc:  # one line however wide the message (a log tail or a service manager reads it)
+        err.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -71,6 +71,9 @@ class AgentConfig:
     telemetry_interval: float = 5.0
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    # A connection must stay up this long before the backoff starts over (longer than the server's
+    # offline_after, so a silent one is dropped before it counts as healthy).
+    backoff_reset_after: float = 30.0
     measure: bool = True  # benchmark matmul speed and bandwidth when connecting
     user_models: bool = True  # run model files of this device's owner (their code, on their device)
     storage_bytes: int = 0  # quota offered to the owner's files (0: none)

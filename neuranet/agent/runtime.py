@@ -12,12 +12,22 @@ import time
 from typing import Any, Awaitable, Callable
 
 import websockets
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 
 from neuranet import __version__
 from neuranet.agent.identity import Identity
 from neuranet.agent.local_api import LocalApi
 from neuranet.agent.profile import collect_profile
+from neuranet.agent.reconnect import (  # noqa: F401  (EnrolmentError, backoff_delay: public here too)
+    Clock,
+    EnrolmentError,
+    ReconnectBackoff,
+    ServerRefused,
+    SystemClock,
+    backoff_delay,
+    final_refusal,
+)
 from neuranet.agent.telemetry import TelemetrySampler
 from neuranet.config import AgentConfig, MiB
 from neuranet.net.direct import DirectListener, local_addresses
@@ -31,15 +41,6 @@ from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_
 log = logging.getLogger("neuranet.agent")
 
 ControlHandler = Callable[["Agent", m.Message, bytes], Awaitable[None]]  # (agent, message, payload)
-
-
-class EnrolmentError(Exception):
-    """The server will never accept this agent as it is configured; retrying cannot help."""
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random = random.Random()) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
-    return rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
 
 
 async def run_until_first_failure(*coros: Awaitable[Any]) -> None:
@@ -61,8 +62,10 @@ async def run_until_first_failure(*coros: Awaitable[Any]) -> None:
 class Agent:
     """One device's agent. ``async with Agent(cfg) as a`` runs it in the background."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock or SystemClock()  # paces reconnects (tests pass one that does not wait)
+        self.backoff = ReconnectBackoff(config.backoff_base, config.backoff_cap, config.backoff_reset_after)
         self.identity = Identity.load_or_create(config.data_dir)
         self.links = LinkManager(config, self._relay_send, self.send)
         self.listener = DirectListener(self.links.lookup, config.frame_bytes * 2)
@@ -120,26 +123,22 @@ class Agent:
             await asyncio.gather(self._runner, return_exceptions=True)
 
     async def run(self) -> None:
-        """Connect and serve until cancelled; raises EnrolmentError when retrying cannot help."""
+        """Connect and serve until cancelled; raises ServerRefused (EnrolmentError when the server refused
+        this device) when retrying cannot help."""
         await self.listener.start(self.config.listen_host, self.config.listen_port)
         if self.local.ops:
             await self.local.start(self.config.data_dir)
         try:
             self._static = await asyncio.to_thread(collect_profile, self.config.data_dir, self.config.measure)
-            attempt = 0
             while True:
-                before = self.connections
                 try:
                     await self._connect_once()
-                except AuthenticationFailed as exc:
-                    raise EnrolmentError(str(exc)) from None
                 except (OSError, asyncio.TimeoutError, websockets.WebSocketException, ProtocolError) as exc:
+                    refusal = final_refusal(exc, self.config.server_url)
+                    if refusal is not None:
+                        raise refusal from None
                     log.warning("connection to %s failed or was lost: %s", self.config.server_url, exc or type(exc).__name__)
-                if self.connections > before:
-                    attempt = 0  # that attempt got through: start the backoff over
-                delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
-                attempt += 1
-                await asyncio.sleep(delay)
+                await self.clock.sleep(self.backoff.next_delay(self.clock.now()))
         finally:
             await self.links.close()
             await self.listener.close()
@@ -163,6 +162,7 @@ class Agent:
             self._ws = ws
             self.links.me = self.device_id or ""
             self.connections += 1
+            self.backoff.connected(self.clock.now())
             self.connected.set()
             log.info("connected to %s as device %s", self.config.server_url, self.device_id)
             try:
@@ -193,8 +193,11 @@ class Agent:
             hello = m.Hello(version=PROTOCOL_VERSION, device_id=ident.device_id, agent_version=__version__)
         elif self.config.join_token:
             name = self.config.name or (self._static or {}).get("hostname") or "device"
-            hello = m.Hello(version=PROTOCOL_VERSION, agent_version=__version__,
-                            enrol=m.Enrolment(join_token=self.config.join_token, public_key=ident.public_key, name=name[:100]))
+            try:
+                enrol = m.Enrolment(join_token=self.config.join_token, public_key=ident.public_key, name=name[:100])
+            except ValidationError:
+                raise EnrolmentError("that is not a join token (8 to 256 characters, from `neuranet join-token`)") from None
+            hello = m.Hello(version=PROTOCOL_VERSION, agent_version=__version__, enrol=enrol)
         else:
             raise AuthenticationFailed("this agent is not enrolled yet: pass --join-token (from `neuranet join-token`)")
         await ws.send(encode_frame(hello.envelope()))
