@@ -1,10 +1,12 @@
-"""The worker processes of bench/links.py: raw-socket baselines and PeerLink agents, driven by commands.
+"""The worker processes of bench/links.py: raw-socket baselines, the direct path's framing (plaintext and
+TLS) and PeerLink agents, driven by commands.
 
-A driver (``blocking_driver``, ``asyncio_driver``) or an ``agent_process`` (role ``tx`` or ``rx``) first puts
+A driver (``blocking_driver``, ``asyncio_driver``, ``frames_driver``) or an ``agent_process`` (role ``tx`` or ``rx``) first puts
 ``("ready", ...)`` on ``out_q``, then answers each command from ``cmd_q`` with ``("ok", value)``, or puts
 ``("error", traceback)`` and exits if it fails. Commands: ``("prep", key, size)`` builds the messages and warms
 up, ``("tput", key, n_max, secs)`` and ``("rtt", key, count, secs)`` measure, ``("stop",)`` ends the process;
-agent processes also take ``open``, ``agg``, ``paths`` and ``close``. The other end (a raw responder, or the
+``frames_driver`` also takes ``("handshake", count)``; agent processes also take ``open``, ``agg``, ``paths``
+and ``close``. The other end (a raw responder, or the
 links an ``rx`` agent accepts) answers every message whose flag (raw) or meta (PeerLink) asks for it with ``ACK``.
 """
 
@@ -221,40 +223,57 @@ def asyncio_responder(port_q: Any, max_size: int) -> None:
     run_service(main())
 
 
+async def _drive(cmd_q: Any, out_q: Any, send: Callable[[bytes], Awaitable[None]],
+                 recv_ack: Callable[[], Awaitable[None]], frame: Callable[[int, int, bytes], bytes],
+                 handshake: Callable[[], Awaitable[float]] | None = None) -> None:
+    """The command loop of an async driver: ``send(msg)`` writes one prepared message (``frame(size,
+    flag, payload)``), ``recv_ack()`` waits for the ack, ``handshake()`` times one new connection."""
+    msgs: list[bytes] = []
+    size = 0
+
+    async def send_msg(last: bool) -> None:
+        await send(msgs[last])
+
+    out_q.put(("ready", None))
+    while True:
+        cmd = await asyncio.to_thread(cmd_q.get)
+        op = cmd[0]
+        if op == "stop":
+            break
+        if op == "prep":
+            _, _key, size = cmd
+            payload = os.urandom(size)
+            msgs = [frame(size, 0, payload), frame(size, 1, payload)]
+            for _ in range(warm_count(size)):
+                await send_msg(True)
+                await recv_ack()
+            out_q.put(("ok", None))
+        elif op == "tput":
+            _, _key, n_max, secs = cmd
+            out_q.put(("ok", await tput_async(send_msg, recv_ack, size, n_max, secs)))
+        elif op == "rtt":
+            _, _key, count, secs = cmd
+            out_q.put(("ok", await rtt_async(send_msg, recv_ack, count, secs)))
+        elif op == "handshake" and handshake is not None:  # count: time this many new connections (ms each)
+            _, count = cmd
+            out_q.put(("ok", [await handshake() for _ in range(count)]))
+        else:
+            raise ValueError(f"unknown command {op!r}")
+
+
 def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
     async def main() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MiB)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        msgs: list[bytes] = []
-        size = 0
 
-        async def send(last: bool) -> None:
-            writer.write(msgs[last])
+        async def send(msg: bytes) -> None:
+            writer.write(msg)
             await writer.drain()
 
         async def recv_ack() -> None:
             await asyncio.wait_for(reader.readexactly(len(ACK)), ACK_TIMEOUT)
 
-        out_q.put(("ready", None))
-        while True:
-            cmd = await asyncio.to_thread(cmd_q.get)
-            op = cmd[0]
-            if op == "stop":
-                break
-            if op == "prep":
-                _, _key, size = cmd
-                payload = os.urandom(size)
-                msgs = [HDR.pack(size, 0) + payload, HDR.pack(size, 1) + payload]
-                for _ in range(warm_count(size)):
-                    await send(True)
-                    await recv_ack()
-                out_q.put(("ok", None))
-            elif op == "tput":
-                _, _key, n_max, secs = cmd
-                out_q.put(("ok", await tput_async(send, recv_ack, size, n_max, secs)))
-            elif op == "rtt":
-                _, _key, count, secs = cmd
-                out_q.put(("ok", await rtt_async(send, recv_ack, count, secs)))
+        await _drive(cmd_q, out_q, send, recv_ack, lambda size, flag, payload: HDR.pack(size, flag) + payload)
         writer.close()
 
     try:
@@ -263,7 +282,104 @@ def asyncio_driver(port: int, cmd_q: Any, out_q: Any) -> None:
         out_q.put(("error", traceback.format_exc()))
 
 
-# --- (c, d) PeerLink agents -----------------------------------------------------------------
+# --- (c, d) the direct path's framing, plaintext and TLS ------------------------------------
+#
+# neuranet.net.framing.FrameProtocol over TCP, as a direct link uses it, without the link on top:
+# once in plaintext (what direct paths were before they were encrypted) and once after the same
+# TLS 1.3 switch a direct path makes (neuranet.net.tls: device certificates, each side pinned to
+# the other's), so the two figures show what the encryption costs. A frame is a flag byte and the
+# payload; the responder answers a flagged frame with ACK.
+
+GO = b"go"  # the listener's plaintext go-ahead, as in the direct handshake
+
+
+def frames_responder(port_q: Any, max_size: int, tls: dict[str, Any] | None) -> None:
+    from neuranet.net.framing import FrameProtocol
+    from neuranet.net.tls import link_context
+
+    async def main() -> None:
+        done = asyncio.Event()
+        tasks: set[asyncio.Task[None]] = set()
+        accepted = 0
+
+        async def serve(proto: FrameProtocol, main_conn: bool) -> None:
+            try:
+                assert proto.transport is not None
+                proto.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tls:
+                    await proto.start_tls(link_context(tls["rx"], tls["tx_pin"], server_side=True), True, 30, first=GO)
+                while True:
+                    frame = await proto.read_frame()
+                    if frame[0]:
+                        await proto.write_frame(ACK)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                if main_conn:
+                    done.set()
+
+        def connected(proto: FrameProtocol) -> None:
+            nonlocal accepted
+            accepted += 1
+            task = asyncio.ensure_future(serve(proto, accepted == 1))  # later ones: handshake probes
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: FrameProtocol(max_size + 1, on_connected=connected), "127.0.0.1", 0)
+        port_q.put(server.sockets[0].getsockname()[1])
+        await asyncio.wait_for(done.wait(), 600)
+        server.close()
+
+    run_service(main())
+
+
+def frames_driver(port: int, tls: dict[str, Any] | None, cmd_q: Any, out_q: Any) -> None:
+    from neuranet.net.framing import FrameProtocol
+    from neuranet.net.tls import check_peer, link_context
+
+    async def connect() -> FrameProtocol:
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(lambda: FrameProtocol(MiB), "127.0.0.1", port)
+        assert proto.transport is not None
+        proto.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            if bytes(await asyncio.wait_for(proto.read_frame(), 30)) != GO:
+                raise ConnectionError("no go-ahead from the responder")
+            await proto.start_tls(link_context(tls["tx"], tls["rx_pin"], server_side=False), False, 30)
+            check_peer(proto.transport.get_extra_info("ssl_object"), tls["rx_pin"])
+        return proto
+
+    async def main() -> None:
+        proto = await connect()
+
+        async def send(msg: bytes) -> None:
+            await proto.write_frame(msg)
+
+        async def recv_ack() -> None:
+            await asyncio.wait_for(proto.read_frame(), ACK_TIMEOUT)
+
+        async def handshake() -> float:
+            t = time.perf_counter()
+            probe = await connect()
+            await probe.write_frame(b"\x01")  # one round trip through the new connection
+            await asyncio.wait_for(probe.read_frame(), ACK_TIMEOUT)
+            elapsed = (time.perf_counter() - t) * 1e3
+            assert probe.transport is not None
+            probe.transport.close()
+            return elapsed
+
+        await _drive(cmd_q, out_q, send, recv_ack, lambda size, flag, payload: bytes([flag]) + payload, handshake)
+        assert proto.transport is not None
+        proto.transport.close()
+
+    try:
+        run_service(main())
+    except BaseException:
+        out_q.put(("error", traceback.format_exc()))
+
+
+# --- (e, f) PeerLink agents -----------------------------------------------------------------
 
 
 def agent_process(role: str, server_url: str, specs: list[dict[str, Any]], cmd_q: Any, out_q: Any) -> None:

@@ -11,10 +11,16 @@ measured next to it, so the numbers mean something on any machine:
                        preallocated buffer, parsed in place: the machine's
                        practical limit;
   b. asyncio stream    two processes, StreamReader/StreamWriter, length-prefixed
-                       messages (what a direct PeerLink path is built on);
-  c. PeerLink direct   two agent processes enrolled to a real coordinator
-                       (``LocalFabric``); the link runs on the direct TCP path;
-  d. PeerLink relay    the same with ``advertise=()``: frames go through the
+                       messages;
+  c. direct frames,    two processes, neuranet.net.framing.FrameProtocol over TCP
+     plain             (the direct path's framing, without a link on top) in
+                       plaintext, as direct paths ran before they were encrypted;
+  d. direct frames,    the same after the switch to TLS 1.3 that every direct
+     TLS               path makes (device certificates, each side pinned to the
+                       other's): c. against d. is what the encryption costs;
+  e. PeerLink direct   two agent processes enrolled to a real coordinator
+                       (``LocalFabric``); the link runs on the direct path (TLS);
+  f. PeerLink relay    the same with ``advertise=()``: frames go through the
                        coordinator's WebSocket relay.
 
 Then the hub's aggregate relayed throughput with 8 pairs sending at once
@@ -22,9 +28,10 @@ Then the hub's aggregate relayed throughput with 8 pairs sending at once
 
 Throughput: one-way stream of N messages of the size, timed from the first
 send until the 8-byte ack of the last one arrives; each figure is the median of
-several trials, and the trials of the four transports are interleaved (order
+several trials, and the trials of the six transports are interleaved (order
 rotated every round) so that load from other processes on the machine hits them
-alike. RTT: one message of the size sent, answered by an 8-byte ack (so it is
+alike. Connection set-up (c. vs d.): a new connection, its handshake and one
+round trip of one byte. RTT: one message of the size sent, answered by an 8-byte ack (so it is
 one transfer of the size plus a small reply). MB = 10**6 bytes. For every
 throughput trial the CPU time of each process (sender, receiver, coordinator)
 is reported per wall second and per GB moved.
@@ -72,12 +79,14 @@ if _BENCH_DIR not in sys.path:
     sys.path.insert(0, _BENCH_DIR)
 
 from _links_workers import (  # noqa: E402
-    agent_process, asyncio_driver, asyncio_responder, blocking_driver, blocking_responder,
+    agent_process, asyncio_driver, asyncio_responder, blocking_driver, blocking_responder, frames_driver,
+    frames_responder,
 )
 from _procs import cpu_seconds, minor_faults, reap  # noqa: E402
 from _stats import MB, KiB, MiB, pct, size_name  # noqa: E402
 
 CMD_TIMEOUT = 120.0  # no command to a worker process may take longer than this
+KINDS = ("blocking", "asyncio", "frames", "frames_tls", "direct", "relay")  # the table's rows, per size
 AIMS = {"direct": 0.70, "relay": 0.40}  # fraction of the asyncio stream, at 1 MiB and above
 AIM_MIN_SIZE = MiB
 N_PAIRS = 8
@@ -88,12 +97,12 @@ def plans(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "sizes": [(4 * KiB, 2 * MiB, 100), (MiB, 16 * MiB, 20), (16 * MiB, 32 * MiB, 4)],
-            "rounds": 2, "trial_s": 1.5, "rtt_s": 2.0, "agg_bytes": 64 * MiB, "agg_s": 4.0,
+            "rounds": 2, "trial_s": 1.5, "rtt_s": 2.0, "agg_bytes": 64 * MiB, "agg_s": 4.0, "handshakes": 20,
         }
     return {
         # (size, bytes per throughput trial, RTT samples in all); every case gets `rounds` trials
         "sizes": [(4 * KiB, 8 * MiB, 400), (MiB, 64 * MiB, 100), (16 * MiB, 64 * MiB, 12)],
-        "rounds": 4, "trial_s": 3.0, "rtt_s": 6.0, "agg_bytes": 256 * MiB, "agg_s": 6.0,
+        "rounds": 4, "trial_s": 3.0, "rtt_s": 6.0, "agg_bytes": 256 * MiB, "agg_s": 6.0, "handshakes": 50,
     }
 
 
@@ -158,6 +167,32 @@ def start_raw(ctx: Any, kind: str, max_size: int, stack: contextlib.ExitStack) -
     stack.callback(reap, rproc)
     port = port_q.get(timeout=60)
     drv = Worker(ctx, f"{kind}-driver", driver, port)
+    stack.callback(drv.stop)
+    drv.reply(60)
+    return Transport(kind, drv, kind, {"tx": drv.proc.pid, "rx": rproc.pid})
+
+
+def link_credentials(root: Path) -> dict[str, Any]:
+    """Two devices' direct-link credentials, each pinned by the other (as a link grant pins them)."""
+    from neuranet.agent.identity import Identity
+    from neuranet.net.tls import PeerPin
+
+    out: dict[str, Any] = {}
+    for side in ("tx", "rx"):
+        ident = Identity.load_or_create(root / f"tls-{side}")
+        out[side] = ident.tls_credentials()
+        out[f"{side}_pin"] = PeerPin(ident.public_key, out[side].cert)
+    return out
+
+
+def start_frames(ctx: Any, kind: str, max_size: int, tls: dict[str, Any] | None, stack: contextlib.ExitStack) -> Transport:
+    """The direct path's framing over TCP, in plaintext (``frames``) or after the TLS switch (``frames_tls``)."""
+    port_q = ctx.Queue()
+    rproc = ctx.Process(target=frames_responder, args=(port_q, max_size, tls), name=f"{kind}-responder", daemon=True)
+    rproc.start()
+    stack.callback(reap, rproc)
+    port = port_q.get(timeout=60)
+    drv = Worker(ctx, f"{kind}-driver", frames_driver, port, tls)
     stack.callback(drv.stop)
     drv.reply(60)
     return Transport(kind, drv, kind, {"tx": drv.proc.pid, "rx": rproc.pid})
@@ -244,8 +279,12 @@ def run_all(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
 
     max_size = max(s for s, _, _ in plan["sizes"])
     with contextlib.ExitStack() as stack:
-        print("starting: blocking and asyncio socket pairs, coordinator, two agent processes", flush=True)
-        transports = [start_raw(ctx, "blocking", max_size, stack), start_raw(ctx, "asyncio", max_size, stack)]
+        print("starting: blocking, asyncio and direct-path (plaintext, TLS) socket pairs, coordinator, two agent "
+              "processes", flush=True)
+        tls = link_credentials(root)
+        transports = [start_raw(ctx, "blocking", max_size, stack), start_raw(ctx, "asyncio", max_size, stack),
+                      start_frames(ctx, "frames", max_size, None, stack),
+                      start_frames(ctx, "frames_tls", max_size, tls, stack)]
         fab = stack.enter_context(LocalFabric(root / "fabric"))
         start_server(fab)
         assert fab.server is not None
@@ -274,6 +313,14 @@ def run_all(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
 
         print(f"measuring ({plan['rounds']} interleaved rounds per size)", flush=True)
         results: dict[str, Any] = measure(transports, plan)
+        for t in transports[2:4]:  # connection set-up, plaintext vs TLS, alternating
+            results.setdefault("handshake_ms", {})[t.name] = []
+        for _ in range(plan["handshakes"]):
+            for t in transports[2:4]:
+                results["handshake_ms"][t.name] += t.worker.call("handshake", 1)
+        hs = results["handshake_ms"]
+        print(f"  new connection + one round trip: plaintext p50 {pct(hs['frames'], 50):.2f} ms, "
+              f"TLS p50 {pct(hs['frames_tls'], 50):.2f} ms", flush=True)
         for key, i in (("direct", 0), ("relay", 1)):
             rx_paths = rx.call("paths", i)
             results[key + "_rx_paths"] = rx_paths[-1] if rx_paths else None
@@ -303,13 +350,13 @@ def run_all(ctx: Any, root: Path, plan: dict[str, Any]) -> dict[str, Any]:
 def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: float) -> str:
     rows = [("size", "transport", "path (tx: used / rx: used)", "MB/s", "trials min-max", "of asyncio", "of blocking",
              "RTT p50 ms", "RTT p99 ms", "rtts", "CPU% tx/rx/srv", "CPU s/GB tx/rx/srv", "aim (of asyncio)")]
-    names = {"blocking": "a. blocking socket", "asyncio": "b. asyncio stream", "direct": "c. PeerLink direct",
-             "relay": "d. PeerLink relay"}
+    names = {"blocking": "a. blocking socket", "asyncio": "b. asyncio stream", "frames": "c. direct frames, plain",
+             "frames_tls": "d. direct frames, TLS", "direct": "e. PeerLink direct", "relay": "f. PeerLink relay"}
     path_problems = []
     for size, _, _ in plan["sizes"]:
         base_a = results["asyncio"][size]["mbps"]
         base_b = results["blocking"][size]["mbps"]
-        for i, kind in enumerate(("blocking", "asyncio", "direct", "relay")):
+        for i, kind in enumerate(KINDS):
             r = results[kind][size]
             if kind in ("direct", "relay"):
                 rx = results[kind + "_rx_paths"] or {"path": "?", "paths_used": []}
@@ -317,7 +364,7 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
                 if r["paths_used"] != [kind] or rx["paths_used"] != [kind] or r["path"] != kind or rx["path"] != kind:
                     path_problems.append(f"{names[kind]} at {size_name(size)}: {path}")
             else:
-                path = "tcp"
+                path = "tls 1.3" if kind == "frames_tls" else "tcp"
             aim = ""
             if kind in AIMS and size >= AIM_MIN_SIZE:
                 frac = r["mbps"] / base_a
@@ -374,6 +421,16 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
     gb = agg["cpu_s_per_gb"]
     lines.append(f"  CPU% (s/GB): server {cpu['server'] * 100:.0f} ({gb['server']:.2f}), senders' process "
                  f"{cpu['tx'] * 100:.0f} ({gb['tx']:.2f}), receivers' process {cpu['rx'] * 100:.0f} ({gb['rx']:.2f})")
+    lines += ["", "What encryption costs the direct path (c. plaintext vs d. TLS 1.3, the same framing; e. runs on d.):"]
+    for size, _, _ in plan["sizes"]:
+        plain, tls = results["frames"][size], results["frames_tls"][size]
+        lines.append(f"  {size_name(size):>6}: {plain['mbps']:8.1f} -> {tls['mbps']:8.1f} MB/s ({tls['mbps'] / plain['mbps']:6.1%}); "
+                     f"CPU s/GB tx {plain['cpu_s_per_gb']['tx']:.2f} -> {tls['cpu_s_per_gb']['tx']:.2f}, "
+                     f"rx {plain['cpu_s_per_gb']['rx']:.2f} -> {tls['cpu_s_per_gb']['rx']:.2f}; "
+                     f"RTT p50 {pct(plain['rtt_ms'], 50):.3f} -> {pct(tls['rtt_ms'], 50):.3f} ms")
+    hs = results["handshake_ms"]
+    lines.append(f"  new connection and first round trip: p50 {pct(hs['frames'], 50):.2f} -> {pct(hs['frames_tls'], 50):.2f} ms, "
+                 f"p99 {pct(hs['frames'], 99):.2f} -> {pct(hs['frames_tls'], 99):.2f} ms ({len(hs['frames_tls'])} each)")
     lines += ["", "Aims (issue): PeerLink direct >= 70% and relayed >= 40% of the asyncio stream at 1 MiB and above."]
     for kind in ("direct", "relay"):
         for size, _, _ in plan["sizes"]:
@@ -384,7 +441,7 @@ def render(results: dict[str, Any], plan: dict[str, Any], quick: bool, elapsed: 
     if path_problems:
         lines += ["", "WARNING: paths not as expected:"] + [f"  {p}" for p in path_problems]
     else:
-        lines += ["", "Paths verified: c. used only the direct path and d. only the relay, on both ends "
+        lines += ["", "Paths verified: e. used only the direct path and f. only the relay, on both ends "
                       "(link.path and link.paths_used)."]
     return "\n".join(lines)
 

@@ -61,7 +61,9 @@ SAMPLES: dict[str, list[Message]] = {
             initiator=True,
             peer_addrs=[("10.0.0.2", 7000), ("fe80::1", 7001)],
             secret=bytes(16),
-        )
+        ),
+        messages.LinkGrant(link_id="l-1", peer="dev-2", initiator=False, secret=bytes(16), peer_key=_KEY,
+                           peer_cert=b"0\x82" + bytes(300)),
     ],
     "link_refused": [messages.LinkRefusedMsg(link_id="l-1", peer="dev-2", reason="offline")],
     "peer_down": [messages.PeerDown(peer="dev-2")],
@@ -71,6 +73,7 @@ SAMPLES: dict[str, list[Message]] = {
     ],
     "link_ack": [messages.LinkAck(link="l-1", seq=-1, consumed=0), messages.LinkAck(link="l-1", seq=9, consumed=99)],
     "link_close": [messages.LinkClose(link="l-1")],
+    "direct_start_tls": [messages.DirectStartTls(link="l-1")],
     "direct_hello": [messages.DirectHello(link="l-1", proof=_KEY)],
     "direct_ok": [messages.DirectOk(link="l-1")],
     "ping": [messages.Ping()],

@@ -10,7 +10,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from neuranet.net.tls import DeviceCredentials
+
 KEY_FILE = "identity.key"
+CERT_FILE = "identity.crt"  # the direct-link certificate, derived from the key (public)
 DEVICE_FILE = "device.json"
 
 
@@ -56,6 +59,10 @@ class Identity:
     @property
     def public_key(self) -> bytes:
         return self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def tls_credentials(self) -> DeviceCredentials:
+        """The certificate this device presents on direct links, made from its key."""
+        return DeviceCredentials.for_key(self.key, self.data_dir / KEY_FILE, self.data_dir / CERT_FILE)
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import uuid
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +22,24 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+def machine_id(files: tuple[Path, ...] = MACHINE_ID_FILES) -> str:
+    """An opaque id of this machine (hashed, so the OS's own id is not passed on), shared by every agent
+    on it: with the address it connects from, it tells the coordinator which peers share a loopback."""
+    raw = ""
+    for f in files:
+        try:
+            raw = f.read_text().strip()
+        except OSError:
+            continue
+        if raw:
+            break
+    raw = raw or f"{platform.node()}/{uuid.getnode():x}"  # no machine-id (macOS, Windows): host name and MAC
+    return hashlib.sha256(b"neuranet-machine\x00" + raw.encode()).hexdigest()[:32]
 
 
 def gpus() -> list[dict[str, Any]]:
@@ -62,6 +82,7 @@ def collect_profile(data_dir: Path, measure: bool = True) -> dict[str, Any]:
     profile: dict[str, Any] = {
         "os": f"{platform.system()} {platform.release()}",
         "hostname": platform.node(),
+        "machine_id": machine_id(),
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
         "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,

@@ -30,7 +30,8 @@ from neuranet.agent.reconnect import (  # noqa: F401  (EnrolmentError, backoff_d
 )
 from neuranet.agent.telemetry import TelemetrySampler
 from neuranet.config import AgentConfig, MiB
-from neuranet.net.direct import DirectListener, local_addresses
+from neuranet.net.addresses import local_addresses
+from neuranet.net.direct import DirectListener
 from neuranet.net.links import LinkManager
 from neuranet.net.peerlink import RelayUnavailable
 from neuranet.protocol import messages as m
@@ -67,8 +68,9 @@ class Agent:
         self.clock = clock or SystemClock()  # paces reconnects (tests pass one that does not wait)
         self.backoff = ReconnectBackoff(config.backoff_base, config.backoff_cap, config.backoff_reset_after)
         self.identity = Identity.load_or_create(config.data_dir)
-        self.links = LinkManager(config, self._relay_send, self.send)
-        self.listener = DirectListener(self.links.lookup, config.frame_bytes * 2)
+        self.tls = self.identity.tls_credentials()
+        self.links = LinkManager(config, self.tls, self._relay_send, self.send)
+        self.listener = DirectListener(self.links.lookup, self.tls, config.frame_bytes * 2)
         self.local = LocalApi(lambda: self.device_id)  # programs on this machine (the CLI) use the agent
         self.connected = asyncio.Event()
         self.welcome: m.Welcome | None = None
@@ -286,13 +288,13 @@ class Agent:
 
     async def _introduce(self) -> None:
         """Tell the server what this device is, renew links, then measure the path to it."""
-        await self.send(m.Profile(profile=self.profile()))
+        await self.send(m.Profile(profile=self.profile(), tls_cert=self.tls.cert))
         for hook in self._on_connected:
             await hook()
         await self.links.on_connected()
         if self.config.measure:
             await self._measure_server_path()
-            await self.send(m.Profile(profile=self.profile()))
+            await self.send(m.Profile(profile=self.profile(), tls_cert=self.tls.cert))
 
     def profile(self) -> dict[str, Any]:
         addrs = self.config.advertise if self.config.advertise is not None else local_addresses(self.listener.port, self.config.listen_host)

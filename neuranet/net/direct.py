@@ -1,19 +1,36 @@
-"""Direct TCP paths between agents: length-prefixed frames, a secret-proving handshake."""
+"""Direct TCP paths between agents: mutual TLS 1.3 pinned to the granted devices, then length-prefixed frames.
+
+The handshake (dialer D, listener L); only its first frame each way travels in the clear:
+
+    D -> L  direct_start_tls{link}      which link, so that L knows whose certificate to require
+    L -> D  direct_start_tls{link}      L holds that link's grant; both switch to TLS 1.3, L requiring a
+                                        client certificate; each side trusts only the granted peer's
+                                        certificate and checks the key it proved (neuranet.net.tls)
+    D -> L  direct_hello{link, proof}   HMAC of the link secret: binds the path to this grant
+    L -> D  direct_ok{link}
+
+Nothing of the link is written before both sides have checked the other, so an impostor at an
+advertised address (or one dialing in with a stolen link id and secret) gets no data.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import logging
 import socket
+import ssl
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-import psutil
-
+from neuranet.net.framing import FrameProtocol
+from neuranet.net.tls import DeviceCredentials, PeerPin, check_peer, link_context
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, decode_frame, encode_frame
-from neuranet.net.framing import FrameProtocol
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError
+
+log = logging.getLogger("neuranet.direct")
 
 HANDSHAKE_TIMEOUT = 3.0
 
@@ -23,26 +40,36 @@ def link_proof(secret: bytes, link_id: str, dialer: str) -> bytes:
 
 
 class DirectPath:
-    """One established TCP connection carrying a single link's frames."""
+    """One established connection carrying a single link's frames."""
 
     kind = "direct"
 
-    def __init__(self, transport: asyncio.Transport, protocol: FrameProtocol) -> None:
-        self.transport = transport
+    def __init__(self, protocol: FrameProtocol) -> None:
+        assert protocol.transport is not None
         self.protocol = protocol
         self.closed = False
-        sock = transport.get_extra_info("socket")
+        sock = protocol.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = transport.get_extra_info("peername")
+        self.peer = protocol.transport.get_extra_info("peername")
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        assert self.protocol.transport is not None
+        return self.protocol.transport  # the TLS transport once the handshake switched to it
+
+    async def start_tls(self, context: ssl.SSLContext, peer: PeerPin, server_side: bool, first: bytes = b"") -> None:
+        """Switch to TLS and check that the other end is the granted peer."""
+        await self.protocol.start_tls(context, server_side, HANDSHAKE_TIMEOUT, first)
+        check_peer(self.transport.get_extra_info("ssl_object"), peer)
 
     async def write(self, frame: bytes) -> None:
         if self.closed:
             raise ConnectionError("direct path is closed")
         await self.protocol.write_frame(frame)
 
-    async def read(self) -> Envelope:
-        return decode_frame(await self.protocol.read_frame())
+    async def read(self, timeout: float | None = None) -> Envelope:
+        return decode_frame(await asyncio.wait_for(self.protocol.read_frame(), timeout))
 
     def close(self) -> None:
         if not self.closed:
@@ -50,26 +77,35 @@ class DirectPath:
             self.transport.close()
 
 
-async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: bytes, max_frame: int,
-               timeout: float = HANDSHAKE_TIMEOUT) -> DirectPath | None:
+@dataclass(frozen=True)
+class DirectGrant:
+    """What a listener needs to accept a link's direct path: whom it must reach, and where it goes."""
+
+    peer: str  # the device id the dialer must be
+    secret: bytes
+    pin: PeerPin
+    attach: Callable[[DirectPath], Awaitable[None]]
+
+
+async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: bytes, pin: PeerPin,
+               own: DeviceCredentials, max_frame: int, timeout: float = HANDSHAKE_TIMEOUT) -> DirectPath | None:
     """Try each advertised address in turn; return the first path whose handshake succeeds."""
+    if not pin.usable:
+        return None  # the grant names no certificate for the peer: relay only
     loop = asyncio.get_running_loop()
-    hello = encode_frame(m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me)).envelope(src=me))
     for host, port in addrs:
         try:
-            transport, protocol = await asyncio.wait_for(
+            _, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: FrameProtocol(max_frame), host, port), timeout)
         # A peer advertises these addresses itself: a bad host or port is one more address that fails.
         except (OSError, ValueError, OverflowError, asyncio.TimeoutError):
             continue
-        path = DirectPath(transport, protocol)  # type: ignore[arg-type]
+        path = DirectPath(protocol)  # type: ignore[arg-type]
         try:
-            await path.write(hello)
-            env = await asyncio.wait_for(path.read(), 2 * timeout)
-            if env.type == "direct_ok" and env.body.get("link") == link_id:
-                return path
-        except (OSError, asyncio.TimeoutError, ProtocolError):
-            pass
+            await _dialer_handshake(path, link_id, me, secret, pin, own, timeout)
+            return path
+        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:  # ssl.SSLError is an OSError
+            log.info("direct path to %s:%s for link %s failed: %s", host, port, link_id, exc or type(exc).__name__)
         except BaseException:  # cancelled (the link or agent is closing): do not leak the socket
             path.close()
             raise
@@ -77,12 +113,26 @@ async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: byte
     return None
 
 
+async def _dialer_handshake(path: DirectPath, link_id: str, me: str, secret: bytes, pin: PeerPin,
+                            own: DeviceCredentials, timeout: float) -> None:
+    await path.write(encode_frame(m.DirectStartTls(link=link_id).envelope(src=me)))
+    reply = m.parse(await path.read(2 * timeout))  # the listener may first wait for its copy of the grant
+    if not isinstance(reply, m.DirectStartTls) or reply.link != link_id:
+        raise AuthenticationFailed(f"the listener answered {reply.TYPE} for link {getattr(reply, 'link', '?')!r}")
+    await path.start_tls(link_context(own, pin, server_side=False), pin, server_side=False)
+    await path.write(encode_frame(m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me)).envelope(src=me)))
+    ok = m.parse(await path.read(timeout))
+    if not isinstance(ok, m.DirectOk) or ok.link != link_id:
+        raise AuthenticationFailed(f"the peer answered {ok.TYPE} instead of direct_ok")
+
+
 class DirectListener:
     """Accepts direct connections and hands each authenticated one to its link."""
 
-    def __init__(self, lookup: Callable[[str], Awaitable["tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None"]],
+    def __init__(self, lookup: Callable[[str], Awaitable[DirectGrant | None]], own: DeviceCredentials,
                  max_frame: int) -> None:
-        self._lookup = lookup  # link id -> (peer device id, secret, attach callback)
+        self._lookup = lookup  # link id -> its grant, waiting (bounded) for the grant to arrive
+        self._own = own
         self._max_frame = max_frame
         self._server: asyncio.AbstractServer | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -110,37 +160,34 @@ class DirectListener:
         task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, proto: FrameProtocol) -> None:
-        assert proto.transport is not None
-        path = DirectPath(proto.transport, proto)
+        path = DirectPath(proto)
         try:
-            env = await asyncio.wait_for(path.read(), HANDSHAKE_TIMEOUT)
-            hello = m.parse(env)
-            if not isinstance(hello, m.DirectHello):
-                raise AuthenticationFailed("direct connection must start with direct_hello")
-            found = await self._lookup(hello.link)
-            if found is None:
-                raise AuthenticationFailed(f"no link {hello.link}")
-            peer, secret, attach = found
-            if env.src != peer or not hmac.compare_digest(hello.proof, link_proof(secret, hello.link, peer)):
-                raise AuthenticationFailed("bad direct-link proof")
-            await path.write(encode_frame(m.DirectOk(link=hello.link).envelope()))
-        except (OSError, asyncio.TimeoutError, ProtocolError):
+            grant = await self._authenticate(path)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:  # ssl.SSLError is an OSError
+            log.info("direct connection from %s refused: %s", path.peer, exc or type(exc).__name__)
             path.close()
             return
         except BaseException:  # the listener is closing: do not leak the accepted socket
             path.close()
             raise
-        await attach(path)
+        await grant.attach(path)
 
-
-def local_addresses(port: int, listen_host: str) -> list[tuple[str, int]]:
-    """Addresses a peer might reach this listener on, most specific first."""
-    if listen_host not in ("0.0.0.0", "::", ""):
-        return [(listen_host, port)]
-    out: list[tuple[str, int]] = []
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                out.append((a.address, port))
-    out.append(("127.0.0.1", port))
-    return out[:16]
+    async def _authenticate(self, path: DirectPath) -> DirectGrant:
+        start = m.parse(await path.read(HANDSHAKE_TIMEOUT))
+        if not isinstance(start, m.DirectStartTls):
+            raise AuthenticationFailed(f"a direct connection must start with direct_start_tls, not {start.TYPE}")
+        grant = await self._lookup(start.link)
+        if grant is None:
+            raise AuthenticationFailed(f"no link {start.link!r}")
+        if not grant.pin.usable:
+            raise AuthenticationFailed(f"the grant of link {start.link!r} names no certificate for its peer")
+        go = encode_frame(m.DirectStartTls(link=start.link).envelope())
+        await path.start_tls(link_context(self._own, grant.pin, server_side=True), grant.pin, server_side=True, first=go)
+        env = await path.read(HANDSHAKE_TIMEOUT)
+        hello = m.parse(env)
+        if not isinstance(hello, m.DirectHello) or hello.link != start.link:
+            raise AuthenticationFailed("the first frame inside TLS must be direct_hello for the same link")
+        if env.src != grant.peer or not hmac.compare_digest(hello.proof, link_proof(grant.secret, hello.link, grant.peer)):
+            raise AuthenticationFailed("bad direct-link proof")
+        await path.write(encode_frame(m.DirectOk(link=hello.link).envelope()))
+        return grant

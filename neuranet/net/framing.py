@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import struct
 from typing import Callable
 
-from neuranet.protocol.errors import MessageTooLarge
+from neuranet.protocol.errors import MalformedFrame, MessageTooLarge
 
 LEN = struct.Struct(">I")
 SCRATCH = 64 * 1024
@@ -128,6 +129,22 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._paused = False
             self.transport.resume_reading()
         return frame
+
+    async def start_tls(self, context: ssl.SSLContext, server_side: bool, timeout: float, first: bytes = b"") -> None:
+        """Switch this connection to TLS: write ``first`` in the clear (the listener's go-ahead), then
+        handshake; frames read and written from then on are encrypted. Bytes already received past
+        the plaintext frames were sent before the peer could know we switch, so they refuse the switch."""
+        if self.transport is None or self.closed.is_set():
+            raise ConnectionResetError("direct path is closed")
+        if self._frames or self._end > self._start or self._big is not None:
+            raise MalformedFrame("data arrived before the TLS handshake")
+        if first:
+            # Written synchronously before start_tls pauses reading, so the peer's TLS hello (its answer
+            # to these bytes) can only ever reach the TLS protocol.
+            self.transport.writelines((LEN.pack(len(first)), first))
+        loop = asyncio.get_running_loop()
+        self.transport = await loop.start_tls(self.transport, self, context, server_side=server_side,  # type: ignore[assignment]
+                                              ssl_handshake_timeout=timeout)
 
     async def write_frame(self, frame: bytes) -> None:
         if self.transport is None or self.closed.is_set() or self.transport.is_closing():

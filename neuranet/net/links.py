@@ -8,7 +8,8 @@ import secrets
 from typing import Awaitable, Callable
 
 from neuranet.config import AgentConfig
-from neuranet.net.direct import DirectPath, dial
+from neuranet.net.direct import DirectGrant, dial
+from neuranet.net.tls import DeviceCredentials
 from neuranet.net.peerlink import PeerLink
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope
@@ -21,9 +22,10 @@ Handler = Callable[[PeerLink], Awaitable[None]]
 class LinkManager:
     """Owns every link of one agent and the tasks that serve them."""
 
-    def __init__(self, config: AgentConfig, relay_send: Callable[[bytes], Awaitable[None]],
+    def __init__(self, config: AgentConfig, credentials: DeviceCredentials, relay_send: Callable[[bytes], Awaitable[None]],
                  send_control: Callable[[m.Message], Awaitable[None]], peer_timeout: float = 120.0) -> None:
         self.config = config
+        self.credentials = credentials  # what this device presents on direct paths
         self.me = ""
         self.relay_send = relay_send
         self._send_control = send_control
@@ -117,7 +119,7 @@ class LinkManager:
         for link in self.links.values():
             link.on_relay_lost()
 
-    async def lookup(self, link_id: str, timeout: float = 3.0) -> tuple[str, bytes, Callable[[DirectPath], Awaitable[None]]] | None:
+    async def lookup(self, link_id: str, timeout: float = 3.0) -> DirectGrant | None:
         """The link a direct connection claims to be for. The dialer may be faster than
         our copy of the grant, so wait (bounded) for the grant to arrive."""
         link = self.links.get(link_id)
@@ -132,15 +134,16 @@ class LinkManager:
             link = self.links.get(link_id)
         if link is None or not link.secret:
             return None
-        return link.peer, link.secret, link.attach_direct
+        return DirectGrant(link.peer, link.secret, link.peer_pin, link.attach_direct)
 
     async def _dial(self, link: PeerLink) -> bool:
         """One attempt at a direct path; True when the link now has one."""
         if link.closed or link.direct is not None:
             return not link.closed
-        if not link.peer_addrs:
+        if not link.peer_addrs or not link.peer_pin.usable:
             return False
-        path = await dial(link.peer_addrs, link.link_id, self.me, link.secret, self.config.frame_bytes * 2)
+        path = await dial(link.peer_addrs, link.link_id, self.me, link.secret, link.peer_pin, self.credentials,
+                          self.config.frame_bytes * 2)
         if path is not None:
             await link.attach_direct(path)
         return path is not None
@@ -149,7 +152,7 @@ class LinkManager:
         """Keep trying for a direct path in the background, every ``direct_retry_interval``."""
         async def attempt() -> None:
             await asyncio.sleep(delay)
-            if not await self._dial(link) and not link.closed and link.peer_addrs:
+            if not await self._dial(link) and not link.closed and link.peer_addrs and link.peer_pin.usable:
                 self.try_direct(link, delay=self.config.direct_retry_interval)
 
         self._spawn(attempt())

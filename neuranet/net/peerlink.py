@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from neuranet.net.direct import DirectPath
+from neuranet.net.tls import PeerPin
 from neuranet.net.window import Delivered, ReceiveWindow, SendWindow, WindowError
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Buffer, Envelope, encode_frame
@@ -78,6 +79,7 @@ class PeerLink:
         self.granted = asyncio.Event()
         self.secret = b""
         self.peer_addrs: list[tuple[str, int]] = []
+        self.peer_pin = PeerPin(b"", b"")  # whom a direct path must reach (from the grant)
         self.paths_used: set[str] = set()
         self.error: BaseException | None = None
         self.closed = False
@@ -174,6 +176,7 @@ class PeerLink:
     def on_grant(self, grant: m.LinkGrant) -> None:
         """The server (re)authorised the link: relay works, and direct may be tried."""
         self.secret, self.peer_addrs = grant.secret, list(grant.peer_addrs)
+        self.peer_pin = PeerPin(grant.peer_key, grant.peer_cert)
         self.relay_ready = True
         self.peer_down_since = None
         self._rewind()

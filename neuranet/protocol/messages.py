@@ -18,6 +18,7 @@ MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
 MAX_ID_CHARS = 128  # of a device, link, run or test id
 _Id = Field(min_length=1, max_length=MAX_ID_CHARS)
+MAX_CERT_BYTES = 1024  # a device's direct-link certificate (neuranet.net.tls) is about 300 bytes
 
 
 class Message(BaseModel):
@@ -118,6 +119,9 @@ class Profile(Message):
 
     TYPE: ClassVar[str] = "profile"
     profile: dict[str, Any]
+    # The device's direct-link certificate (DER): the coordinator checks it carries the enrolled key
+    # and gives it to the device's link peers, who accept no other on a direct path.
+    tls_cert: bytes = Field(b"", max_length=MAX_CERT_BYTES)
 
 
 class TelemetrySample(BaseModel):
@@ -166,6 +170,10 @@ class LinkGrant(Message):
     initiator: bool
     peer_addrs: list[tuple[str, int]] = Field(default_factory=list, max_length=32)
     secret: bytes = Field(min_length=16, max_length=64)
+    # Who a direct path must reach: the peer's enrolled Ed25519 key and the certificate it reported.
+    # Empty when the peer reported none: the link is then relayed only.
+    peer_key: bytes = Field(b"", max_length=32)
+    peer_cert: bytes = Field(b"", max_length=MAX_CERT_BYTES)
 
 
 class LinkRefusedMsg(Message):
@@ -233,8 +241,16 @@ class LinkClose(Message):
     link: str
 
 
+class DirectStartTls(Message):
+    """The only plaintext frame on a direct connection, each way: the dialer names the link (so the
+    listener knows whose certificate to require), the listener answers it, and both switch to TLS."""
+
+    TYPE: ClassVar[str] = "direct_start_tls"
+    link: str = _Id
+
+
 class DirectHello(Message):
-    """First frame on a direct TCP connection: proves knowledge of the link secret."""
+    """First frame inside a direct link's TLS: proves knowledge of the link secret (binds it to the grant)."""
 
     TYPE: ClassVar[str] = "direct_hello"
     link: str

@@ -36,6 +36,7 @@ class _Handshake:
     def __init__(self, ws: WebSocket, hub: Hub) -> None:
         self.ws = ws
         self.hub = hub
+        self.public_key = b""  # the device's enrolled key, once it proved it holds it
         self.limit = hub.config.limits.max_message_bytes
 
     async def recv(self) -> Envelope:
@@ -78,6 +79,7 @@ class _Handshake:
             Ed25519PublicKey.from_public_bytes(device.public_key).verify(auth.signature, auth_payload(nonce, device.id))
         except InvalidSignature:
             raise AuthenticationFailed("bad signature: this agent does not hold the device's key") from None
+        self.public_key = device.public_key
         limits = self.hub.config.limits
         if self.hub.connections_of(device.user_id) >= limits.max_connections_per_user and device.id not in self.hub.conns:
             raise QueueLimitExceeded(f"user already has {limits.max_connections_per_user} devices connected")
@@ -109,6 +111,8 @@ async def serve_agent(ws: WebSocket, hub: Hub) -> None:
     limits = hub.config.limits
     conn = AgentConnection(device_id, user_id, ws.send_bytes, ws.close, limits.max_queued_bytes_per_peer,
                            limits.relay_stall_timeout, limits.max_queued_bytes_per_connection)
+    conn.remote_ip = ws.client.host if ws.client else ""
+    conn.public_key = handshake.public_key
     writer = asyncio.create_task(conn.writer(), name=f"writer-{device_id}")
     try:
         # Inside the try: if opening the presence fails, the finally still unregisters the connection.
@@ -161,7 +165,11 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
         hub.add_telemetry(conn.device_id, msg.samples)
     elif isinstance(msg, m.Profile):
         conn.profile = msg.profile
-        await hub.store.set_profile(conn.device_id, msg.profile)
+        try:  # before the write: a link granted meanwhile already pins the certificate
+            if msg.tls_cert and msg.tls_cert != conn.tls_cert:
+                hub.set_direct_cert(conn, msg.tls_cert)
+        finally:
+            await hub.store.set_profile(conn.device_id, msg.profile)
     elif isinstance(msg, m.Echo):
         # Counted against the agent's own bytes: an agent that sends echoes and never reads them
         # is cut off with queue_limit instead of growing the server's memory without bound.

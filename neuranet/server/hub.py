@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from neuranet.config import Limits, ServerConfig
+from neuranet.net.addresses import same_host, usable_by_peer
+from neuranet.net.tls import certificate_key
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.messages import MAX_ID_CHARS
-from neuranet.protocol.errors import MAX_ERROR_CHARS, PeerUnavailable, ProtocolError, QueueLimitExceeded, shown
+from neuranet.protocol.errors import (
+    MAX_ERROR_CHARS, AuthenticationFailed, InvalidMessage, PeerUnavailable, ProtocolError, QueueLimitExceeded, shown,
+)
 from neuranet.server.runs import RunBook
 from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
@@ -54,6 +58,9 @@ class AgentConnection:
         self.device_id = device_id
         self.user_id = user_id
         self.profile: dict[str, Any] = {}
+        self.remote_ip = ""  # the address the agent connects from (tells which peers share a host)
+        self.public_key = b""  # its enrolled key (set once authenticated)
+        self.tls_cert = b""  # its direct-link certificate, once it reported one carrying that key
         self.connected_at = time.time()
         self.last_seen = self.connected_at
         self._send_bytes = send_bytes
@@ -318,10 +325,24 @@ class Hub:
             self._peers[conn.device_id].add(req.peer)
             self._peers[req.peer].add(conn.device_id)
         secret = secrets.token_bytes(32)
+        near = same_host(conn.remote_ip, _machine(conn.profile), peer.remote_ip, _machine(peer.profile))
         conn.reply(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
-                              peer_addrs=_addrs(peer.profile), secret=secret))
+                               peer_addrs=usable_by_peer(_addrs(peer.profile), near), secret=secret,
+                               peer_key=peer.public_key, peer_cert=peer.tls_cert))
         peer.send(m.LinkGrant(link_id=req.link_id, peer=conn.device_id, channel=req.channel, initiator=False,
-                              peer_addrs=_addrs(conn.profile), secret=secret))
+                              peer_addrs=usable_by_peer(_addrs(conn.profile), near), secret=secret,
+                              peer_key=conn.public_key, peer_cert=conn.tls_cert))
+
+    def set_direct_cert(self, conn: AgentConnection, cert: bytes) -> None:
+        """Accept the direct-link certificate a device reports if it carries the device's enrolled key;
+        its link peers then accept only this certificate on a direct path."""
+        try:
+            key = certificate_key(cert)
+        except AuthenticationFailed as exc:
+            raise InvalidMessage(f"profile: tls_cert: {exc}") from None
+        if not conn.public_key or key != conn.public_key:
+            raise InvalidMessage("profile: tls_cert does not carry this device's enrolled key; its links stay relayed")
+        conn.tls_cert = cert
 
     async def relay(self, conn: AgentConnection, env: Envelope, frame: bytes) -> None:
         """Forward a frame unchanged to its destination device."""
@@ -393,6 +414,11 @@ class Hub:
                 await self.flush()
             except Exception:  # keep serving; the next round retries
                 log.exception("hub maintenance failed")
+
+
+def _machine(profile: dict[str, Any]) -> str:
+    value = profile.get("machine_id")
+    return value if isinstance(value, str) and len(value) <= 64 else ""
 
 
 def _addrs(profile: dict[str, Any]) -> list[tuple[str, int]]:
