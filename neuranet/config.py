@@ -27,6 +27,9 @@ class Limits:
     # Everything waiting for one agent, the server's own frames included (a model's weights go out at
     # once). An agent whose own traffic passes it (it sends and does not read) is disconnected.
     max_queued_bytes_per_connection: int = 256 * MiB
+    # Chunk names one device's inventory may list (about 1 TB of 2 MiB chunks); the coordinator holds
+    # them in memory until the last page comes.
+    max_inventory_chunks: int = 500_000
     max_connections_per_user: int = 256
     max_peers_per_device: int = 256  # distinct devices one device may hold links with
 

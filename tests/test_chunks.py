@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 
@@ -196,16 +197,39 @@ def test_chunk_store_reads_and_puts_during_a_write(tmp_path, monkeypatch) -> Non
     assert store.written_within(name, 60) and not store.written_within(chunk_id(b"other"), 60)
 
 
-async def test_inventory_goes_in_pages_and_is_reconciled_whole(tmp_path, monkeypatch) -> None:
+def test_every_list_of_chunk_names_fits_the_header_limit() -> None:
+    from pydantic import ValidationError
+
+    from neuranet.protocol import messages as m
+    from neuranet.protocol.envelope import MAX_HEADER_BYTES, decode_frame, encode_frame
+
+    full = ["f" * 64] * m.MAX_CHUNK_NAMES
+    longest_id = "d" * m.MAX_ID_CHARS
+    for msg in (m.ChunkInventory(quota_bytes=2 ** 63 - 1, used_bytes=2 ** 63 - 1, chunks=full, last=False),
+                m.ChunkDelete(chunks=full, grace=86400.0), m.ChunkLost(chunks=full)):
+        frame = encode_frame(msg.envelope(id=2 ** 63 - 1, src=longest_id, dst=longest_id))
+        assert MAX_HEADER_BYTES - 4096 < len(frame) <= MAX_HEADER_BYTES  # full, and it fits
+        assert m.parse(decode_frame(frame)) == msg
+        with pytest.raises(ValidationError):  # one more name is refused before it is encoded
+            type(msg).model_validate({**msg.model_dump(), "chunks": full + ["f" * 64]})
+    with pytest.raises(ValidationError):
+        m.ChunkDelete(chunks=["../../etc/passwd"])  # names only
+    names = [f"{i:064x}" for i in range(2 * m.MAX_CHUNK_NAMES + 1)]
+    batches = list(m.chunk_batches(names))
+    assert [len(b) for b in batches] == [m.MAX_CHUNK_NAMES, m.MAX_CHUNK_NAMES, 1]
+    assert sum(batches, []) == names and list(m.chunk_batches([])) == [[]]
+
+
+async def test_inventory_pages_are_reconciled_whole_and_bounded(tmp_path) -> None:
     import asyncio
     from types import SimpleNamespace
 
     from neuranet.agent.chunk_store import ChunkStore
     from neuranet.agent.file_worker import FileWorker
     from neuranet.protocol import messages as m
+    from neuranet.protocol.errors import MessageTooLarge
     from neuranet.server.files import FileBook
 
-    monkeypatch.setattr(m, "INVENTORY_PAGE", 2)
     store = ChunkStore(tmp_path / "chunks", quota_bytes=1000)
     names = []
     for i in range(5):
@@ -219,7 +243,7 @@ async def test_inventory_goes_in_pages_and_is_reconciled_whole(tmp_path, monkeyp
 
     agent = SimpleNamespace(send=send, links=None, local=None)
     await FileWorker(agent, store).send_inventory()  # type: ignore[arg-type]
-    assert [len(p.chunks) for p in sent] == [2, 2, 1] and [p.last for p in sent] == [False, False, True]
+    assert [p.chunks for p in sent] == [sorted(names)] and sent[0].last
 
     # The coordinator reconciles once, against every page: it holds one of the five on record.
     async def device_chunks(device_id):
@@ -230,15 +254,53 @@ async def test_inventory_goes_in_pages_and_is_reconciled_whole(tmp_path, monkeyp
 
     class Conn:  # a connection as FileBook sees it (weakly referenced, like the hub's)
         device_id, user_id = "d", "u"
-        send = staticmethod(told.append)
+        reply = send = staticmethod(told.append)
 
     conn = Conn()
-    book = FileBook(hub)  # type: ignore[arg-type]
-    for page in sent:
-        book.on_message(conn, page, b"")  # type: ignore[arg-type]
+    book = FileBook(hub, max_inventory=5)  # type: ignore[arg-type]
+    pages = list(m.chunk_batches(names, per=2))
+    for i, page in enumerate(pages):
+        book.on_message(conn, m.ChunkInventory(quota_bytes=1000, used_bytes=50, chunks=page,  # type: ignore[arg-type]
+                                               last=i == len(pages) - 1), b"")
     await asyncio.sleep(0.1)
     assert len(told) == 1 and sorted(told[0].chunks) == sorted(names[1:]) and told[0].grace > 0
+    # Pages that never say `last` are held only up to the bound; past it the device is refused.
+    for page in (names[:2], names[2:4]):
+        book.on_message(conn, m.ChunkInventory(quota_bytes=1000, used_bytes=0, chunks=page, last=False), b"")  # type: ignore[arg-type]
+    with pytest.raises(MessageTooLarge, match="passes 5 chunks"):
+        book.on_message(conn, m.ChunkInventory(quota_bytes=1000, used_bytes=0, chunks=names[3:], last=False), b"")  # type: ignore[arg-type]
+    assert conn not in book._inventories  # what it had sent is dropped
     await book.close()
+
+
+async def test_deletes_of_100000_chunks_go_in_messages_that_fit(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from neuranet.config import Limits
+    from neuranet.protocol import messages as m
+    from neuranet.protocol.envelope import decode_frame
+    from neuranet.server.files import FileBook
+    from neuranet.server.hub import AgentConnection
+
+    frames: list[bytes] = []
+
+    async def write(frame: bytes) -> None:
+        frames.append(frame)
+
+    async def close(code: int, reason: str) -> None:
+        raise AssertionError(f"closed: {reason}")
+
+    conn = AgentConnection("d", "u", write, close, Limits.max_queued_bytes_per_peer)
+    book = FileBook(SimpleNamespace(conns={"d": conn}))  # type: ignore[arg-type]
+    names = [f"{i:064x}" for i in range(100_000)]
+    await book.delete_replicas({"d": names, "offline": names[:10]}, grace=5.0)  # a file deleted, say
+    writer = asyncio.ensure_future(conn.writer())
+    await conn.drained(timeout=30)
+    await conn.close()
+    await writer
+    deletes = [m.parse(decode_frame(f, Limits.max_message_bytes)) for f in frames]
+    assert all(isinstance(d, m.ChunkDelete) and d.grace == 5.0 for d in deletes)
+    assert [c for d in deletes for c in d.chunks] == names and len(deletes) == -(-100_000 // m.MAX_CHUNK_NAMES)
 
 
 async def test_chunks_kept_for_a_grace_are_reported_again_when_it_is_over(tmp_path) -> None:

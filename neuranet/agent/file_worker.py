@@ -177,8 +177,7 @@ class FileWorker:
 
     async def send_inventory(self) -> None:
         """What this device holds, in pages (a big store's list would not fit one message)."""
-        chunks = self.store.chunks()
-        pages = [chunks[i:i + m.INVENTORY_PAGE] for i in range(0, len(chunks), m.INVENTORY_PAGE)] or [[]]
+        pages = list(m.chunk_batches(self.store.chunks()))
         for i, page in enumerate(pages):
             await self.agent.send(m.ChunkInventory(quota_bytes=self.store.quota_bytes, used_bytes=self.store.used_bytes,
                                                    chunks=page, last=i == len(pages) - 1))
@@ -257,17 +256,22 @@ class FileWorker:
 
     async def delete(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkDelete)
+        kept = await asyncio.to_thread(self._drop, msg.chunks, msg.grace)  # one thread hop for a whole batch
+        if kept and (self._recheck is None or self._recheck.done()):
+            self._recheck = asyncio.get_running_loop().create_task(self._inventory_after(msg.grace))
+
+    def _drop(self, names: list[str], grace: float) -> bool:
+        """Delete chunks, keeping those written within ``grace`` seconds; whether any was kept."""
         kept = False
-        for name in msg.chunks:
-            if msg.grace and self.store.written_within(name, msg.grace):
+        for name in names:
+            if grace and self.store.written_within(name, grace):
                 kept = True  # its record may be on its way (a copy over a PeerLink races the control link)
                 continue
             try:
-                await asyncio.to_thread(self.store.delete, name)
+                self.store.delete(name)
             except ChunkError:
                 continue
-        if kept and (self._recheck is None or self._recheck.done()):
-            self._recheck = asyncio.get_running_loop().create_task(self._inventory_after(msg.grace))
+        return kept
 
     async def _inventory_after(self, seconds: float) -> None:
         """Report the inventory again once a grace is over: the coordinator then deletes the chunks kept

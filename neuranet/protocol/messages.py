@@ -7,11 +7,11 @@ goes the other way. Bodies hold only msgpack-native values: no pickle anywhere.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from neuranet.protocol.envelope import Buffer, Envelope
+from neuranet.protocol.envelope import MAX_HEADER_BYTES, Buffer, Envelope
 from neuranet.protocol.errors import MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
 
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
@@ -492,6 +492,21 @@ class ChunkFetch(Message):
     chunk: str = _ChunkName
 
 
+ChunkName = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# Lists of chunk names are sized by bytes: a name is 66 bytes of msgpack (a str8 header and 64 hex
+# digits), and a message carrying a list keeps this much of the header limit for everything else.
+_CHUNK_NAME_BYTES = 2 + 64
+_HEADER_ROOM = 4096
+MAX_CHUNK_NAMES = (MAX_HEADER_BYTES - _HEADER_ROOM) // _CHUNK_NAME_BYTES  # per message (3,909)
+
+
+def chunk_batches(names: list[str], per: int = MAX_CHUNK_NAMES) -> Iterator[list[str]]:
+    """``names`` in lists that each fit one message (at least one list, maybe empty)."""
+    yield names[:per]
+    for i in range(per, len(names), per):
+        yield names[i:i + per]
+
+
 class ChunkDelete(Message):
     """Server tells a device to drop chunks (no reply needed: a later inventory shows what is left).
     ``grace``: keep a copy written in the last that many seconds. The records do not know of copies
@@ -499,7 +514,7 @@ class ChunkDelete(Message):
     a PeerLink may be one whose record is still on its way."""
 
     TYPE: ClassVar[str] = "chunk_delete"
-    chunks: list[str] = Field(max_length=100_000)
+    chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
     grace: float = Field(0.0, ge=0.0, le=86400.0)
 
 
@@ -567,18 +582,15 @@ class ChunkLost(Message):
     """A device found chunks damaged on its disk (a read failed its hash) and dropped them."""
 
     TYPE: ClassVar[str] = "chunk_lost"
-    chunks: list[str] = Field(max_length=100_000)
-
-
-INVENTORY_PAGE = 20_000  # chunk names per inventory message (~1.4 MB, well inside a message's limit)
+    chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
 
 
 class ChunkInventory(Message):
     """A device's storage on connecting: its quota, bytes used, and the chunks it holds, in pages of
-    at most `INVENTORY_PAGE` names (``last`` on the final one)."""
+    at most `MAX_CHUNK_NAMES` names (``last`` on the final one)."""
 
     TYPE: ClassVar[str] = "chunk_inventory"
     quota_bytes: int = Field(ge=0)
     used_bytes: int = Field(ge=0)
-    chunks: list[str] = Field(max_length=INVENTORY_PAGE)
+    chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
     last: bool = True

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from neuranet.forecast.features import HORIZONS
+from neuranet.config import Limits
 from neuranet.protocol import messages as m
+from neuranet.protocol.errors import MessageTooLarge
 from neuranet.server.tasks import OwnedTasks
 from neuranet.storage.chunks import ChunkError, verify
 from neuranet.storage.placement import ChunkState, DeviceView, PlacementError, availability, place, plan_moves
@@ -56,12 +58,14 @@ class Space:
 
 class FileBook:
     def __init__(self, hub: "Hub", repair_interval: float = 60.0, lost_after: float = 24 * 3600.0,
-                 orphan_after: float = 24 * 3600.0, bytes_per_round: int = 256 * 2 ** 20) -> None:
+                 orphan_after: float = 24 * 3600.0, bytes_per_round: int = 256 * 2 ** 20,
+                 max_inventory: int = Limits.max_inventory_chunks) -> None:
         self.hub = hub
         self.repair_interval = repair_interval
         self.lost_after = lost_after
         self.orphan_after = orphan_after
         self.bytes_per_round = bytes_per_round
+        self.max_inventory = max_inventory
         self.space: dict[str, Space] = {}  # device -> storage it reported
         self._pending: dict[int, tuple[str, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
         self._next = 0
@@ -84,6 +88,10 @@ class FileBook:
         elif isinstance(msg, m.ChunkInventory):
             self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
             pages = self._inventories.setdefault(conn, set())
+            if len(pages) + len(msg.chunks) > self.max_inventory:  # pages that never say `last`, say
+                del self._inventories[conn]
+                raise MessageTooLarge(f"the chunk inventory passes {self.max_inventory} chunks, the most a "
+                                      f"device may hold")
             pages.update(msg.chunks)
             if msg.last:
                 del self._inventories[conn]
@@ -130,8 +138,8 @@ class FileBook:
         try:
             recorded = await self.hub.store.device_chunks(conn.device_id)
             stale = sorted(held - set(recorded))
-            if stale:
-                conn.send(m.ChunkDelete(chunks=stale, grace=STALE_GRACE))
+            for batch in m.chunk_batches(stale) if stale else ():
+                conn.send(m.ChunkDelete(chunks=batch, grace=STALE_GRACE))
             for chunk in set(recorded) - held:
                 await self.hub.store.remove_replica(conn.user_id, chunk, conn.device_id)
         except Exception:
@@ -337,8 +345,8 @@ class FileBook:
         `ChunkDelete`."""
         for device_id, chunks in freed.items():
             conn = self.hub.conns.get(device_id)
-            if conn is not None:
-                conn.send(m.ChunkDelete(chunks=chunks, grace=grace))
+            for batch in m.chunk_batches(chunks) if conn is not None and chunks else ():
+                conn.send(m.ChunkDelete(chunks=batch, grace=grace))
 
     # --- reports -------------------------------------------------------------------------
 

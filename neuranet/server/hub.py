@@ -244,7 +244,8 @@ class Hub:
         self.linktests: dict[str, LinkTestState] = {}
         self.runs = RunBook(self, config.blob_dir)
         self.serving = ServeBook(self)
-        self.files = FileBook(self, config.file_repair_interval, config.file_lost_after, config.file_orphan_after)
+        self.files = FileBook(self, config.file_repair_interval, config.file_lost_after, config.file_orphan_after,
+                              max_inventory=config.limits.max_inventory_chunks)
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
                                          config.forecast_options)
         self._dirty_seen: dict[str, float] = {}
