@@ -21,7 +21,9 @@ from neuranet.agent.runtime import Agent
 from neuranet.config import AgentConfig, ServerConfig
 from neuranet.fabric import LocalFabric
 from neuranet.net.addresses import local_addresses, same_host, usable_by_peer
-from neuranet.net.direct import DirectGrant, DirectListener, DirectPath, dial, link_proof
+from neuranet.net.direct import (
+    HANDSHAKE_MAX_FRAME, MAX_PENDING_HANDSHAKES, DirectGrant, DirectListener, DirectPath, dial, link_proof,
+)
 from neuranet.net.framing import FrameProtocol
 from neuranet.net.tls import DeviceCredentials, PeerPin, certificate_key, device_certificate, raw_public_key
 from neuranet.protocol import messages as m
@@ -189,11 +191,11 @@ async def devices(tmp_path: Path) -> AsyncIterator[dict[str, tuple[Ed25519Privat
     yield {name: credentials(tmp_path, name) for name in ("a", "b", "mallory")}
 
 
-async def listening(own: DeviceCredentials, grants: dict[str, DirectGrant]) -> DirectListener:
+async def listening(own: DeviceCredentials, grants: dict[str, DirectGrant], timeout: float = 3.0) -> DirectListener:
     async def lookup(link_id: str) -> DirectGrant | None:
         return grants.get(link_id)
 
-    listener = DirectListener(lookup, own, 1 << 20)
+    listener = DirectListener(lookup, own, 1 << 20, handshake_timeout=timeout)
     await listener.start("127.0.0.1", 0)
     return listener
 
@@ -266,6 +268,30 @@ async def test_bytes_sent_ahead_of_the_tls_switch_refuse_the_connection(devices)
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a go-ahead
     writer.close()
     assert accepted.paths.empty()
+    await listener.close()
+
+
+async def test_before_authentication_a_large_frame_is_refused_unread(devices) -> None:
+    # A link-sized length from a stranger would otherwise have the listener allocate that much and
+    # wait out the handshake timeout (long here) for the body.
+    listener = await listening(devices["b"][1], {}, timeout=60.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    writer.write(LEN.pack(HANDSHAKE_MAX_FRAME + 1))
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await listener.close()
+
+
+async def test_connections_that_never_authenticate_are_capped(devices) -> None:
+    listener = await listening(devices["b"][1], {}, timeout=60.0)
+    idle = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(MAX_PENDING_HANDSHAKES)]
+    await async_wait_for(lambda: listener.pending == MAX_PENDING_HANDSHAKES, what="every connection accepted")
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # one too many: closed at once
+    with pytest.raises(asyncio.TimeoutError):  # the earlier ones still wait for their handshake
+        await asyncio.wait_for(idle[0][0].read(), 0.2)
+    for _, w in [*idle, (reader, writer)]:
+        w.close()
     await listener.close()
 
 

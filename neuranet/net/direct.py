@@ -33,6 +33,10 @@ from neuranet.protocol.errors import AuthenticationFailed, ProtocolError
 log = logging.getLogger("neuranet.direct")
 
 HANDSHAKE_TIMEOUT = 3.0
+# Before the peer is authenticated a frame may be no larger than this (each handshake frame is far
+# smaller), so a stranger cannot make us allocate a link-sized receive buffer by sending a length.
+HANDSHAKE_MAX_FRAME = 4096
+MAX_PENDING_HANDSHAKES = 64  # connections not yet authenticated, beyond which new ones are closed at once
 
 
 def link_proof(secret: bytes, link_id: str, dialer: str) -> bytes:
@@ -58,10 +62,13 @@ class DirectPath:
         assert self.protocol.transport is not None
         return self.protocol.transport  # the TLS transport once the handshake switched to it
 
-    async def start_tls(self, context: ssl.SSLContext, peer: PeerPin, server_side: bool, first: bytes = b"") -> None:
-        """Switch to TLS and check that the other end is the granted peer."""
-        await self.protocol.start_tls(context, server_side, HANDSHAKE_TIMEOUT, first)
+    async def start_tls(self, context: ssl.SSLContext, peer: PeerPin, server_side: bool, max_frame: int,
+                        first: bytes = b"", timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Switch to TLS and check that the other end is the granted peer; frames up to ``max_frame``
+        are accepted from then on."""
+        await self.protocol.start_tls(context, server_side, timeout, first)
         check_peer(self.transport.get_extra_info("ssl_object"), peer)
+        self.protocol.max_frame = max_frame
 
     async def write(self, frame: bytes) -> None:
         if self.closed:
@@ -96,13 +103,13 @@ async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: byte
     for host, port in addrs:
         try:
             _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: FrameProtocol(max_frame), host, port), timeout)
+                loop.create_connection(lambda: FrameProtocol(HANDSHAKE_MAX_FRAME), host, port), timeout)
         # A peer advertises these addresses itself: a bad host or port is one more address that fails.
         except (OSError, ValueError, OverflowError, asyncio.TimeoutError):
             continue
         path = DirectPath(protocol)  # type: ignore[arg-type]
         try:
-            await _dialer_handshake(path, link_id, me, secret, pin, own, timeout)
+            await _dialer_handshake(path, link_id, me, secret, pin, own, max_frame, timeout)
             return path
         except (OSError, asyncio.TimeoutError, ProtocolError) as exc:  # ssl.SSLError is an OSError
             log.info("direct path to %s:%s for link %s failed: %s", host, port, link_id, exc or type(exc).__name__)
@@ -114,12 +121,13 @@ async def dial(addrs: list[tuple[str, int]], link_id: str, me: str, secret: byte
 
 
 async def _dialer_handshake(path: DirectPath, link_id: str, me: str, secret: bytes, pin: PeerPin,
-                            own: DeviceCredentials, timeout: float) -> None:
+                            own: DeviceCredentials, max_frame: int, timeout: float) -> None:
     await path.write(encode_frame(m.DirectStartTls(link=link_id).envelope(src=me)))
     reply = m.parse(await path.read(2 * timeout))  # the listener may first wait for its copy of the grant
     if not isinstance(reply, m.DirectStartTls) or reply.link != link_id:
         raise AuthenticationFailed(f"the listener answered {reply.TYPE} for link {getattr(reply, 'link', '?')!r}")
-    await path.start_tls(link_context(own, pin, server_side=False), pin, server_side=False)
+    await path.start_tls(link_context(own, pin, server_side=False), pin, server_side=False, max_frame=max_frame,
+                         timeout=timeout)
     await path.write(encode_frame(m.DirectHello(link=link_id, proof=link_proof(secret, link_id, me)).envelope(src=me)))
     ok = m.parse(await path.read(timeout))
     if not isinstance(ok, m.DirectOk) or ok.link != link_id:
@@ -130,13 +138,19 @@ class DirectListener:
     """Accepts direct connections and hands each authenticated one to its link."""
 
     def __init__(self, lookup: Callable[[str], Awaitable[DirectGrant | None]], own: DeviceCredentials,
-                 max_frame: int) -> None:
+                 max_frame: int, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self._lookup = lookup  # link id -> its grant, waiting (bounded) for the grant to arrive
         self._own = own
         self._max_frame = max_frame
+        self._timeout = handshake_timeout  # for each step of the handshake
         self._server: asyncio.AbstractServer | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self.port = 0
+
+    @property
+    def pending(self) -> int:
+        """Connections accepted and not yet authenticated (nor refused)."""
+        return len(self._handshakes)
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -152,9 +166,13 @@ class DirectListener:
         await asyncio.gather(*self._handshakes, return_exceptions=True)
 
     def _protocol(self) -> FrameProtocol:
-        return FrameProtocol(self._max_frame, on_connected=self._accepted)
+        return FrameProtocol(HANDSHAKE_MAX_FRAME, on_connected=self._accepted)
 
     def _accepted(self, proto: FrameProtocol) -> None:
+        if self.pending >= MAX_PENDING_HANDSHAKES:
+            assert proto.transport is not None
+            proto.transport.abort()  # a flood of connections that never authenticate: no task, no buffers
+            return
         task = asyncio.ensure_future(self._handshake(proto))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -173,7 +191,7 @@ class DirectListener:
         await grant.attach(path)
 
     async def _authenticate(self, path: DirectPath) -> DirectGrant:
-        start = m.parse(await path.read(HANDSHAKE_TIMEOUT))
+        start = m.parse(await path.read(self._timeout))
         if not isinstance(start, m.DirectStartTls):
             raise AuthenticationFailed(f"a direct connection must start with direct_start_tls, not {start.TYPE}")
         grant = await self._lookup(start.link)
@@ -182,8 +200,9 @@ class DirectListener:
         if not grant.pin.usable:
             raise AuthenticationFailed(f"the grant of link {start.link!r} names no certificate for its peer")
         go = encode_frame(m.DirectStartTls(link=start.link).envelope())
-        await path.start_tls(link_context(self._own, grant.pin, server_side=True), grant.pin, server_side=True, first=go)
-        env = await path.read(HANDSHAKE_TIMEOUT)
+        await path.start_tls(link_context(self._own, grant.pin, server_side=True), grant.pin, server_side=True,
+                             max_frame=self._max_frame, first=go, timeout=self._timeout)
+        env = await path.read(self._timeout)
         hello = m.parse(env)
         if not isinstance(hello, m.DirectHello) or hello.link != start.link:
             raise AuthenticationFailed("the first frame inside TLS must be direct_hello for the same link")
