@@ -63,6 +63,11 @@ def server(
     db_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL, e.g. postgresql+asyncpg://user@host/db."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate: serve HTTPS/WSS."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key for --tls-cert."),
+    self_signed: bool = typer.Option(False, "--self-signed", help="Serve HTTPS/WSS with a certificate of the "
+                                     "coordinator's own (made once, kept in the data dir); agents pin its "
+                                     "fingerprint."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow plain HTTP on an address other hosts can "
+                                  "reach (only on a network you trust)."),
     offline_after: float = typer.Option(12.0, help="Seconds of silence before a device is marked offline."),
     heartbeat: float = typer.Option(3.0, help="Heartbeat interval agents are told to use."),
     max_connections_per_user: int = typer.Option(256, help="Agent connections one user may hold."),
@@ -84,12 +89,23 @@ def server(
     from neuranet.server.app import StartupError
     from neuranet.server.run import serve
 
+    from neuranet.server.identity import CoordinatorIdentity, agent_pin, self_signed_certificate
+
     _logging(verbose)
+    home = data_dir or default_home() / "server"
     if (tls_cert is None) != (tls_key is None):
         _fail(ValueError("--tls-cert and --tls-key go together"))
+    if self_signed and tls_cert is not None:
+        _fail(ValueError("--self-signed makes its own certificate: drop --tls-cert/--tls-key, or --self-signed"))
     for p in (tls_cert, tls_key):
         if p is not None and not p.is_file():
             _fail(FileNotFoundError(f"{p} does not exist"))
+    try:
+        if self_signed:
+            tls_cert, tls_key = self_signed_certificate(home, host)
+        pin = agent_pin(tls_cert, CoordinatorIdentity.load_or_create(home))
+    except (OSError, ValueError) as exc:
+        _fail(exc)
     try:
         options = json.loads(forecast_options)
         if not isinstance(options, dict):
@@ -99,8 +115,8 @@ def server(
         ForecastConfig(**options)
     except (ValueError, TypeError) as exc:
         _fail(ValueError(f"--forecast-options: {exc}"))
-    cfg = ServerConfig(data_dir=data_dir or default_home() / "server", host=host, port=port, db_url=db_url,
-                       tls_cert=tls_cert, tls_key=tls_key, offline_after=offline_after, heartbeat_interval=heartbeat,
+    cfg = ServerConfig(data_dir=home, host=host, port=port, db_url=db_url,
+                       tls_cert=tls_cert, tls_key=tls_key, insecure=insecure, offline_after=offline_after, heartbeat_interval=heartbeat,
                        forecast_retrain_interval=forecast_retrain, forecast_options=options,
                        file_repair_interval=file_repair, file_lost_after=file_lost_after,
                        file_orphan_after=file_orphan_after,
@@ -115,6 +131,12 @@ def server(
 
     def listening(url: str) -> None:
         console.print(f"NeuraNet coordinator listening on [bold]{url}[/] (data in {cfg.data_dir})")
+        if pin:
+            what = ("its self-signed TLS certificate (agents enrol with it)" if tls_cert else
+                    "its identity key (agents pin it at enrolment; giving it makes sure it is this coordinator)")
+            console.print(f"Fingerprint of {what}:\n  --server-fingerprint {pin}", markup=False, highlight=False)
+        if insecure and tls_cert is None:
+            err.print("warning: --insecure: API tokens and all traffic cross the network in the clear", markup=False)
         if first_token:  # log this machine's CLI in, unless it already has a login
             saved = save_client_config(ClientConfig(url, first_token[0], ca_cert=tls_cert), overwrite=False)
             if saved:
@@ -163,7 +185,13 @@ def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays va
         except ClientError as exc:
             _fail(exc)
         console.print(jt["join_token"])
-        err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token {jt['join_token']}")
+        try:
+            pin = c.health().get("fingerprint")
+        except ClientError:
+            pin = None
+        pinning = f" --server-fingerprint {pin}" if pin else ""
+        err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token {jt['join_token']}"
+                  f"{pinning}", markup=False, highlight=False)
 
 
 @users_app.command("create")
@@ -185,12 +213,17 @@ def agent(
     data_dir: Path = typer.Option(None, help="Key and state (default: ~/.neuranet/agent)."),
     name: Optional[str] = typer.Option(None, help="Device name (default: hostname)."),
     ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for wss://."),
+    server_fingerprint: Optional[str] = typer.Option(
+        None, help="The coordinator's fingerprint as `neuranet server` prints it (SHA256:...): its self-signed "
+        "certificate's over https (pinned instead of trusting a CA), its identity key's over http. Without it the "
+        "agent pins what it meets at enrolment."),
     listen_host: str = typer.Option("0.0.0.0", help="Address for direct peer links."),
     listen_port: int = typer.Option(0, help="Port for direct peer links (0: any)."),
     measure: bool = typer.Option(True, help="Measure matmul speed and bandwidth on connect."),
     direct: bool = typer.Option(True, help="Offer direct peer links (--no-direct: always relay)."),
-    user_models: bool = typer.Option(True, help="Run model files of this device's owner (--no-user-models: "
-                                     "built-in models only)."),
+    allow_owner_code: bool = typer.Option(False, "--allow-owner-code", help="Run model files of this device's "
+                                          "owner (`train --model my.py`: their Python code, with this agent's "
+                                          "rights). Off: built-in models only."),
     storage: str = typer.Option("0", help="Disk space offered to the owner's files, e.g. 20G (default: none)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -206,9 +239,17 @@ def agent(
     except ValueError as exc:
         _fail(exc)
     home = data_dir or default_home() / "agent"
-    cfg = AgentConfig(server_url=server, data_dir=home, name=name, join_token=join_token,
-                      ca_cert=ca_cert, listen_host=listen_host, listen_port=listen_port, measure=measure,
-                      advertise=None if direct else (), user_models=user_models, storage_bytes=storage_bytes)
+    if server_fingerprint is not None:
+        from neuranet.protocol.auth import parse_fingerprint
+
+        try:
+            server_fingerprint = parse_fingerprint(server_fingerprint)
+        except ValueError as exc:
+            _fail(ValueError(f"--server-fingerprint: {exc}"))
+    cfg = AgentConfig(server_url=server, data_dir=home, name=name, join_token=join_token, ca_cert=ca_cert,
+                      server_fingerprint=server_fingerprint, listen_host=listen_host, listen_port=listen_port,
+                      measure=measure, advertise=None if direct else (), user_models=allow_owner_code,
+                      storage_bytes=storage_bytes)
     try:
         cfg.ws_url
         the_agent = Agent(cfg)

@@ -93,6 +93,10 @@ class Client:
     def base_url(self) -> str:
         return str(self._http.base_url)
 
+    def health(self) -> dict[str, Any]:
+        """The coordinator's version, load and the fingerprint agents pin (``/healthz``)."""
+        return self.request("GET", "/healthz")
+
     def me(self) -> dict[str, Any]:
         return self.request("GET", "/api/v1/me")
 

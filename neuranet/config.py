@@ -42,6 +42,7 @@ class ServerConfig:
     db_url: str | None = None  # default: SQLite in data_dir
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    insecure: bool = False  # allow plain HTTP on an address other hosts can reach
     heartbeat_interval: float = 3.0
     offline_after: float = 12.0  # a device silent this long is offline
     telemetry_flush_interval: float = 1.0
@@ -68,6 +69,9 @@ class AgentConfig:
     name: str | None = None
     join_token: str | None = None
     ca_cert: Path | None = None  # trust this CA for wss:// (else the system store)
+    # The coordinator's fingerprint as `neuranet server` prints it: its TLS certificate's for https
+    # (pinned instead of trusting a CA), its identity key's for http. None: pin what enrolment meets.
+    server_fingerprint: str | None = None
     listen_host: str = "0.0.0.0"  # where direct peer links are accepted
     listen_port: int = 0
     advertise: tuple[tuple[str, int], ...] | None = None  # None: every local address
@@ -78,7 +82,9 @@ class AgentConfig:
     # offline_after, so a silent one is dropped before it counts as healthy).
     backoff_reset_after: float = 30.0
     measure: bool = True  # benchmark matmul speed and bandwidth when connecting
-    user_models: bool = True  # run model files of this device's owner (their code, on their device)
+    # Run model files of this device's owner (their code, with this agent's rights): off unless the
+    # owner allows it on this device (`neuranet agent --allow-owner-code`).
+    user_models: bool = False
     storage_bytes: int = 0  # quota offered to the owner's files (0: none)
     link_window_bytes: int = 64 * MiB
     frame_bytes: int = 1 * MiB

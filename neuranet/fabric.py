@@ -65,6 +65,8 @@ class LocalFabric:
 
     def client(self, token: str | None = None) -> Client:
         ca = next((Path(a) for i, a in enumerate(self.server_args) if i and self.server_args[i - 1] == "--tls-cert"), None)
+        if "--self-signed" in self.server_args:
+            ca = self.server_dir / "tls" / "cert.pem"  # the server's own certificate, made at its first start
         return Client(ClientConfig(self.url, token or self.token, ca_cert=ca))
 
     def start_agent(self, name: str, token: str | None = None, extra: list[str] | None = None,

@@ -11,12 +11,16 @@ _KEY = bytes(range(32))
 SAMPLES: dict[str, list[Message]] = {
     "hello": [
         messages.Hello(version=1, device_id="dev-1", agent_version="0.1.0"),
+        messages.Hello(version=1, device_id="dev-1", server_nonce=_KEY),
         messages.Hello(
             version=1,
             enrol=messages.Enrolment(join_token="tok-12345678", public_key=_KEY, name="laptop"),
         ),
     ],
-    "challenge": [messages.Challenge(nonce=_KEY * 2, device_id="dev-1")],
+    "challenge": [
+        messages.Challenge(nonce=_KEY * 2, device_id="dev-1"),
+        messages.Challenge(nonce=_KEY, device_id="dev-1", server_key=_KEY, server_signature=bytes(64)),
+    ],
     "auth": [messages.Auth(signature=bytes(64))],
     "welcome": [
         messages.Welcome(

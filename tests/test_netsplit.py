@@ -17,7 +17,9 @@ def split(tmp_path_factory: pytest.TempPathFactory):
     if reason:
         pytest.skip(reason)
     port = free_port()
-    with Topology() as topo, LocalFabric(tmp_path_factory.mktemp("split"), server_args=["--host", "0.0.0.0"]) as fabric:
+    # Plain HTTP on every address (--insecure): the agents reach it from their own namespaces.
+    with Topology() as topo, LocalFabric(tmp_path_factory.mktemp("split"),
+                                         server_args=["--host", "0.0.0.0", "--insecure"]) as fabric:
         topo.add_ns("a")
         topo.add_ns("b")
         host_a, _ = topo.link_to_host("a")

@@ -25,8 +25,9 @@ RUN = dict(model="mlp-digits", steps=6, batch_size=32, microbatches=4, schedule=
 def fabric(tmp_path_factory: pytest.TempPathFactory):
     with LocalFabric(tmp_path_factory.mktemp("train")) as f:
         f.start_server(port=free_port())
-        for name in AGENTS:
-            f.start_agent(name, extra=["--listen-host", "127.0.0.1", "--no-measure"])
+        for name in AGENTS:  # s1's owner does not allow model files there
+            owner_code = ["--allow-owner-code"] if name != "s1" else []
+            f.start_agent(name, extra=["--listen-host", "127.0.0.1", "--no-measure", *owner_code])
         f.wait_online(AGENTS)
         yield f
 
@@ -155,6 +156,13 @@ def test_a_model_file_of_the_users_own_trains_on_their_devices(fabric: LocalFabr
     assert torch.allclose(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     for key, value in state.items():
         assert torch.allclose(weights[key], value, rtol=1e-5, atol=1e-6), key
+    # A device whose owner did not allow model files (its agent has no --allow-owner-code) refuses,
+    # and the run says which device and how to allow it.
+    refused = CliRunner().invoke(app, ["train", "--model", str(path), "--devices", "s1", "--all-devices",
+                                       "--steps", "2", "--batch-size", "16", "--microbatches", "2", *auth])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1, refused.output
+    assert "device s1 (" in said and "does not run its owner's model files" in said and "--allow-owner-code" in said
     bad = tmp_path / "bad_model.py"
     bad.write_text("def build(seed):\n    return 42\n")
     refused = CliRunner().invoke(app, ["train", "--model", str(bad), *auth])

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import random
+import secrets
 import ssl
 import statistics
 import time
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 
 from neuranet import __version__
+from neuranet.agent import coordinator_trust as trust
 from neuranet.agent.identity import Identity
 from neuranet.agent.local_api import LocalApi
 from neuranet.agent.profile import collect_profile
@@ -35,7 +37,7 @@ from neuranet.net.direct import DirectListener
 from neuranet.net.links import LinkManager
 from neuranet.net.peerlink import RelayUnavailable
 from neuranet.protocol import messages as m
-from neuranet.protocol.auth import auth_payload
+from neuranet.protocol.auth import auth_payload, fingerprint
 from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_from_code
 
@@ -91,6 +93,11 @@ class Agent:
     @property
     def device_id(self) -> str | None:
         return self.identity.device_id
+
+    @property
+    def name(self) -> str:
+        """The name this device enrols with: its hostname unless one was given."""
+        return self.config.name or (self._static or {}).get("hostname") or "device"
 
     def on(self, msg_type: type[m.Message], handler: ControlHandler) -> None:
         """Handle server instructions of one type (e.g. link tests)."""
@@ -151,16 +158,29 @@ class Agent:
 
     # --- one connection -------------------------------------------------------------
 
-    def _ssl(self) -> ssl.SSLContext | None:
+    def _tls_pin(self) -> tuple[str | None, str]:
+        """The certificate fingerprint to expect (None: ask a CA) and where it came from."""
         if not self.config.ws_url.startswith("wss://"):
-            return None
-        return ssl.create_default_context(cafile=str(self.config.ca_cert) if self.config.ca_cert else None)
+            return None, ""
+        if self.config.server_fingerprint:
+            return self.config.server_fingerprint, "given with --server-fingerprint"
+        if self.identity.tls_fingerprint and self.identity.server_url == self.config.server_url:
+            return self.identity.tls_fingerprint, "pinned at enrolment"
+        return None, ""
 
     async def _connect_once(self) -> None:
-        async with connect(self.config.ws_url, ssl=self._ssl(), max_size=8 * MiB + 64 * 1024, compression=None,
-                           open_timeout=10, ping_interval=20, ping_timeout=20, max_queue=64,
-                           write_limit=2 * MiB) as ws:
-            await self._handshake(ws)
+        url, ws_url = self.config.server_url, self.config.ws_url
+        pin, source = self._tls_pin()
+        ca = str(self.config.ca_cert) if self.config.ca_cert else None
+        try:
+            ws = await connect(ws_url, ssl=trust.tls_context(ws_url, ca, pin),
+                               create_connection=trust.pinned_connection(url, pin, source) if pin else None,
+                               max_size=8 * MiB + 64 * 1024, compression=None, open_timeout=10, ping_interval=20,
+                               ping_timeout=20, max_queue=64, write_limit=2 * MiB)
+        except ssl.SSLCertVerificationError as exc:
+            raise await trust.untrusted_certificate(url, ws_url, exc) from None
+        async with ws:
+            await self._handshake(ws, pin)
             self._ws = ws
             self.links.me = self.device_id or ""
             self.connections += 1
@@ -188,32 +208,50 @@ class Agent:
             raise error_from_code(msg.code, msg.message)
         return msg
 
-    async def _handshake(self, ws: ClientConnection) -> None:
+    async def _handshake(self, ws: ClientConnection, tls_pin: str | None) -> None:
         ident = self.identity
         moved = ident.server_url is not None and ident.server_url != self.config.server_url
+        nonce = secrets.token_bytes(32)  # the coordinator signs it: proof it holds the key we pinned
         if ident.device_id and not (moved and self.config.join_token):
-            hello = m.Hello(version=PROTOCOL_VERSION, device_id=ident.device_id, agent_version=__version__)
+            hello = m.Hello(version=PROTOCOL_VERSION, device_id=ident.device_id, agent_version=__version__,
+                            server_nonce=nonce)
         elif self.config.join_token:
-            name = self.config.name or (self._static or {}).get("hostname") or "device"
             try:
-                enrol = m.Enrolment(join_token=self.config.join_token, public_key=ident.public_key, name=name[:100])
+                enrol = m.Enrolment(join_token=self.config.join_token, public_key=ident.public_key,
+                                    name=self.name[:100])
             except ValidationError:
                 raise EnrolmentError("that is not a join token (8 to 256 characters, from `neuranet join-token`)") from None
-            hello = m.Hello(version=PROTOCOL_VERSION, agent_version=__version__, enrol=enrol)
+            hello = m.Hello(version=PROTOCOL_VERSION, agent_version=__version__, server_nonce=nonce, enrol=enrol)
         else:
             raise AuthenticationFailed("this agent is not enrolled yet: pass --join-token (from `neuranet join-token`)")
         await ws.send(encode_frame(hello.envelope()))
         challenge = await self._recv(ws)
         if not isinstance(challenge, m.Challenge):
             raise ProtocolError(f"expected challenge, got {challenge.TYPE}")
+        # Nothing the coordinator sends is acted on before this check: an impostor stops here.
+        key_fp = self.config.server_fingerprint if not self.config.ws_url.startswith("wss://") else None
+        pinned = ident.server_key if hello.enrol is None and key_fp is None else None
+        server_key = trust.verify_coordinator(self.config.server_url, challenge, nonce, pinned, key_fp)
         await ws.send(encode_frame(m.Auth(signature=ident.sign(auth_payload(challenge.nonce, challenge.device_id))).envelope()))
         welcome = await self._recv(ws)
         if not isinstance(welcome, m.Welcome):
             raise ProtocolError(f"expected welcome, got {welcome.TYPE}")
-        if hello.enrol is not None:
-            ident.save_enrolment(welcome.device_id, self.config.server_url)
+        self._pin_coordinator(hello.enrol is not None, welcome.device_id, server_key, tls_pin)
         self.welcome = welcome
         self._last_rx = time.monotonic()
+
+    def _pin_coordinator(self, enrolled_now: bool, device_id: str, server_key: bytes, tls_pin: str | None) -> None:
+        """Record the coordinator this device now trusts: at enrolment, or when --server-fingerprint
+        named a new one, or (once) for a record made before coordinators had an identity key."""
+        ident = self.identity
+        if enrolled_now:
+            ident.save_enrolment(device_id, self.config.server_url, server_key, tls_pin)
+        elif (ident.server_key, ident.tls_fingerprint) != (server_key, tls_pin):
+            if ident.server_key is None:
+                log.warning("pinned coordinator key %s (this device was enrolled before coordinators proved "
+                            "their identity)", fingerprint(server_key))
+            ident.save_enrolment(ident.device_id or device_id, ident.server_url or self.config.server_url,
+                                 server_key, tls_pin)
 
     async def send(self, msg: m.Message, payload: bytes = b"") -> None:
         ws = self._ws

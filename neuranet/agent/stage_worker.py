@@ -38,7 +38,8 @@ def model_for(agent: Agent, a: m.StageAssign) -> LayerModel:
     if not a.model_source:
         return build_model(a.model, a.seed, **a.model_options)
     if not agent.config.user_models:
-        raise UserModelError("this agent does not run model files (started with --no-user-models)")
+        raise UserModelError(f"device {agent.name} ({agent.device_id}) does not run its owner's model files: the owner "
+                             "allows them there by starting its agent with --allow-owner-code")
     source = a.model_source.encode()
     path = agent.config.data_dir / "user-models" / f"{hashlib.sha256(source).hexdigest()[:32]}.py"
     path.parent.mkdir(parents=True, exist_ok=True)

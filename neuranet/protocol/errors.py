@@ -55,6 +55,13 @@ class AuthenticationFailed(ProtocolError):
     code = "auth_failed"
 
 
+class CoordinatorUnverified(ProtocolError):
+    """What answered at the coordinator's address did not prove it is the coordinator this device
+    trusts (a different certificate or identity key, or no proof at all)."""
+
+    code = "coordinator_unverified"
+
+
 class LinkRefused(ProtocolError):
     code = "link_refused"
     fatal = False
@@ -86,6 +93,7 @@ ERRORS_BY_CODE: dict[str, type[ProtocolError]] = {
         MessageTooLarge,
         QueueLimitExceeded,
         AuthenticationFailed,
+        CoordinatorUnverified,
         LinkRefused,
         PeerUnavailable,
         TensorFormatError,

@@ -69,12 +69,19 @@ class Hello(Message):
     device_id: str | None = None
     enrol: Enrolment | None = None
     agent_version: str = ""
+    # A fresh nonce the coordinator must sign with its identity key (see Challenge).
+    server_nonce: bytes | None = Field(None, min_length=32, max_length=64)
 
 
 class Challenge(Message):
+    """The coordinator's nonce for the agent to sign, and the coordinator's own proof: its identity
+    key (pinned by the agent at enrolment) and its signature over the agent's ``server_nonce``."""
+
     TYPE: ClassVar[str] = "challenge"
     nonce: bytes = Field(min_length=32, max_length=64)
     device_id: str
+    server_key: bytes | None = Field(None, min_length=32, max_length=32)
+    server_signature: bytes | None = Field(None, min_length=64, max_length=64)
 
 
 class Auth(Message):

@@ -24,6 +24,7 @@ from neuranet.protocol.errors import (
     shown,
 )
 from neuranet.server.hub import AgentConnection, Hub
+from neuranet.server.identity import CoordinatorIdentity
 from neuranet.server.store import StoreError
 
 log = logging.getLogger("neuranet.agent_endpoint")
@@ -33,9 +34,10 @@ HANDSHAKE_TIMEOUT = 15.0
 class _Handshake:
     """Frames exchanged before the agent is trusted; errors here close the socket."""
 
-    def __init__(self, ws: WebSocket, hub: Hub) -> None:
+    def __init__(self, ws: WebSocket, hub: Hub, identity: CoordinatorIdentity) -> None:
         self.ws = ws
         self.hub = hub
+        self.identity = identity
         self.public_key = b""  # the device's enrolled key, once it proved it holds it
         self.limit = hub.config.limits.max_message_bytes
 
@@ -71,7 +73,7 @@ class _Handshake:
         else:
             raise AuthenticationFailed("hello needs a device_id or an enrolment")
         nonce = secrets.token_bytes(32)
-        await self.send(m.Challenge(nonce=nonce, device_id=device.id))
+        await self.send(self.challenge(nonce, device.id, hello.server_nonce))
         auth = m.parse(await self.recv())
         if not isinstance(auth, m.Auth):
             raise AuthenticationFailed("expected auth after challenge")
@@ -90,11 +92,17 @@ class _Handshake:
         ))
         return device.id, device.user_id
 
+    def challenge(self, nonce: bytes, device_id: str, agent_nonce: bytes | None) -> m.Challenge:
+        """The challenge, with this coordinator's proof of identity over the agent's nonce."""
+        proof = self.identity.prove(agent_nonce, nonce, device_id) if agent_nonce else None
+        return m.Challenge(nonce=nonce, device_id=device_id, server_key=self.identity.public_key,
+                           server_signature=proof)
 
-async def serve_agent(ws: WebSocket, hub: Hub) -> None:
+
+async def serve_agent(ws: WebSocket, hub: Hub, identity: CoordinatorIdentity) -> None:
     """Serve one agent connection until it closes; never raises."""
     await ws.accept()
-    handshake = _Handshake(ws, hub)
+    handshake = _Handshake(ws, hub, identity)
     try:
         device_id, user_id = await handshake.run()
     except (ProtocolError, asyncio.TimeoutError) as exc:

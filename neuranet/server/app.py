@@ -19,6 +19,7 @@ from neuranet.server.runs_api import serve_router
 from neuranet.server.files_api import router as files_router
 from neuranet.server.forecast_api import router as forecast_router
 from neuranet.server.hub import Hub
+from neuranet.server.identity import CoordinatorIdentity, agent_pin
 from neuranet.server.store import Store
 
 log = logging.getLogger("neuranet.server")
@@ -26,8 +27,12 @@ log = logging.getLogger("neuranet.server")
 FirstAdmin = Callable[[str, str], None]  # (user name, API token)
 
 
-def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, store: Store | None = None) -> FastAPI:
-    """Build the app. The lifespan owns the store (``open_store``'s, or one it opens) and closes it."""
+def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, store: Store | None = None,
+               identity: CoordinatorIdentity | None = None) -> FastAPI:
+    """Build the app. The lifespan owns the store (``open_store``'s, or one it opens) and closes it.
+    ``identity`` is the key the coordinator proves itself with (default: the one in its data dir)."""
+    identity = identity or CoordinatorIdentity.load_or_create(config.data_dir)
+    pin = agent_pin(config.tls_cert, identity)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,11 +69,13 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
-        return {"ok": True, "version": __version__, "online_devices": len(app.state.hub.conns)}
+        # fingerprint: what agents pass as --server-fingerprint (None: a CA vouches for the certificate).
+        return {"ok": True, "version": __version__, "online_devices": len(app.state.hub.conns),
+                "fingerprint": pin, "coordinator_key": identity.fingerprint}
 
     @app.websocket("/agent")
     async def agent_socket(ws: WebSocket) -> None:
-        await serve_agent(ws, app.state.hub)
+        await serve_agent(ws, app.state.hub, identity)
 
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import json
 import os
 import socket
@@ -14,7 +15,27 @@ import uvicorn
 
 from neuranet.config import ServerConfig
 from neuranet.server.app import FirstAdmin, StartupError, create_app, open_store
+from neuranet.server.identity import CoordinatorIdentity, agent_pin
 from neuranet.server.store import Store
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may well resolve to a public address
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """Refuse plain HTTP where other hosts can reach it: tokens, data and agent traffic would cross
+    the network in the clear, and agents could not tell this coordinator from an impostor's TLS."""
+    if config.tls_cert is None and not config.insecure and not is_loopback(config.host):
+        raise StartupError(
+            f"refusing to serve plain HTTP on {config.host}, which other hosts can reach: give a certificate "
+            "(--tls-cert FILE --tls-key FILE), let the coordinator make its own (--self-signed; agents pin its "
+            "fingerprint), or accept the risk on a trusted network with --insecure")
 
 
 def _bind(config: ServerConfig) -> socket.socket:
@@ -39,9 +60,9 @@ def server_url(config: ServerConfig, port: int) -> str:
 
 
 def uvicorn_config(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
-                   store: Store | None = None) -> uvicorn.Config:
+                   store: Store | None = None, identity: CoordinatorIdentity | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(config, on_first_admin, store),
+        create_app(config, on_first_admin, store, identity),
         log_level=os.environ.get("NEURANET_LOG_LEVEL", "warning"),
         ws="websockets-sansio",
         ws_max_size=2 * config.limits.max_message_bytes,
@@ -58,6 +79,12 @@ def uvicorn_config(config: ServerConfig, on_first_admin: FirstAdmin | None = Non
 async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
                 on_listening: Callable[[str], None] | None = None) -> None:
     """Serve until cancelled or signalled; writes ``server.json`` with the URL once listening."""
+    check_exposure(config)
+    try:
+        identity = CoordinatorIdentity.load_or_create(config.data_dir)
+        pin = agent_pin(config.tls_cert, identity)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot load the coordinator's identity: {exc}") from None
     store = await open_store(config)  # fail here, with a clear message, before listening
     try:
         sock = _bind(config)
@@ -65,7 +92,7 @@ async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
         await store.close()
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(config, on_first_admin, store))
+    server = uvicorn.Server(uvicorn_config(config, on_first_admin, store, identity))
     url = server_url(config, port)
 
     async def announce() -> None:
@@ -82,7 +109,8 @@ async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
         if on_listening:
             on_listening(url)
         # Last, so whoever waits for server.json also finds what on_listening wrote (the saved login).
-        _write_json(config.data_dir / "server.json", {"url": url, "pid": os.getpid(), "port": port})
+        _write_json(config.data_dir / "server.json", {"url": url, "pid": os.getpid(), "port": port,
+                                                      "fingerprint": pin})
 
     announcer = asyncio.create_task(announce())
     try:
