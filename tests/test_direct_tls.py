@@ -120,6 +120,8 @@ def test_a_peer_elsewhere_is_never_given_a_loopback_or_link_local_address(addrs:
 def test_same_host_needs_the_same_address_and_the_same_machine() -> None:
     assert same_host("127.0.0.1", "m1", "127.0.0.1", "m1")
     assert same_host("::ffff:10.0.0.2", "m1", "10.0.0.2", "m1")
+    assert same_host("::1", "m1", "127.0.0.1", "m1")  # both on the server's host, one over IPv6
+    assert not same_host("::1", "m1", "127.0.0.1", "m2")
     assert not same_host("10.0.0.2", "m1", "10.0.0.3", "m1")  # network namespaces on one machine
     assert not same_host("203.0.113.7", "m1", "203.0.113.7", "m2")  # two machines behind one NAT
     assert not same_host("127.0.0.1", "", "127.0.0.1", "")  # no machine id: never assume

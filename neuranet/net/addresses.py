@@ -50,7 +50,9 @@ def same_host(ip_a: str, machine_a: str, ip_b: str, machine_b: str) -> bool:
     or every agent when a reverse proxy fronts the server), nor is the id alone (network namespaces
     and containers on one machine do not share a loopback)."""
     a, b = _ip(ip_a), _ip(ip_b)
-    return a is not None and a == b and bool(machine_a) and machine_a == machine_b
+    if a is None or b is None or not machine_a or machine_a != machine_b:
+        return False
+    return a == b or (a.is_loopback and b.is_loopback)  # both on the server's host, over IPv4 and IPv6
 
 
 def local_addresses(port: int, listen_host: str) -> list[Address]:
