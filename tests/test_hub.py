@@ -331,3 +331,71 @@ def test_echoed_text_is_cut_and_escaped() -> None:
     text = str(info.value)
     assert len(text) < 3 * MAX_SHOWN_CHARS and "(199922 more characters)" in text
     assert shown("a\nb\x1b[31m\ud800") == r"'a\nb\x1b[31m\ud800'"  # no forged log lines, no raw escapes
+
+
+# --- liveness: a probe unanswered for offline_after, not silence, marks a device offline ---------------
+
+
+def test_liveness_needs_an_unanswered_probe_not_silence() -> None:
+    from neuranet.protocol.liveness import Liveness
+
+    live = Liveness(timeout=12.0, probe_after=3.0, heard_at=100.0)
+    assert not live.probe_due(102.9) and live.probe_due(103.0)
+    assert not live.gone(1_000_000.0)  # silent for ages (this side was stalled, say): not gone, probe first
+    live.probed(1_000_000.0)
+    live.probed(1_000_005.0)  # later probes do not restart the clock
+    assert not live.gone(1_000_011.9) and live.gone(1_000_012.0) and live.deadline == 1_000_012.0
+    live.heard(1_000_011.0)  # any message answers
+    assert not live.gone(1_000_100.0) and live.deadline == float("inf") and live.probe_due(1_000_100.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_server_stall_drops_nobody_and_a_dead_agent_goes_after_one_unanswered_probe(tmp_path) -> None:
+    from neuranet.config import ServerConfig
+    from neuranet.server.hub import Hub
+    from neuranet.server.store import Store
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    await store.migrate()
+    user, _ = await store.create_user("u")
+    token, _ = await store.create_join_token(user.user_id)
+    device = await store.enrol_device(token, bytes(32), "box")
+    clock = Clock()
+    hub = Hub(ServerConfig(data_dir=tmp_path, heartbeat_interval=3.0, offline_after=12.0), store, clock)
+    sock = FakeSocket()
+    conn = AgentConnection(device.id, user.user_id, sock.send_bytes, sock.close, 1 << 20)
+    writer = asyncio.create_task(conn.writer())
+    try:
+        await hub.register(conn)
+        clock.now += 2.0
+        await hub.sweep()
+        assert sock.sent == []  # heard from recently: nothing to ask
+        clock.now += 13.0  # the server was stalled 13 s: it heard nothing, the agent was fine
+        await hub.sweep()
+        assert device.id in hub.conns and not conn.closed  # silence is no proof: it is asked first
+        await conn.drained(timeout=5)
+        assert [decode_frame(f).type for f in sock.sent] == ["heartbeat"]
+        clock.now += 0.01
+        hub.seen(conn)  # its answer (anything it sends) comes in
+        clock.now += 11.0
+        await hub.sweep()
+        await conn.drained(timeout=5)
+        assert device.id in hub.conns and len(sock.sent) == 2  # 11 s silent: asked again, not dropped
+        clock.now += 11.9
+        await hub.sweep()
+        assert device.id in hub.conns  # the probe has waited 11.9 s of the 12
+        clock.now += 0.1
+        await hub.sweep()  # unanswered for 12 s: offline
+        assert device.id not in hub.conns and conn.closed and sock.closes[0][0] == 4001
+        assert [end is not None for _, end in await store.presence_history(device.id)] == [True]
+    finally:
+        await conn.close()
+        await asyncio.wait_for(writer, 5)
+        await store.close()

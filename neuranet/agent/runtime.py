@@ -39,6 +39,7 @@ from neuranet.net.peerlink import RelayUnavailable
 from neuranet.protocol import messages as m
 from neuranet.protocol.auth import auth_payload, fingerprint
 from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
+from neuranet.protocol.liveness import Liveness
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_from_code
 
 log = logging.getLogger("neuranet.agent")
@@ -81,7 +82,7 @@ class Agent:
         self.connections = 0  # successful handshakes so far
         self._next_id = 0  # message ids, so the server's error replies can name the message
         self._ws: ClientConnection | None = None
-        self._last_rx = 0.0
+        self._liveness = Liveness(timeout=12.0, probe_after=3.0, heard_at=0.0)  # the server's; reset per connection
         self._echoes: collections.deque[asyncio.Future[float]] = collections.deque()
         self._static: dict[str, Any] | None = None
         self._handlers: dict[type[m.Message], ControlHandler] = {}
@@ -238,7 +239,12 @@ class Agent:
             raise ProtocolError(f"expected welcome, got {welcome.TYPE}")
         self._pin_coordinator(hello.enrol is not None, welcome.device_id, server_key, tls_pin)
         self.welcome = welcome
-        self._last_rx = time.monotonic()
+        # Both ends follow one liveness rule, with the server's offline_after as the timeout: the server
+        # counts as gone only once a heartbeat has gone unanswered that long (the WebSocket's own pings
+        # wait as long), so a server stalled for less drops nobody.
+        self._liveness = Liveness(timeout=welcome.offline_after, probe_after=welcome.heartbeat_interval,
+                                  heard_at=time.monotonic())
+        ws.ping_timeout = welcome.offline_after
 
     def _pin_coordinator(self, enrolled_now: bool, device_id: str, server_key: bytes, tls_pin: str | None) -> None:
         """Record the coordinator this device now trusts: at enrolment, or when --server-fingerprint
@@ -275,7 +281,7 @@ class Agent:
 
     async def _read_loop(self, ws: ClientConnection) -> None:
         async for data in ws:
-            self._last_rx = time.monotonic()
+            self._liveness.heard(time.monotonic())
             if isinstance(data, str):
                 continue
             try:
@@ -299,6 +305,8 @@ class Agent:
             self.links.on_control(msg)
         elif isinstance(msg, m.Error):
             log.warning("server reported %s: %s", msg.code, msg.message)
+        elif isinstance(msg, m.Heartbeat):  # the server's probe: it has not heard from us for a while
+            self.spawn(self.send(m.HeartbeatAck(seq=msg.seq)))
         elif type(msg) in self._handlers:
             self.spawn(self._handlers[type(msg)](self, msg, bytes(env.payload)))
 
@@ -309,15 +317,26 @@ class Agent:
         return task
 
     async def _heartbeat_loop(self, ws: ClientConnection) -> None:
+        """A heartbeat every interval, each one a probe (see `Liveness`); gives up on the server once one
+        has gone unanswered for offline_after."""
         assert self.welcome is not None
+        interval, live = self.welcome.heartbeat_interval, self._liveness
         seq = 0
+        next_beat = time.monotonic() + interval
         while True:
-            await asyncio.sleep(self.welcome.heartbeat_interval)
-            if time.monotonic() - self._last_rx > self.welcome.offline_after:
+            await asyncio.sleep(max(0.0, min(next_beat, live.deadline) - time.monotonic()))
+            now = time.monotonic()
+            if live.gone(now):
                 await ws.close(4001, "server silent")
-                raise ConnectionError("server silent past the liveness deadline")
-            seq += 1
-            await self.send(m.Heartbeat(seq=seq))
+                raise ConnectionError(f"the server left a heartbeat unanswered for {live.timeout:.0f}s")
+            if now >= next_beat:
+                seq += 1
+                live.probed(now)
+                next_beat = now + interval
+                try:  # bounded: a send into a full buffer must not keep the deadline from being seen
+                    await asyncio.wait_for(self.send(m.Heartbeat(seq=seq)), live.deadline - now)
+                except asyncio.TimeoutError:
+                    continue
 
     async def _telemetry_loop(self) -> None:
         while True:

@@ -169,6 +169,8 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
     msg = m.parse(env)
     if isinstance(msg, m.Heartbeat):
         conn.reply(m.HeartbeatAck(seq=msg.seq))
+    elif isinstance(msg, m.HeartbeatAck):
+        pass  # the answer to the hub's probe (Hub.sweep); hearing anything was the point
     elif isinstance(msg, m.Telemetry):
         hub.add_telemetry(conn.device_id, msg.samples)
     elif isinstance(msg, m.Profile):

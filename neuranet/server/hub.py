@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from neuranet.net.addresses import same_host, usable_by_peer
 from neuranet.net.tls import certificate_key
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
-from neuranet.protocol.messages import MAX_ID_CHARS
 from neuranet.protocol.errors import (
     MAX_ERROR_CHARS, AuthenticationFailed, InvalidMessage, PeerUnavailable, ProtocolError, QueueLimitExceeded, shown,
 )
+from neuranet.protocol.liveness import Liveness
+from neuranet.protocol.messages import MAX_ID_CHARS
 from neuranet.server.runs import RunBook
 from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
@@ -77,6 +79,7 @@ class AgentConnection:
         self._empty.set()
         self.closed = False
         self.closing: asyncio.Task[None] | None = None  # the socket close after an overflow (awaited by close)
+        self.liveness = Liveness(timeout=math.inf, probe_after=math.inf, heard_at=0.0)  # set by Hub.register
         self._next_id = 0
 
     @property
@@ -234,9 +237,10 @@ class LinkTestState:
 class Hub:
     """Registry of online agents; authorises links and relays frames between them."""
 
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(self, config: ServerConfig, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.store = store
+        self._clock = clock  # for liveness (presence records use wall time)
         self.conns: dict[str, AgentConnection] = {}
         self._per_user: collections.Counter[str] = collections.Counter()  # len(conns) by user_id
         # device -> devices it may exchange relayed frames with (granted links); dropped when it goes offline
@@ -258,6 +262,8 @@ class Hub:
         return self._per_user[user_id]
 
     async def register(self, conn: AgentConnection) -> None:
+        conn.liveness = Liveness(timeout=self.config.offline_after, probe_after=self.config.heartbeat_interval,
+                                 heard_at=self._clock())
         old = self.conns.get(conn.device_id)
         self.conns[conn.device_id] = conn
         self._per_user[conn.user_id] += 1
@@ -300,6 +306,7 @@ class Hub:
         await self.flush()
 
     def seen(self, conn: AgentConnection) -> None:
+        conn.liveness.heard(self._clock())
         conn.last_seen = time.time()
         self._dirty_seen[conn.device_id] = conn.last_seen
 
@@ -399,12 +406,20 @@ class Hub:
         await self.store.add_telemetry(rows)
 
     async def sweep(self) -> None:
-        """Disconnect agents silent past the deadline (their links then fail over)."""
-        deadline = time.time() - self.config.offline_after
-        for conn in [c for c in self.conns.values() if c.last_seen < deadline]:
-            log.info("device %s silent since %.1fs, marking offline", conn.device_id, time.time() - conn.last_seen)
-            await conn.close(4001, "silent past the liveness deadline")
-            await self.unregister(conn)
+        """Probe agents that missed a heartbeat; disconnect those that left a probe unanswered for
+        offline_after (their links then fail over). See `Liveness`: silence alone is no proof, since
+        after a stall of the server itself every agent looks silent."""
+        now = self._clock()
+        for conn in list(self.conns.values()):
+            live = conn.liveness
+            if live.gone(now):
+                log.info("device %s left a probe unanswered for %.1fs, marking offline", conn.device_id,
+                         now - (live.probe_sent_at or now))
+                await conn.close(4001, "silent past the liveness deadline")
+                await self.unregister(conn)
+            elif live.probe_due(now):
+                live.probed(now)
+                conn.send(m.Heartbeat(seq=0))
 
     async def maintain(self) -> None:
         """Background loop owned by the app lifespan: flush history, sweep dead agents."""
