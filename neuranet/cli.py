@@ -480,6 +480,8 @@ def forecast(
 
 @trace_app.command("import")
 def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name prefix of the simulated devices."),
+                 replace: bool = typer.Option(False, "--replace", help="Replace the devices of an earlier import "
+                                                                     "with the same prefix (else it is refused)."),
                  server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Load an availability trace (client_id,event_type,event_start,event_end) as simulated devices' history."""
     try:
@@ -488,11 +490,39 @@ def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name pref
         _fail(exc)
     with _client(server, token, timeout=600.0) as c:
         try:
-            out = c.import_trace(data, prefix)
+            out = c.import_trace(data, prefix, replace)
         except ClientError as exc:
             _fail(exc)
     console.print(f"imported {out['devices']} simulated devices ({out['days']:.1f} days of history, "
                   f"ending {datetime.datetime.fromtimestamp(out['history_end']):%Y-%m-%d %H:%M})")
+
+
+@trace_app.command("ls")
+def trace_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """The traces you imported: prefix, simulated devices, end of their history."""
+    with _client(server, token) as c:
+        try:
+            rows = c.traces()
+        except ClientError as exc:
+            _fail(exc)
+    for r in rows:
+        end = datetime.datetime.fromtimestamp(r["history_end"]) if r["history_end"] else None
+        print(f"{r['prefix']}\t{r['devices']} devices\thistory ends {end:%Y-%m-%d %H:%M}" if end else
+              f"{r['prefix']}\t{r['devices']} devices")
+    if not rows:
+        err.print("no traces imported")
+
+
+@trace_app.command("rm")
+def trace_rm(prefix: str = typer.Argument(..., help="The prefix the trace was imported with."),
+             server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Remove the simulated devices of an imported trace, with their history."""
+    with _client(server, token) as c:
+        try:
+            out = c.remove_trace(prefix)
+        except ClientError as exc:
+            _fail(exc)
+    console.print(f"removed {out['removed']} simulated devices of {out['prefix']}", markup=False)
 
 
 @app.command()

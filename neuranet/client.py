@@ -148,9 +148,17 @@ class Client:
     def retrain_forecaster(self) -> dict[str, Any]:
         return self.request("POST", "/api/v1/forecast/retrain", timeout=1800.0)
 
-    def import_trace(self, csv_bytes: bytes, prefix: str = "trace") -> dict[str, Any]:
-        return self.request("POST", "/api/v1/traces", params={"prefix": prefix}, content=csv_bytes,
+    def import_trace(self, csv_bytes: bytes, prefix: str = "trace", replace: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/api/v1/traces", params={"prefix": prefix, "replace": replace}, content=csv_bytes,
                             headers={"Content-Type": "text/csv"})
+
+    def traces(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/traces")
+
+    def remove_trace(self, prefix: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return self.request("DELETE", f"/api/v1/traces/{quote(prefix, safe='')}")
 
     def run_weights(self, run_id: str) -> bytes:
         resp = self._http.get(f"/api/v1/runs/{run_id}/weights")

@@ -17,7 +17,7 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds the server enforces on every agent connection."""
+    """Bounds the server enforces on agent connections and REST requests."""
 
     max_message_bytes: int = 4 * MiB  # one WebSocket message; PeerLink frames are ~1 MiB
     # Relayed bytes from one source waiting for one destination. Past it the source is paused; still
@@ -32,6 +32,9 @@ class Limits:
     max_inventory_chunks: int = 500_000
     max_connections_per_user: int = 256
     max_peers_per_device: int = 256  # distinct devices one device may hold links with
+    # REST: a JSON request body (a manifest of MAX_FILE_CHUNKS chunks is ~6 MiB; parsing costs ~10x)
+    max_json_body_bytes: int = 8 * MiB
+    max_trace_devices_per_user: int = 2000  # simulated devices from imported traces, all imports together
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,112 @@ def test_checkpoint_interval_follows_youngs_rule_and_availability() -> None:
     assert checkpoint_interval(10.0, 0.01, [0.0], 300) == 1
     with pytest.raises(ValueError):
         checkpoint_interval(0.0, 1.0, [7200.0], 10)
+
+
+# --- what the coordinator accepts of a stage's state -------------------------------------------
+
+
+def _stage_state_bytes(model_name: str, options: dict, start: int, stop: int) -> tuple[int, int]:
+    """(bytes of a stage's uploaded state after an AdamW step, its parameter bytes)."""
+    from safetensors.torch import save
+
+    model = build_model(model_name, 0, **options)
+    layers = model.sequential()[start:stop]
+    opt = torch.optim.AdamW(layers.parameters(), lr=1e-3)
+    for p in layers.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    params = sum(p.numel() * p.element_size() for p in layers.parameters())
+    return len(save(stage_state(layers, start, opt))), params
+
+
+@pytest.mark.parametrize("model_name,options,start,stop", [
+    ("mlp-digits", OPTIONS, 0, 3), ("mlp-digits", OPTIONS, 3, 7), ("gpt-char", {}, 0, 2)])
+def test_a_real_stage_state_fits_the_part_bound_of_its_parameters(model_name, options, start, stop) -> None:
+    from neuranet.protocol.messages import STATE_PART_BYTES
+    from neuranet.server.runs import max_state_parts
+
+    state, params = _stage_state_bytes(model_name, options, start, stop)
+    assert state <= max_state_parts(params) * STATE_PART_BYTES
+
+
+class _Book:
+    """A run book holding one run of two stages, on dev-a and dev-b, fed StageWeights as agents send them."""
+
+    def __init__(self, blob_dir, checkpoint_every: int = 5, steps: int = 10) -> None:
+        from neuranet.server.hub import AgentConnection
+        from neuranet.server.runs import RunBook, RunRequest, RunState
+
+        async def nothing(*_args) -> None:
+            return None
+
+        self.book = RunBook(hub=None, blob_dir=blob_dir)  # type: ignore[arg-type]  # routing needs no hub
+        stages = [{"device": "dev-a", "start": 0, "stop": 2, "param_bytes": 4000},
+                  {"device": "dev-b", "start": 2, "stop": 4, "param_bytes": 4000}]
+        self.run = RunState("run1", "user", RunRequest(model="mlp-digits", steps=steps), stages, "plan",
+                            checkpoint_every=checkpoint_every)
+        self.book.runs["run1"] = self.run
+        self.conns = {d: AgentConnection(d, "user", nothing, nothing, 1 << 20) for d in ("dev-a", "dev-b")}
+
+    def send(self, stage: int, step: int, part: int = 0, parts: int = 1, payload: bytes = b"x" * 100) -> None:
+        from neuranet.protocol import messages as m
+
+        msg = m.StageWeights(run_id="run1", stage=stage, step=step, part=part, parts=parts)
+        self.book.on_message(self.conns[["dev-a", "dev-b"][stage]], msg, payload)
+
+    def stored_bytes(self) -> int:
+        root = self.book.weights_dir("run1")
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def test_checkpoints_are_kept_for_due_steps_and_only_the_newest(tmp_path) -> None:
+    b = _Book(tmp_path)
+    for stage in (0, 1):
+        b.send(stage, 5)
+    assert b.run.checkpoints == {5: 0} and not b.run.errors
+    for stage in (0, 1):
+        b.send(stage, 10, 0, 2, b"y" * 2**20)
+        b.send(stage, 10, 1, 2, b"z" * 10)
+    assert b.run.checkpoints == {10: 0} and not b.run.errors  # step 5 was dropped: 10 resumes anything
+    assert not (b.book.weights_dir("run1") / "attempt-0" / "step-5").exists()
+
+
+@pytest.mark.parametrize("bad,why", [
+    (dict(step=3), "checkpoints every 5 steps and after step 10"),  # not a checkpoint step
+    (dict(step=15), "checkpoints every 5 steps"),  # past the run's end
+    (dict(step=0), "checkpoints every 5 steps"),
+    (dict(parts=1000), "fits in 2 part(s)"),  # more parts than the stage's parameters can fill
+    (dict(part=3, parts=2), "part 3 of 2"),
+    (dict(part=1, parts=2), "out of order"),
+    (dict(payload=b"x" * (2**20 + 1)), "more state"),
+])
+def test_state_parts_beyond_what_the_run_needs_are_refused_unwritten(tmp_path, bad, why) -> None:
+    b = _Book(tmp_path)
+    b.send(0, **{"step": 5, **bad})
+    assert why in b.run.errors.get(0, ""), b.run.errors
+    assert b.stored_bytes() == 0 and b.run.status == "failed"
+
+
+def test_a_stage_cannot_resend_a_step_or_change_its_part_count(tmp_path) -> None:
+    b = _Book(tmp_path)
+    b.send(0, 5)
+    b.send(0, 5)
+    assert "twice" in b.run.errors[0]
+    b = _Book(tmp_path / "2")
+    b.send(0, 5, 0, 2, b"x" * 2**20)
+    b.send(0, 5, 1, 1)
+    assert "changed the part count" in b.run.errors[0]
+
+
+def test_nothing_is_written_for_a_run_that_has_ended(tmp_path) -> None:
+    from neuranet.protocol import messages as m
+
+    b = _Book(tmp_path, checkpoint_every=0, steps=10)
+    for stage in (0, 1):
+        b.send(stage, 10)
+        b.book.on_message(b.conns[["dev-a", "dev-b"][stage]], m.StageDone(run_id="run1", stage=stage, ok=True), b"")
+    assert b.run.status == "finished"
+    before = b.stored_bytes()
+    for step in range(1, 80):  # a flood after the end (80 MiB got through before these bounds)
+        b.send(0, step, 0, 1, b"x" * 2**20)
+    assert b.stored_bytes() == before and b.run.status == "finished"

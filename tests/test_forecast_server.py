@@ -130,3 +130,30 @@ def test_bad_traces_and_unknown_devices_get_clear_errors(fabric: LocalFabric, tm
     missing = CliRunner().invoke(app, ["trace", "import", str(tmp_path / "absent.csv"),
                                        "--server", fabric.url, "--token", fabric.token])
     assert missing.exit_code == 1 and "absent.csv" in missing.output
+
+
+def test_importing_a_trace_twice_is_refused_replace_swaps_it_and_rm_removes_it(fabric: LocalFabric, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    trace = tmp_path / "dup.csv"
+    trace.write_text(office_and_roamer_trace(hosts=2, days=3))
+    cli = CliRunner()
+    first = cli.invoke(app, ["trace", "import", str(trace), "--prefix", "dup", *auth])
+    assert first.exit_code == 0 and "imported 4 simulated devices" in first.output, first.output
+    again = cli.invoke(app, ["trace", "import", str(trace), "--prefix", "dup", *auth])
+    assert again.exit_code == 1 and "--replace" in again.output and "trace rm dup" in again.output, again.output
+    replaced = cli.invoke(app, ["trace", "import", str(trace), "--prefix", "dup", "--replace", *auth])
+    assert replaced.exit_code == 0, replaced.output
+    one = cli.invoke(app, ["forecast", "dup-office1", "--json", *auth])  # one device of that name, not two
+    assert one.exit_code == 0 and '"name": "dup-office1"' in one.output, one.output
+    listed = cli.invoke(app, ["trace", "ls", *auth])
+    assert listed.exit_code == 0 and "dup\t4 devices" in listed.output, listed.output
+    removed = cli.invoke(app, ["trace", "rm", "dup", *auth])
+    assert removed.exit_code == 0 and "removed 4 simulated devices of dup" in removed.output, removed.output
+    with fabric.client() as c:
+        assert not [d for d in c.devices() if d["name"].startswith("dup-")]
+    gone = cli.invoke(app, ["trace", "rm", "dup", *auth])
+    assert gone.exit_code == 1 and "no trace imported as 'dup'" in gone.output

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from neuranet.protocol.envelope import MAX_HEADER_BYTES, Buffer, Envelope
 from neuranet.protocol.errors import MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
+from neuranet.protocol.json_values import JsonBounds, check_json_value
 
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
@@ -121,6 +122,10 @@ class HeartbeatAck(Message):
     seq: int
 
 
+# A profile is stored and shown with the device: bounded so it can always be read back and encoded.
+PROFILE_BOUNDS = JsonBounds(max_depth=6, max_items=4096, max_string=4096)
+
+
 class Profile(Message):
     """The device's resources; ``profile`` is a DeviceProfile as a dict."""
 
@@ -129,6 +134,11 @@ class Profile(Message):
     # The device's direct-link certificate (DER): the coordinator checks it carries the enrolled key
     # and gives it to the device's link peers, who accept no other on a direct path.
     tls_cert: bytes = Field(b"", max_length=MAX_CERT_BYTES)
+
+    @field_validator("profile")
+    @classmethod
+    def _bounded(cls, profile: dict[str, Any]) -> dict[str, Any]:
+        return check_json_value(profile, PROFILE_BOUNDS, "profile")
 
 
 class TelemetrySample(BaseModel):

@@ -7,8 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from neuranet.protocol.json_values import JsonValueError, check_json_value
+from neuranet.protocol.messages import PROFILE_BOUNDS
+from neuranet.server.edge import ApiModel
 from neuranet.server.hub import Hub
 from neuranet.server.store import Principal, Store, StoreError
 
@@ -54,20 +57,20 @@ StoreDep = Annotated[Store, Depends(get_store)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 
 
-class TokenRequest(BaseModel):
+class TokenRequest(ApiModel):
     name: str = Field("cli", min_length=1, max_length=100)
 
 
-class JoinTokenRequest(BaseModel):
+class JoinTokenRequest(ApiModel):
     ttl_seconds: float = Field(24 * 3600, gt=0, le=30 * 24 * 3600)
 
 
-class UserRequest(BaseModel):
+class UserRequest(ApiModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
     is_admin: bool = False
 
 
-class LinkTestRequest(BaseModel):
+class LinkTestRequest(ApiModel):
     src: str
     dst: str
     total_bytes: int = Field(64 * 1024 * 1024, gt=0, le=MAX_LINKTEST_BYTES)
@@ -109,9 +112,17 @@ def device_view(device: Any, hub: Hub) -> dict[str, Any]:
         "online": conn is not None,
         "online_since": conn.connected_at if conn else None,
         "last_seen": conn.last_seen if conn else device.last_seen,
-        "profile": device.profile or {},
+        "profile": shown_profile(device.profile),
         "created_at": device.created_at,
     }
+
+
+def shown_profile(profile: Any) -> dict[str, Any]:
+    """A stored profile as shown; one stored before profiles were bounded, that cannot be encoded, shows empty."""
+    try:
+        return check_json_value(profile, PROFILE_BOUNDS) if isinstance(profile, dict) else {}
+    except JsonValueError:
+        return {}
 
 
 async def owned_device(device_id: str, user: Principal, store: Store) -> Any:

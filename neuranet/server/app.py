@@ -8,23 +8,45 @@ import logging
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import make_url
 
 from neuranet import __version__
-from neuranet.config import ServerConfig
+from neuranet.config import Limits, ServerConfig
 from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
+from neuranet.server.edge import BodyLimit, validation_error
 from neuranet.server.runs_api import router as runs_router
 from neuranet.server.runs_api import serve_router
 from neuranet.server.files_api import router as files_router
+from neuranet.server.forecast_api import MAX_TRACE_BYTES
 from neuranet.server.forecast_api import router as forecast_router
 from neuranet.server.hub import Hub
 from neuranet.server.identity import CoordinatorIdentity, agent_pin
 from neuranet.server.store import Store
+from neuranet.storage.chunks import MAX_CHUNK_SIZE
 
 log = logging.getLogger("neuranet.server")
 
 FirstAdmin = Callable[[str, str], None]  # (user name, API token)
+SWAGGER_UI = "/static/swagger-ui"  # Swagger UI's files, served from the swagger-ui-bundle package
+
+
+def body_limit(limits: Limits) -> Callable[[str, str], int]:
+    """(method, path) -> the largest request body accepted: a chunk or a trace upload has its own size,
+    everything else is JSON."""
+
+    def limit(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/api/v1/chunks/"):
+            return MAX_CHUNK_SIZE
+        if method == "POST" and path == "/api/v1/traces":
+            return MAX_TRACE_BYTES
+        return limits.max_json_body_bytes
+
+    return limit
 
 
 def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, store: Store | None = None,
@@ -60,12 +82,17 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
             await hub.shutdown()
             await store.close()
 
-    app = FastAPI(title="NeuraNet coordinator", version=__version__, lifespan=lifespan)
+    # /docs is served from the package, not a CDN, so it works offline (ReDoc has no packaged copy)
+    app = FastAPI(title="NeuraNet coordinator", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit_for=body_limit(config.limits))
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(router)
     app.include_router(runs_router)
     app.include_router(serve_router)
     app.include_router(forecast_router)
     app.include_router(files_router)
+
+    _serve_docs(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
@@ -78,6 +105,19 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
         await serve_agent(ws, app.state.hub, identity)
 
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(SWAGGER_UI, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - API",
+                                   swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
+                                   swagger_favicon_url=f"{SWAGGER_UI}/favicon-32x32.png")
 
 
 class StartupError(Exception):

@@ -66,8 +66,11 @@ class FileRecords:
         the same name, the replicas that are no longer used (device -> chunks) for the caller to delete."""
         freed: dict[str, list[str]] = {}
         async with self._tx() as s:
-            held = set((await s.execute(select(ChunkReplica.chunk_id).where(
-                ChunkReplica.user_id == user_id, ChunkReplica.chunk_id.in_({c for c, _ in chunks})))).scalars())
+            wanted = sorted({c for c, _ in chunks})
+            held: set[str] = set()
+            for start in range(0, len(wanted), 500):  # a database binds a bounded number of parameters
+                held.update((await s.execute(select(ChunkReplica.chunk_id).where(
+                    ChunkReplica.user_id == user_id, ChunkReplica.chunk_id.in_(wanted[start:start + 500])))).scalars())
             missing = [c for c, _ in chunks if c not in held]
             if missing:
                 raise FileRecordError(f"{len(missing)} chunk(s) of {name!r} are not stored (first: {missing[0][:12]}); "
@@ -185,15 +188,18 @@ async def _free_unused(s: AsyncSession, user_id: str, candidates: set[str]) -> d
     belong to no file yet and must stay."""
     if not candidates:
         return {}
-    used = set((await s.execute(select(FileChunk.chunk_id).join(StoredFile, StoredFile.id == FileChunk.file_id)
-                                .where(StoredFile.user_id == user_id, FileChunk.chunk_id.in_(candidates)))).scalars())
-    gone = candidates - used
-    if not gone:
-        return {}
-    rows = (await s.execute(select(ChunkReplica.chunk_id, ChunkReplica.device_id).where(
-        ChunkReplica.user_id == user_id, ChunkReplica.chunk_id.in_(gone)))).all()
     freed: dict[str, list[str]] = defaultdict(list)
-    for chunk, device in rows:
-        freed[device].append(chunk)
-    await s.execute(delete(ChunkReplica).where(ChunkReplica.user_id == user_id, ChunkReplica.chunk_id.in_(gone)))
+    ordered = sorted(candidates)
+    for start in range(0, len(ordered), 500):  # a database binds a bounded number of parameters
+        batch = ordered[start:start + 500]
+        used = set((await s.execute(select(FileChunk.chunk_id).join(StoredFile, StoredFile.id == FileChunk.file_id)
+                                    .where(StoredFile.user_id == user_id, FileChunk.chunk_id.in_(batch)))).scalars())
+        gone = [c for c in batch if c not in used]
+        if not gone:
+            continue
+        rows = (await s.execute(select(ChunkReplica.chunk_id, ChunkReplica.device_id).where(
+            ChunkReplica.user_id == user_id, ChunkReplica.chunk_id.in_(gone)))).all()
+        for chunk, device in rows:
+            freed[device].append(chunk)
+        await s.execute(delete(ChunkReplica).where(ChunkReplica.user_id == user_id, ChunkReplica.chunk_id.in_(gone)))
     return dict(freed)

@@ -12,30 +12,48 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field, model_validator
 
+from neuranet.protocol.json_values import JsonBounds, check_json_value
 from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
+from neuranet.server.edge import ApiModel
 from neuranet.server.file_records import FileRecordError
 from neuranet.server.files import FileError
-from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id
+from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
+from neuranet.storage.sealing import NONCE, TAG
 
 router = APIRouter(prefix="/api/v1")
 MAX_REPLICAS = 16
+SEALING_BOUNDS = JsonBounds(max_depth=4, max_items=100, max_string=4096)  # KDF parameters, salt, key check
 
 
-class ChunkIn(BaseModel):
+class ChunkIn(ApiModel):
     id: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0, le=MAX_CHUNK_SIZE)
 
 
-class FileIn(BaseModel):
+class FileIn(ApiModel):
     name: str = Field(min_length=1, max_length=1024)
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_FILE_BYTES)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     replicas: int = Field(3, ge=1, le=MAX_REPLICAS)
     sealing: dict[str, Any] | None = None
-    chunks: list[ChunkIn] = Field(max_length=10_000_000)
+    chunks: list[ChunkIn] = Field(max_length=MAX_FILE_CHUNKS)
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _chunks_hold_the_file(self) -> "FileIn":
+        """The chunks hold exactly the file's bytes (plus each chunk's nonce and tag when sealed)."""
+        if self.sealing is not None:
+            check_json_value(self.sealing, SEALING_BOUNDS, "sealing")
+        held = sum(c.size for c in self.chunks)
+        if self.sealing is None and held != self.size:
+            raise ValueError(f"the {len(self.chunks)} chunk(s) hold {held} bytes, not the file's {self.size}")
+        overhead = (NONCE + TAG) * len(self.chunks)
+        if self.sealing is not None and not self.size <= held <= self.size + overhead:
+            raise ValueError(f"the {len(self.chunks)} sealed chunk(s) hold {held} bytes; a sealed file of "
+                             f"{self.size} bytes needs {self.size} to {self.size + overhead}")
+        return self
 
 
 def _chunk_name(chunk_id: str) -> str:
@@ -72,9 +90,6 @@ async def get_chunk(chunk_id: str, user: User, store: StoreDep, hub: HubDep) -> 
 
 @router.post("/files")
 async def commit_file(req: FileIn, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    if sum(c.size for c in req.chunks) < req.size and req.sealing is None:
-        raise HTTPException(422, f"the chunks hold {sum(c.size for c in req.chunks)} bytes, less than the "
-                                 f"file's {req.size}")
     try:
         row, freed = await store.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
                                              [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)

@@ -6,9 +6,10 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
+from neuranet.server.store import StoreError
 
 router = APIRouter(prefix="/api/v1")
 MAX_TRACE_BYTES = 64 * 1024 * 1024
@@ -49,17 +50,21 @@ async def retrain(user: User, hub: HubDep) -> dict[str, Any]:
         raise HTTPException(409, str(exc)) from None
 
 
+TracePrefixQuery = Query("trace", min_length=1, max_length=40, description="Name prefix of the simulated devices.")
+
+
 @router.post("/traces")
-async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDep,
-                       prefix: str = "trace") -> dict[str, Any]:
-    """Import an availability trace (CSV: client_id,event_type,event_start,event_end) as simulated devices."""
+async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDep, prefix: str = TracePrefixQuery,
+                       replace: bool = False) -> dict[str, Any]:
+    """Import an availability trace (CSV: client_id,event_type,event_start,event_end) as simulated devices.
+
+    A trace imported under the same ``prefix`` before is refused (409) unless ``replace``, which swaps
+    its devices for the new ones."""
     from neuranet.forecast.errors import ForecastError
     from neuranet.forecast.features import UNIX_CLOCK_OFFSET
     from neuranet.forecast.trace import parse_trace
-    from neuranet.server.forecasting import import_trace_devices
+    from neuranet.server.forecasting import import_trace_devices, trace_prefix_of
 
-    if not 1 <= len(prefix) <= 40:
-        raise HTTPException(422, "prefix must be 1 to 40 characters")
     body = await read_body(request, MAX_TRACE_BYTES, f"a trace may be at most {MAX_TRACE_BYTES // 2**20} MiB")
     try:
         text = body.decode()
@@ -70,7 +75,40 @@ async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDe
         raise HTTPException(422, str(exc)) from None
     if not len(trace):
         raise HTTPException(422, "the trace has no rows")
+    limit = hub.config.limits.max_trace_devices_per_user
+    if len(trace) > limit:
+        raise HTTPException(422, f"the trace has {len(trace)} hosts; a user may have at most {limit} simulated devices")
     devices = import_trace_devices(trace, time.time(), UNIX_CLOCK_OFFSET, prefix)
-    ids = await store.add_simulated_devices(user.user_id, devices)
+    try:
+        ids = await store.add_simulated_devices(user.user_id, devices, prefix_of=trace_prefix_of, prefix=prefix,
+                                                replace=replace, limit=limit)
+    except StoreError as exc:
+        raise HTTPException(409, str(exc)) from None
     return {"devices": len(ids), "ids": ids, "history_end": devices[0][1]["history_end"],
-            "days": (trace.end - trace.start) / 86400}
+            "days": (trace.end - trace.start) / 86400, "prefix": prefix}
+
+
+@router.get("/traces")
+async def list_traces(user: User, store: StoreDep) -> list[dict[str, Any]]:
+    """The traces you imported: prefix, how many simulated devices, and when their history ends."""
+    from neuranet.server.forecasting import trace_prefix_of
+
+    found: dict[str, dict[str, Any]] = {}
+    for d in await store.list_devices(user.user_id):
+        prefix = trace_prefix_of(d.name, d.profile)
+        if prefix is not None:
+            entry = found.setdefault(prefix, {"prefix": prefix, "devices": 0, "history_end": d.last_seen})
+            entry["devices"] += 1
+            entry["history_end"] = max(entry["history_end"] or 0.0, d.last_seen or 0.0)
+    return [found[p] for p in sorted(found)]
+
+
+@router.delete("/traces/{prefix}")
+async def remove_trace(prefix: str, user: User, store: StoreDep) -> dict[str, Any]:
+    """Remove the simulated devices (and their history) of the trace imported as ``prefix``."""
+    from neuranet.server.forecasting import trace_prefix_of
+
+    removed = await store.remove_simulated_devices(user.user_id, prefix, trace_prefix_of)
+    if not removed:
+        raise HTTPException(404, f"no trace imported as {prefix!r} among your devices")
+    return {"prefix": prefix, "removed": removed}

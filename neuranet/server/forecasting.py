@@ -177,6 +177,17 @@ def import_trace_devices(trace: "Trace", now: float, clock_offset: float, prefix
     devices = []
     for client_id, h in trace.items():
         online = [(base + iv.start, base + iv.end) for iv in h.intervals if iv.online]
-        profile = {"simulated": True, "trace_client": client_id, "history_end": base + h.end}
+        profile = {"simulated": True, "trace_prefix": prefix, "trace_client": client_id, "history_end": base + h.end}
         devices.append((f"{prefix}-{client_id}"[:100], profile, base + h.start, online))
     return devices
+
+
+def trace_prefix_of(name: str, profile: Any) -> str | None:
+    """The prefix of the trace import a device came from, or None for a real device. Devices imported
+    before the prefix was recorded are recognised by their name, ``<prefix>-<client>``."""
+    if not isinstance(profile, dict) or not profile.get("simulated"):
+        return None
+    if isinstance(profile.get("trace_prefix"), str):
+        return profile["trace_prefix"]
+    client = f"-{profile.get('trace_client')}"
+    return name[: -len(client)] if name.endswith(client) and len(name) > len(client) else None

@@ -7,14 +7,18 @@ the coordinator imports torch no earlier than that.
 from __future__ import annotations
 
 import asyncio
+import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pydantic import BaseModel, Field
+from pydantic import Field, model_validator
 
 from neuranet.protocol import messages as m
+from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
+from neuranet.server.edge import ApiModel
 from neuranet.server.tasks import OwnedTasks
 
 if TYPE_CHECKING:
@@ -26,25 +30,39 @@ DEFAULT_LINK_BYTES_PER_S = 100e6
 MAX_PROFILED_BYTES = 2 * 2**30  # the coordinator builds the model once to profile its layers
 MAX_USER_MODEL_BYTES = 1_000_000
 DEFAULT_CHECKPOINT_EVERY = 50
+MODEL_OPTIONS_BOUNDS = JsonBounds(max_depth=4, max_items=1000, max_string=1000)
+# A stage's state is its parameters and at most two optimiser slots per parameter (AdamW), in
+# safetensors; the slack covers the header, step counters and small buffers.
+STATE_SLOTS = 3
+STATE_SLACK_BYTES = 1024 * 1024
 
 
-class LayerProfileIn(BaseModel):
+class LayerProfileIn(ApiModel):
     name: str = Field(max_length=200)
     flops: float = Field(ge=0)
     activation_bytes: int = Field(ge=0)
-    param_bytes: int = Field(ge=0)
+    param_bytes: int = Field(ge=0, le=MAX_PROFILED_BYTES)
     saved_bytes: int = Field(ge=0)
 
 
-class UserModel(BaseModel):
+class UserModel(ApiModel):
     """A model file of the user's own: its source runs only on the user's devices, never on the coordinator,
     which plans from the layer profiles the user's client measured."""
 
     source: str = Field(min_length=1, max_length=MAX_USER_MODEL_BYTES)
     layers: list[LayerProfileIn] = Field(min_length=1, max_length=10_000)
 
+    @model_validator(mode="after")
+    def _checkpointable(self) -> "UserModel":
+        """The coordinator keeps the stages' checkpoints: the same bound as a built-in model it profiles."""
+        total = sum(layer.param_bytes for layer in self.layers)
+        if total > MAX_PROFILED_BYTES:
+            raise ValueError(f"the model has {total / 2**30:.1f} GiB of parameters; the coordinator keeps "
+                             f"checkpoints of models up to {MAX_PROFILED_BYTES / 2**30:.0f} GiB")
+        return self
 
-class RunRequest(BaseModel):
+
+class RunRequest(ApiModel):
     model: str = Field(min_length=1, max_length=64)  # a built-in model, or the name of the user's model file
     devices: list[str] | int | None = None  # ids/names, a count, or None for all online devices
     steps: int = Field(100, ge=1, le=1_000_000)
@@ -53,14 +71,19 @@ class RunRequest(BaseModel):
     schedule: str = "1f1b"
     optimizer: str = "sgd"
     lr: float = Field(0.05, gt=0, le=10)
-    seed: int = 0
-    data_seed: int = 0
+    seed: int = Field(0, ge=0, le=INT64_MAX)
+    data_seed: int = Field(0, ge=0, le=INT64_MAX)
     model_options: dict[str, Any] = Field(default_factory=dict)
     use_all_devices: bool = False  # split over exactly the chosen devices, in order, instead of a planned subset
     # steps between stage checkpoints; 0: only the final state; None: from the devices' forecast availability
     checkpoint_every: int | None = Field(None, ge=0)
     user_model: UserModel | None = None
     data: str | None = Field(None, max_length=64)  # the dataset to train on; None: the model's own
+
+    @model_validator(mode="after")
+    def _bounded_options(self) -> "RunRequest":
+        check_json_value(self.model_options, MODEL_OPTIONS_BOUNDS, "model_options")
+        return self
 
 
 class RunError(Exception):
@@ -81,6 +104,8 @@ class RunState:
     errors: dict[int, str] = field(default_factory=dict)
     recoveries: list[str] = field(default_factory=list)
     parts: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> state parts received
+    part_counts: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> parts announced
+    part_bytes: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> bytes received
     uploaded: dict[int, set[int]] = field(default_factory=dict)  # step -> stages whose state is complete
     checkpoints: dict[int, int] = field(default_factory=dict)  # step -> attempt that wrote it, whole model
     checkpoint_every: int = 0
@@ -93,6 +118,11 @@ class RunState:
         finished = len(self.done) == len(self.stages) and self.request.steps in self.checkpoints
         return "finished" if finished else "running"
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether the stages upload their state after ``step`` steps (as the agents' stage loop does)."""
+        every = self.checkpoint_every
+        return step == self.request.steps or (every > 0 and 0 < step < self.request.steps and step % every == 0)
+
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.request.model, "status": self.status, "steps": self.request.steps,
                 "batch_size": self.request.batch_size,
@@ -100,6 +130,32 @@ class RunState:
                 "errors": self.errors, "started": self.started, "attempt": self.attempt,
                 "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints),
                 "checkpoint_every": self.checkpoint_every, "checkpoint_reason": self.checkpoint_reason}
+
+
+def max_state_parts(param_bytes: int) -> int:
+    """The most StageWeights parts a stage holding ``param_bytes`` of parameters can need."""
+    return math.ceil((STATE_SLOTS * param_bytes + STATE_SLACK_BYTES) / m.STATE_PART_BYTES)
+
+
+def refuse_state_part(run: RunState, msg: m.StageWeights, size: int) -> str | None:
+    """Why part of a stage's state is refused, or None to accept it. The run's status, attempt and
+    stage device are checked by the caller; this bounds which steps and how many bytes a stage uploads."""
+    key = (msg.step, msg.stage)
+    most = max_state_parts(run.stages[msg.stage].get("param_bytes", 0))
+    if not run.checkpoint_due(msg.step):
+        every = f"every {run.checkpoint_every} steps and " if run.checkpoint_every else ""
+        return f"stage {msg.stage} sent its state after step {msg.step}, but the run checkpoints {every}after step {run.request.steps}"
+    if msg.stage in run.uploaded.get(msg.step, set()):
+        return f"stage {msg.stage} sent its state after step {msg.step} twice"
+    if msg.parts != run.part_counts.get(key, msg.parts):
+        return f"stage {msg.stage} changed the part count of step {msg.step} from {run.part_counts[key]} to {msg.parts}"
+    if msg.parts > most or msg.part >= msg.parts:
+        return f"stage {msg.stage} announced part {msg.part} of {msg.parts}; its state fits in {most} part(s)"
+    if msg.part != run.parts.get(key, 0):
+        return f"state part {msg.part} of step {msg.step} arrived out of order"
+    if size > m.STATE_PART_BYTES or run.part_bytes.get(key, 0) + size > most * m.STATE_PART_BYTES:
+        return f"stage {msg.stage} sent more state for step {msg.step} than its parameters can make"
+    return None
 
 
 def build_and_profile(model_name: str, seed: int, options: dict[str, Any], micro_batch: int,
@@ -146,7 +202,8 @@ def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str
         result = chooser(layers, profiles, objective, workload)
     except PlanError as exc:
         raise RunError(str(exc)) from None
-    stages = [{"device": s.device, "start": s.start, "stop": s.stop} for s in result.stages]
+    stages = [{"device": s.device, "start": s.start, "stop": s.stop,
+               "param_bytes": sum(layer.param_bytes for layer in layers[s.start:s.stop])} for s in result.stages]
     return Split(stages, result.describe(), result.step_time, sum(layer.param_bytes for layer in layers))
 
 
@@ -190,11 +247,18 @@ class RunBook:
         if req.model not in MODELS and req.user_model is None:
             raise RunError(f"unknown model {req.model!r}; built-in models are: {', '.join(sorted(MODELS))}")
         split = await self._plan(req, devices)
+        every, reason = await self._checkpoint_interval(req, split, devices)
+        offline = [s["device"] for s in split.stages if s["device"] not in self.hub.conns]
+        if offline:  # nothing is recorded for a run that could not start
+            raise RunError(f"device {offline[0]} went offline while the run was planned; start it again")
         run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in split.stages])
-        run = RunState(run_id, user_id, req, split.stages, split.text)
-        run.checkpoint_every, run.checkpoint_reason = await self._checkpoint_interval(req, split, devices)
+        run = RunState(run_id, user_id, req, split.stages, split.text, checkpoint_every=every, checkpoint_reason=reason)
         self.runs[run_id] = run
-        self._assign(run)
+        lost = next((s["device"] for s in run.stages if s["device"] not in self.hub.conns), None)
+        if lost is not None:  # it went away while the run was recorded: recover as from any loss
+            self.on_device_lost(lost)
+        else:
+            self._assign(run)
         return run
 
     async def _checkpoint_interval(self, req: RunRequest, split: Split, devices: list[dict[str, Any]]) -> tuple[int, str]:
@@ -216,7 +280,7 @@ class RunBook:
     async def _plan(self, req: RunRequest, devices: list[dict[str, Any]]) -> Split:
         try:
             return await asyncio.to_thread(_plan, req, devices)
-        except (ValueError, TypeError, LookupError) as exc:
+        except (ValueError, TypeError, LookupError, RuntimeError, OverflowError) as exc:  # torch: bad sizes
             raise RunError(f"cannot plan {req.model}: {exc}") from None
 
     def _assign(self, run: RunState, resume_step: int = 0) -> None:
@@ -256,20 +320,31 @@ class RunBook:
             run.done.add(msg.stage)
 
     def _state_part(self, run: RunState, msg: m.StageWeights, payload: bytes) -> None:
-        key = (msg.step, msg.stage)
-        if msg.part != run.parts.get(key, 0):
-            run.errors[msg.stage] = f"state part {msg.part} of step {msg.step} arrived out of order"
+        if run.status != "running":
+            return  # nothing is written for a run that has ended
+        refused = refuse_state_part(run, msg, len(payload))
+        if refused is not None:
+            run.errors[msg.stage] = refused
             return
+        key = (msg.step, msg.stage)
         path = self._state_path(run, run.attempt, msg.step, msg.stage).with_suffix(".part")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab" if msg.part else "wb") as f:
             f.write(payload)
         run.parts[key] = msg.part + 1
+        run.part_counts[key] = msg.parts
+        run.part_bytes[key] = run.part_bytes.get(key, 0) + len(payload)
         if msg.part + 1 == msg.parts:
             path.replace(path.with_suffix(".safetensors"))
             run.uploaded.setdefault(msg.step, set()).add(msg.stage)
             if len(run.uploaded[msg.step]) == len(run.stages):
                 run.checkpoints[msg.step] = run.attempt
+                self._drop_older_checkpoints(run, msg.step)
+
+    def _drop_older_checkpoints(self, run: RunState, step: int) -> None:
+        """Only the newest whole checkpoint is resumed from: the older ones' files go (disk stays bounded)."""
+        for older in [s for s in run.checkpoints if s < step]:
+            shutil.rmtree(self._state_path(run, run.checkpoints.pop(older), older, 0).parent, ignore_errors=True)
 
     def on_device_lost(self, device_id: str) -> None:
         """A device of a running run went offline: re-plan onto the others and resume from the last checkpoint."""
@@ -295,6 +370,8 @@ class RunBook:
         run.plan = plan_text
         run.done.clear()
         run.parts.clear()
+        run.part_counts.clear()
+        run.part_bytes.clear()
         run.uploaded.clear()
         run.recoveries.append(f"attempt {run.attempt}: lost {lost}, resumed from step {resume} on {len(run.stages)} devices")
         self._assign(run, resume)

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from neuranet.protocol import messages as m
+from neuranet.protocol.json_values import INT64_MAX
+from neuranet.server.edge import ApiModel
 from neuranet.server.runs import RunError, build_and_profile, plan_layers
 
 if TYPE_CHECKING:
@@ -31,25 +33,25 @@ REQUEST_TIMEOUT = 300.0
 MAX_INPUTS = 4096
 
 
-class DeployRequest(BaseModel):
+class DeployRequest(ApiModel):
     model: str | None = Field(None, min_length=1, max_length=64)  # a built-in model, or None with ``run``
     run: str | None = Field(None, min_length=1, max_length=64)  # serve the final weights of this training run
     devices: list[str] | int | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=INT64_MAX)
     model_options: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(8, ge=1, le=MAX_INPUTS)  # typical request size, for the latency plan
     use_all_devices: bool = False
 
 
-class InferRequest(BaseModel):
+class InferRequest(ApiModel):
     inputs: list[Any] = Field(min_length=1, max_length=MAX_INPUTS)
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(ApiModel):
     prompt: str = Field(min_length=1, max_length=10_000)
     max_new_tokens: int = Field(100, ge=0, le=10_000)
     temperature: float = Field(0.0, ge=0.0, le=10.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=INT64_MAX)
 
 
 class ServeError(Exception):

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import and_, bindparam, event, func, select, update
+from sqlalchemy import and_, bindparam, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -34,6 +35,14 @@ AUTH_CACHE_SIZE = 10_000
 
 class StoreError(Exception):
     """A request the store refuses; the message says what to change."""
+
+
+class TraceExists(StoreError):
+    """A trace was imported under this prefix before (import it with replace, or remove it)."""
+
+
+SimulatedDevice = tuple[str, dict[str, Any], float, list[tuple[float, float]]]  # name, profile, created_at, online
+TracePrefix = Callable[[str, Any], "str | None"]  # (device name, profile) -> the import it came from, or None
 
 
 def new_id() -> str:
@@ -63,7 +72,7 @@ def _migrate(sync_conn: Any) -> None:
 class Store(FileRecords):
     def __init__(self, url: str) -> None:
         self.url = url
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"json_deserializer": _load_json}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
@@ -280,15 +289,31 @@ class Store(FileRecords):
                     devices[device_id][1].append((start, end))
         return devices  # type: ignore[return-value]
 
-    async def add_simulated_devices(self, user_id: str,
-                                    devices: list[tuple[str, dict[str, Any], float, list[tuple[float, float]]]]) -> list[str]:
+    async def add_simulated_devices(self, user_id: str, devices: list[SimulatedDevice], *, prefix_of: TracePrefix,
+                                    prefix: str, replace: bool = False, limit: int | None = None) -> list[str]:
         """Devices that exist only as history (an imported trace): (name, profile, created_at, online intervals).
 
         Each gets a random public key that no one holds, so it can never connect; its last sign of
-        life is the end of its history (``profile["history_end"]``).
+        life is the end of its history (``profile["history_end"]``). ``prefix_of`` names the import
+        a device came from (None: not imported): devices of an earlier import of ``prefix`` are
+        replaced when ``replace``, else refused, and the user keeps at most ``limit`` in all. One
+        transaction: a refused import leaves nothing behind.
         """
         ids = []
         async with self._tx() as s:
+            # one import per user at a time (PostgreSQL; SQLite's writers are serialised anyway)
+            await s.execute(select(User.id).where(User.id == user_id).with_for_update())
+            mine = (await s.execute(select(Device.id, Device.name, Device.profile).where(Device.user_id == user_id))).all()
+            imported = [(d, prefix_of(name, profile)) for d, name, profile in mine]
+            same = [d for d, p in imported if p == prefix]
+            if same and not replace:
+                raise TraceExists(f"{len(same)} devices of a trace imported as {prefix!r} exist already; import again "
+                                  f"with replace (CLI: --replace), or remove them (`neuranet trace rm {prefix}`)")
+            kept = sum(1 for _, p in imported if p is not None and p != prefix)
+            if limit is not None and kept + len(devices) > limit:
+                raise StoreError(f"the trace has {len(devices)} hosts; with your {kept} other simulated devices that "
+                                 f"is more than the {limit} a user may have (remove some with `neuranet trace rm`)")
+            await _delete_devices(s, same)
             for name, profile, created_at, online in devices:
                 device = Device(id=new_id(), user_id=user_id, name=name, public_key=os.urandom(32),
                                 profile=profile, created_at=created_at, last_seen=profile.get("history_end"))
@@ -300,6 +325,14 @@ class Store(FileRecords):
             if rows:
                 await s.execute(PresenceInterval.__table__.insert(), rows)
         return ids
+
+    async def remove_simulated_devices(self, user_id: str, prefix: str, prefix_of: TracePrefix) -> int:
+        """Remove the devices of the trace imported as ``prefix`` (with their history); how many."""
+        async with self._tx() as s:
+            mine = (await s.execute(select(Device.id, Device.name, Device.profile).where(Device.user_id == user_id))).all()
+            gone = [d for d, name, profile in mine if prefix_of(name, profile) == prefix]
+            await _delete_devices(s, gone)
+        return len(gone)
 
     async def add_telemetry(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -318,6 +351,12 @@ class Store(FileRecords):
             ]
 
 
+async def _delete_devices(s: AsyncSession, device_ids: list[str]) -> None:
+    """Delete devices; their presence, telemetry and replicas go with them (ON DELETE CASCADE)."""
+    for start in range(0, len(device_ids), 500):
+        await s.execute(delete(Device).where(Device.id.in_(device_ids[start:start + 500])))
+
+
 async def _end_presence(s: AsyncSession, device_id: str, at: float) -> None:
     """Close the device's open interval (if any) at ``at``; that is also when it was last seen."""
     await s.execute(
@@ -326,6 +365,15 @@ async def _end_presence(s: AsyncSession, device_id: str, at: float) -> None:
         .values(end=at)
     )
     await s.execute(update(Device).where(Device.id == device_id).values(last_seen=at))
+
+
+def _load_json(text: str) -> Any:
+    """A JSON column's value. One stored before values were bounded that cannot be decoded (nested past
+    the recursion limit) reads as None, so the rest of its row, and every other row, still loads."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -17,6 +17,8 @@ from typing import BinaryIO, Any
 
 CHUNK_SIZE = 2 ** 20  # one chunk travels as one ~1 MiB message (the server caps a message at 4 MiB)
 MAX_CHUNK_SIZE = 2 * 2 ** 20  # what a device or the coordinator accepts as one chunk
+MAX_FILE_BYTES = 64 * 2 ** 30  # the largest file the coordinator records
+MAX_FILE_CHUNKS = MAX_FILE_BYTES // CHUNK_SIZE  # so a manifest names at most this many chunks (~6 MB of JSON)
 HEX_LEN = 64
 
 

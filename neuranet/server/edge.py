@@ -1,0 +1,110 @@
+"""Validation at the REST edge: the base of every request body, and the request body size limit.
+
+Whatever a request carries is checked before anything is stored or sent to a device: text that
+cannot be encoded (lone surrogates), numbers that do not fit in 64 bits or are not finite, and
+free-form values (model options, sealing) nested too deep were each a 500, or worse, a record
+that could not be read back. Bodies are bounded in bytes before they are read whole: parsing
+JSON costs about ten times its size in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationInfo, field_validator
+
+from neuranet.protocol.json_values import JsonBounds, JsonValueError, check_json_value
+
+# Free-form values inside a request body: the body limit bounds their size; depth is what breaks.
+BODY_VALUE_BOUNDS = JsonBounds(max_depth=16, max_items=2_000_000, max_string=2_000_000)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ApiModel(BaseModel):
+    """Base of REST request bodies: every field, whatever its type, holds only storable values."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, BaseModel):
+            return value  # a nested ApiModel checked its own fields
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            return value
+        try:
+            return check_json_value(value, BODY_VALUE_BOUNDS, info.field_name or "value")
+        except JsonValueError as exc:
+            raise ValueError(str(exc)) from None
+
+
+async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """422 with where and why for each error, without echoing the input: the input may be what
+    cannot be encoded (a lone surrogate, NaN), and a large body is not worth sending back."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": [_printable(p) for p in e.get("loc", ())], "msg": _printable(e.get("msg", "")),
+               "type": _printable(e.get("type", ""))} for e in errors[:20]]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")[:500]
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than its route's limit is answered 413 before it is
+    read whole (a declared Content-Length over it is refused before reading anything)."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for  # (method, path) -> bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["method"], scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            size += len(message.get("body", b""))
+            if size > limit:
+                await _too_large(send, limit)
+                return
+            pieces.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(pieces), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = json.dumps({"detail": f"the request body is larger than this route accepts ({limit} bytes)"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
