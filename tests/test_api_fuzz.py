@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from api_app import served_app
 
-EXAMPLES = 30  # per route and method
+EXAMPLES = 20  # per route and method
 
 
 @pytest.fixture(scope="module")
