@@ -82,6 +82,7 @@ def server(
                                           "chunks are copied elsewhere."),
     file_orphan_after: float = typer.Option(24 * 3600.0, help="Seconds after which uploaded chunks that no "
                                             "file uses (an upload never finished) are deleted."),
+    telemetry_retention: float = typer.Option(30 * 86400.0, help="Seconds device telemetry is kept."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the coordinator (REST API, agent WebSocket and relay hub)."""
@@ -119,7 +120,7 @@ def server(
                        tls_cert=tls_cert, tls_key=tls_key, insecure=insecure, offline_after=offline_after, heartbeat_interval=heartbeat,
                        forecast_retrain_interval=forecast_retrain, forecast_options=options,
                        file_repair_interval=file_repair, file_lost_after=file_lost_after,
-                       file_orphan_after=file_orphan_after,
+                       file_orphan_after=file_orphan_after, telemetry_retention=telemetry_retention,
                        limits=Limits(max_connections_per_user=max_connections_per_user,
                                      relay_stall_timeout=relay_stall_timeout))
 

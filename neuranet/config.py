@@ -30,6 +30,10 @@ class Limits:
     # Chunk names one device's inventory may list (about 1 TB of 2 MiB chunks); the coordinator holds
     # them in memory until the last page comes.
     max_inventory_chunks: int = 500_000
+    # Telemetry samples one device may send, sustained and saved up (agents send one every 5 s);
+    # the excess is dropped and counted.
+    telemetry_samples_per_second: float = 1.0
+    telemetry_burst: int = 10
     max_connections_per_user: int = 256
     max_peers_per_device: int = 256  # distinct devices one device may hold links with
     # REST: a JSON request body (a manifest of MAX_FILE_CHUNKS chunks is ~6 MiB; parsing costs ~10x)
@@ -49,6 +53,7 @@ class ServerConfig:
     heartbeat_interval: float = 3.0
     offline_after: float = 12.0  # a device silent this long is offline
     telemetry_flush_interval: float = 1.0
+    telemetry_retention: float = 30 * 86400.0  # seconds telemetry is kept
     forecast_retrain_interval: float = 6 * 3600.0  # seconds between retrainings of the availability forecaster
     forecast_options: dict[str, Any] = field(default_factory=dict)  # ForecastConfig fields (epochs, hidden, ...)
     file_repair_interval: float = 60.0  # seconds between rounds of chunk repair and migration

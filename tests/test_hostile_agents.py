@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from fabric_helpers import free_port
+from fabric_helpers import async_wait_for, free_port
 from neuranet.agent.runtime import Agent, EnrolmentError
 from neuranet.config import AgentConfig
 from neuranet.fabric import LocalFabric
@@ -244,3 +244,21 @@ async def test_errors_to_a_device_that_does_not_read_stay_small(fabric: LocalFab
     assert grown < 24 << 20, f"the server grew by {grown >> 20} MiB"
     await ws.close()
     honest_still_served(fabric)
+
+
+async def test_telemetry_floods_are_cut_to_the_devices_rate(fabric: LocalFabric) -> None:
+    ws, device_id = await enrolled_socket(fabric)
+    sample = m.TelemetrySample(ts=1.0, cpu_percent=1, mem_percent=1, mem_used=1, net_sent=1, net_recv=1)
+    for i in range(5):  # 5,000 samples at once
+        await ws.send(encode_frame(m.Telemetry(samples=[sample] * 1000).envelope(id=i, src=device_id, dst="server")))
+    await ws.send(encode_frame(m.Heartbeat(seq=1).envelope(src=device_id, dst="server")))
+    while not isinstance(await recv_msg(ws), m.HeartbeatAck):  # every frame before it was handled
+        pass
+
+    def stored() -> list:
+        with fabric.client() as c:
+            return c.request("GET", f"/api/v1/devices/{device_id}/telemetry", params={"limit": 10_000})
+
+    rows = await async_wait_for(lambda: len(stored()) >= 10 and stored(), 30, "the first telemetry flush")
+    assert len(rows) < 100  # the burst and a few seconds' worth, not 5,000
+    await ws.close()

@@ -399,3 +399,63 @@ async def test_a_server_stall_drops_nobody_and_a_dead_agent_goes_after_one_unans
         await conn.close()
         await asyncio.wait_for(writer, 5)
         await store.close()
+
+
+# --- telemetry: a rate per device, and retention --------------------------------------------------
+
+
+def test_telemetry_beyond_a_devices_rate_is_dropped_and_counted() -> None:
+    from neuranet.server.telemetry import TelemetryIntake
+
+    intake = TelemetryIntake(rate=1.0, burst=10)
+    bucket = intake.bucket(now=0.0)
+    sample = m.TelemetrySample(ts=50.0, cpu_percent=1, mem_percent=1, mem_used=1, net_sent=1, net_recv=1)
+    assert intake.add("d", bucket, [sample] * 1000, now=0.0, wall_now=100.0) == 990  # the burst passes
+    assert intake.add("d", bucket, [sample] * 1000, now=0.5, wall_now=100.0) == 1000  # half a token: none
+    assert intake.add("d", bucket, [sample] * 3, now=5.0, wall_now=100.0) == 0  # 0.5 + 4.5 s: 5 tokens
+    assert intake.add("d", bucket, [sample] * 3, now=5.0, wall_now=100.0) == 1
+    assert intake.add("d", bucket, [sample] * 100, now=1e6, wall_now=100.0) == 90  # savings stop at the burst
+    assert intake.dropped == 990 + 1000 + 1 + 90
+    rows = intake.take_rows()
+    assert len(rows) == 10 + 3 + 2 + 10 and intake.take_rows() == []
+    future = sample.model_copy(update={"ts": 1e12})  # a device's clock far ahead: recorded as received
+    intake.add("d", intake.bucket(0.0), [future], now=0.0, wall_now=100.0)
+    assert intake.take_rows()[0]["ts"] == 100.0
+    with pytest.raises(ValueError):
+        m.TelemetrySample(ts=float("nan"), cpu_percent=1, mem_percent=1, mem_used=1, net_sent=1, net_recv=1)
+    with pytest.raises(ValueError):  # a BIGINT column could not hold it, and the flush would fail for all
+        m.TelemetrySample(ts=1, cpu_percent=1, mem_percent=1, mem_used=2 ** 63, net_sent=1, net_recv=1)
+
+
+async def test_telemetry_older_than_the_retention_is_deleted_in_bounded_batches(tmp_path) -> None:
+    import time
+
+    from neuranet.config import ServerConfig
+    from neuranet.server.hub import Hub
+    from neuranet.server.store import Store
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    await store.migrate()
+    user, _ = await store.create_user("u")
+    token, _ = await store.create_join_token(user.user_id)
+    device = await store.enrol_device(token, bytes(32), "box")
+    now = time.time()
+
+    def row(ts: float) -> dict:
+        return {"device_id": device.id, "ts": ts, "cpu_percent": 1.0, "mem_percent": 1.0, "mem_used": 1,
+                "net_sent": 1, "net_recv": 1, "battery_percent": None, "power_plugged": None}
+
+    await store.add_telemetry([row(now - 100 * 86400 + i) for i in range(7)] + [row(now - 10.0), row(now)])
+    clock = Clock()
+    hub = Hub(ServerConfig(data_dir=tmp_path, telemetry_retention=30 * 86400.0), store, clock)
+    try:
+        assert [await hub.prune(batch=3) for _ in range(3)] == [3, 3, 1]  # full batches go on at once
+        assert await hub.prune(batch=3) == 0  # the last was not full: the next round a minute later
+        assert [r["ts"] for r in await store.telemetry(device.id, 100)] == [now - 10.0, now]
+        await store.add_telemetry([row(now - 50 * 86400)])
+        assert await hub.prune(batch=3) == 0  # within the minute
+        clock.now += 60.0
+        assert await hub.prune(batch=3) == 1
+        assert [r["ts"] for r in await store.telemetry(device.id, 100)] == [now - 10.0, now]
+    finally:
+        await store.close()

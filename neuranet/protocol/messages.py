@@ -141,15 +141,18 @@ class Profile(Message):
         return check_json_value(profile, PROFILE_BOUNDS, "profile")
 
 
+_INT64_MAX = 2 ** 63 - 1  # what a database BIGINT holds
+
+
 class TelemetrySample(BaseModel):
     model_config = ConfigDict(frozen=True)
-    ts: float
+    ts: float = Field(allow_inf_nan=False)
     cpu_percent: float = Field(ge=0, le=100 * 1024)
     mem_percent: float = Field(ge=0, le=100)
-    mem_used: int = Field(ge=0)
-    net_sent: int = Field(ge=0)
-    net_recv: int = Field(ge=0)
-    battery_percent: float | None = None
+    mem_used: int = Field(ge=0, le=_INT64_MAX)
+    net_sent: int = Field(ge=0, le=_INT64_MAX)
+    net_recv: int = Field(ge=0, le=_INT64_MAX)
+    battery_percent: float | None = Field(None, ge=0, le=100)
     power_plugged: bool | None = None
 
 

@@ -172,7 +172,7 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
     elif isinstance(msg, m.HeartbeatAck):
         pass  # the answer to the hub's probe (Hub.sweep); hearing anything was the point
     elif isinstance(msg, m.Telemetry):
-        hub.add_telemetry(conn.device_id, msg.samples)
+        hub.add_telemetry(conn, msg.samples)
     elif isinstance(msg, m.Profile):
         conn.profile = msg.profile
         try:  # before the write: a link granted meanwhile already pins the certificate

@@ -32,6 +32,7 @@ from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
 from neuranet.server.serving import ServeBook
 from neuranet.server.store import Store
+from neuranet.server.telemetry import PRUNE_BATCH, TelemetryIntake, TokenBucket
 
 log = logging.getLogger("neuranet.hub")
 
@@ -80,6 +81,8 @@ class AgentConnection:
         self.closed = False
         self.closing: asyncio.Task[None] | None = None  # the socket close after an overflow (awaited by close)
         self.liveness = Liveness(timeout=math.inf, probe_after=math.inf, heard_at=0.0)  # set by Hub.register
+        self.telemetry_budget = TokenBucket.full(0.0, 0, 0.0)  # likewise
+        self.telemetry_dropped = 0  # samples over the rate, dropped
         self._next_id = 0
 
     @property
@@ -253,7 +256,8 @@ class Hub:
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
                                          config.forecast_options)
         self._dirty_seen: dict[str, float] = {}
-        self._telemetry: list[dict[str, Any]] = []
+        self.telemetry = TelemetryIntake(config.limits.telemetry_samples_per_second, config.limits.telemetry_burst)
+        self._next_prune = -math.inf
 
     # --- membership -----------------------------------------------------------
 
@@ -264,6 +268,7 @@ class Hub:
     async def register(self, conn: AgentConnection) -> None:
         conn.liveness = Liveness(timeout=self.config.offline_after, probe_after=self.config.heartbeat_interval,
                                  heard_at=self._clock())
+        conn.telemetry_budget = self.telemetry.bucket(self._clock())
         old = self.conns.get(conn.device_id)
         self.conns[conn.device_id] = conn
         self._per_user[conn.user_id] += 1
@@ -396,14 +401,30 @@ class Hub:
 
     # --- batched persistence ----------------------------------------------------
 
-    def add_telemetry(self, device_id: str, samples: list[m.TelemetrySample]) -> None:
-        self._telemetry.extend({"device_id": device_id, **s.model_dump()} for s in samples)
+    def add_telemetry(self, conn: AgentConnection, samples: list[m.TelemetrySample]) -> None:
+        """Keep the samples the device's rate allows (`TelemetryIntake`); the rest are dropped, counted."""
+        dropped = self.telemetry.add(conn.device_id, conn.telemetry_budget, samples, self._clock(), time.time())
+        if dropped and not conn.telemetry_dropped:
+            limits = self.config.limits
+            log.warning("device %s sends telemetry faster than %g samples/s (burst %d): dropping the excess",
+                        conn.device_id, limits.telemetry_samples_per_second, limits.telemetry_burst)
+        conn.telemetry_dropped += dropped
 
     async def flush(self) -> None:
         seen, self._dirty_seen = self._dirty_seen, {}
-        rows, self._telemetry = self._telemetry, []
         await self.store.touch_devices(seen)
-        await self.store.add_telemetry(rows)
+        await self.store.add_telemetry(self.telemetry.take_rows())
+
+    async def prune(self, batch: int = PRUNE_BATCH) -> int:
+        """Delete telemetry older than the retention, a bounded batch at a time: rounds go on while
+        batches come back full, else one a minute. Returns the rows deleted."""
+        now = self._clock()
+        if now < self._next_prune:
+            return 0
+        before = time.time() - self.config.telemetry_retention
+        deleted = await self.store.prune_telemetry(before, batch)
+        self._next_prune = now if deleted >= batch else now + 60.0
+        return deleted
 
     async def sweep(self) -> None:
         """Probe agents that missed a heartbeat; disconnect those that left a probe unanswered for
@@ -428,6 +449,7 @@ class Hub:
             try:
                 await self.sweep()
                 await self.flush()
+                await self.prune()
             except Exception:  # keep serving; the next round retries
                 log.exception("hub maintenance failed")
 

@@ -339,6 +339,16 @@ class Store(FileRecords):
             async with self._tx() as s:
                 await s.execute(TelemetryRow.__table__.insert(), rows)
 
+    async def prune_telemetry(self, before: float, batch: int) -> int:
+        """Delete telemetry sampled before ``before``, at most ``batch`` rows, among the oldest written
+        (rows are appended in time order, so only the first ``batch`` by id are looked at: no scan of
+        the table when nothing is old); returns the rows deleted."""
+        oldest = select(TelemetryRow.id, TelemetryRow.ts).order_by(TelemetryRow.id).limit(batch).subquery()
+        async with self._tx() as s:
+            result = await s.execute(delete(TelemetryRow).where(
+                TelemetryRow.id.in_(select(oldest.c.id).where(oldest.c.ts < before))))
+            return result.rowcount or 0
+
     async def telemetry(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         async with self.session() as s:
             rows = await s.execute(
