@@ -95,7 +95,7 @@ def test_the_largest_manifest_fits_the_body_limit_and_one_chunk_more_is_refused(
     body = json.dumps(manifest(sum(chunks), chunks)).encode()
     assert len(body) < Limits().max_json_body_bytes
     with api_app(tmp_path) as c:
-        # every chunk is looked up (in batches: one query with them all is past SQLite's bound on parameters)
+        # every chunk is looked up (in batches: PostgreSQL binds at most 32,767 parameters in a statement)
         r = c.post("/api/v1/files", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 409 and f"{MAX_FILE_CHUNKS} chunk(s)" in r.json()["detail"], r.text
         r = c.post("/api/v1/files", json=manifest(MAX_CHUNK_SIZE, [1] * (MAX_FILE_CHUNKS + 1)))
@@ -264,3 +264,4 @@ def test_docs_are_served_from_the_package(tmp_path: Path) -> None:
             assert url.startswith("/") and not url.startswith("//"), f"/docs loads {url} from elsewhere"
             assert c.get(url).status_code == 200, url
         assert "http://" not in page.text and "https://" not in page.text
+

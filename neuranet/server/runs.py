@@ -144,7 +144,8 @@ def refuse_state_part(run: RunState, msg: m.StageWeights, size: int) -> str | No
     most = max_state_parts(run.stages[msg.stage].get("param_bytes", 0))
     if not run.checkpoint_due(msg.step):
         every = f"every {run.checkpoint_every} steps and " if run.checkpoint_every else ""
-        return f"stage {msg.stage} sent its state after step {msg.step}, but the run checkpoints {every}after step {run.request.steps}"
+        return (f"stage {msg.stage} sent its state after step {msg.step}, but the run checkpoints "
+                f"{every}after step {run.request.steps}")
     if msg.stage in run.uploaded.get(msg.step, set()):
         return f"stage {msg.stage} sent its state after step {msg.step} twice"
     if msg.parts != run.part_counts.get(key, msg.parts):

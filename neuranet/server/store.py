@@ -303,7 +303,7 @@ class Store(FileRecords):
         async with self._tx() as s:
             # one import per user at a time (PostgreSQL; SQLite's writers are serialised anyway)
             await s.execute(select(User.id).where(User.id == user_id).with_for_update())
-            mine = (await s.execute(select(Device.id, Device.name, Device.profile).where(Device.user_id == user_id))).all()
+            mine = await _devices_named(s, user_id)
             imported = [(d, prefix_of(name, profile)) for d, name, profile in mine]
             same = [d for d, p in imported if p == prefix]
             if same and not replace:
@@ -329,7 +329,7 @@ class Store(FileRecords):
     async def remove_simulated_devices(self, user_id: str, prefix: str, prefix_of: TracePrefix) -> int:
         """Remove the devices of the trace imported as ``prefix`` (with their history); how many."""
         async with self._tx() as s:
-            mine = (await s.execute(select(Device.id, Device.name, Device.profile).where(Device.user_id == user_id))).all()
+            mine = await _devices_named(s, user_id)
             gone = [d for d, name, profile in mine if prefix_of(name, profile) == prefix]
             await _delete_devices(s, gone)
         return len(gone)
@@ -359,6 +359,11 @@ class Store(FileRecords):
                                             "battery_percent", "power_plugged")}
                 for r in reversed(list(rows.scalars()))
             ]
+
+
+async def _devices_named(s: AsyncSession, user_id: str) -> list[Any]:
+    """(id, name, profile) of each of a user's devices."""
+    return list((await s.execute(select(Device.id, Device.name, Device.profile).where(Device.user_id == user_id))).all())
 
 
 async def _delete_devices(s: AsyncSession, device_ids: list[str]) -> None:
