@@ -89,7 +89,7 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
                          agent=agent)
         except (ClientError, OSError) as exc:
             _fail(exc)
-    console.print(f"stored {out['name']}: {_size(out['size'])} in {out['chunks']} chunk(s), "
+    console.print(f"stored {out['name']}: {_size(out['plaintext_size'])} in {out['chunks']} chunk(s), "
                   f"{out['replicas']} replicas{', encrypted' if out['encrypted'] else ''} ({_ways(out['paths'])})")
 
 
@@ -104,7 +104,7 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
     When this machine runs an agent of yours, chunks come through it: from its own disk, or from the
     devices holding them over PeerLinks (direct when possible). Otherwise through the coordinator."""
     from neuranet.storage.sealing import Sealer, SealingError
-    from neuranet.storage.transfer import TransferError, download
+    from neuranet.storage.transfer import TransferError, download, plaintext_size
 
     target = output or Path(Path(name).name)
     if target.is_dir():
@@ -117,7 +117,7 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
     with _client(server, token, timeout=120.0) as c, _bar() as bar:
         try:
             agent = None if no_agent else _local_agent(c, agent_dir)
-            size = c.file_info(name)["size"]
+            size = plaintext_size(c.file_info(name))
             task = bar.add_task(f"get {name}", total=size)
             info = download(c, name, target, opener, lambda n: bar.advance(task, n), agent=agent)
         except (ClientError, SealingError, TransferError, OSError) as exc:
@@ -160,8 +160,10 @@ def ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> No
 @files_app.command("info")
 def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Which devices hold which chunks, and the predicted chance the file is retrievable over the next day."""
+    from neuranet.storage.transfer import plaintext_size
+
     out = _ask(server, token, lambda c: c.file_info(name))
-    console.print(f"{out['name']}: {_size(out['size'])}, {out['chunks']} chunk(s), {out['replicas']} replicas"
+    console.print(f"{out['name']}: {_size(plaintext_size(out))}, {out['chunks']} chunk(s), {out['replicas']} replicas"
                   f"{', encrypted' if out['encrypted'] else ''}; retrievable now: "
                   f"{'yes' if out['retrievable_now'] else 'NO'}; P(retrievable, next 24 h): "
                   f"{out['p_retrievable_24h']:.3f}")

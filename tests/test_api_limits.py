@@ -18,9 +18,10 @@ from neuranet.protocol.json_values import JsonBounds, JsonValueError, check_json
 from neuranet.server.edge import BodyLimit
 from neuranet.server.models import Run
 from neuranet.storage.chunks import MAX_FILE_CHUNKS, MAX_CHUNK_SIZE
-from neuranet.storage.sealing import NONCE, TAG
+from neuranet.storage.kdf import ScryptParams
+from neuranet.storage.sealing import NONCE, TAG, SealedFacts, Sealer
 
-SEALING = {"algorithm": "aes-256-gcm", "kdf": None}
+SEALING = Sealer.new(passphrase="pw", kdf=ScryptParams(n=2 ** 10)).describe(SealedFacts("f", 100, "0" * 64, 2))
 
 
 def nested(depth: int) -> dict[str, Any]:
@@ -111,13 +112,15 @@ def test_file_records_must_match_their_chunks_sealed_or_not(tmp_path: Path) -> N
             (manifest(2**64 + 1, [5], SEALING), "less than or equal to"),
             (manifest(100, [40, 40]), "hold 80 bytes, not the file's 100"),
             (manifest(10, [40]), "hold 40 bytes, not the file's 10"),
-            (manifest(100, [100 + NONCE + TAG + 1], SEALING), "needs 100 to 128"),
+            (manifest(100, [100 + NONCE + TAG], SEALING), "hold 128 bytes, not the file's 100"),  # ciphertext size
+            (manifest(20, [20], SEALING), "a sealed chunk holds at least 29"),
+            (manifest(156, [78, 78], {"algorithm": "aes-256-gcm", "kdf": None}), "unknown encryption format"),
             (manifest(5, [5 + NONCE + TAG], nested(40)), "sealing: nested deeper"),
         ]:
             r = c.post("/api/v1/files", json=body)
             assert r.status_code == 422 and why in r.text, (body["size"], r.text)
         # well-formed: refused only because the chunks were never uploaded
-        for body in (manifest(80, [40, 40]), manifest(100, [50 + NONCE + TAG, 50 + NONCE + TAG], SEALING)):
+        for body in (manifest(80, [40, 40]), manifest(156, [50 + NONCE + TAG, 50 + NONCE + TAG], SEALING)):
             r = c.post("/api/v1/files", json=body)
             assert r.status_code == 409 and "not stored" in r.json()["detail"], r.text
         assert c.get("/api/v1/files").json() == []

@@ -1,4 +1,4 @@
-"""Chunking, hashing and client-side encryption of files: pure, no network."""
+"""Chunking and hashing of files, and a device's chunk store: pure, no network (sealing: test_sealing.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from neuranet.storage.chunks import (
     unique,
     verify,
 )
-from neuranet.storage.sealing import Sealer, SealingError
 
 
 class Trickle(io.RawIOBase):
@@ -78,51 +77,6 @@ def test_manifest_round_trip_and_bad_input() -> None:
     with pytest.raises(ChunkError, match="malformed manifest"):
         Manifest.from_json({"name": "x"})
     assert ChunkRef("a" * 64, 3).to_json() == {"id": "a" * 64, "size": 3}
-
-
-def test_sealing_round_trip_with_a_passphrase() -> None:
-    sealer = Sealer.new(passphrase="correct horse")
-    data = b"secret weights" * 100
-    parts = list(split(io.BytesIO(data), seal=sealer.seal, size=256))
-    assert all(b"secret" not in p for _, p in parts)  # nothing readable is stored
-    opener = Sealer.for_file(sealer.describe(), passphrase="correct horse")
-    assert b"".join(opener.open(i, p) for i, (_, p) in enumerate(parts)) == data
-    # The description holds no key material that opens anything by itself.
-    assert "correct horse" not in str(sealer.describe())
-
-
-def test_sealing_catches_wrong_keys_tampering_and_reordering(tmp_path) -> None:
-    sealer = Sealer.new(passphrase="pw")
-    a, b = sealer.seal(0, b"first"), sealer.seal(1, b"second")
-    with pytest.raises(SealingError, match="wrong passphrase"):
-        Sealer.for_file(sealer.describe(), passphrase="PW")
-    with pytest.raises(SealingError, match="failed authentication"):
-        sealer.open(0, a[:-1] + bytes([a[-1] ^ 1]))
-    with pytest.raises(SealingError, match="failed authentication"):
-        sealer.open(0, b)  # chunk 1 presented as chunk 0
-    with pytest.raises(SealingError, match="too short"):
-        sealer.open(0, b"x")
-    assert sealer.seal(0, b"first") != a  # a fresh nonce each time
-    # Key files: too short, missing, and the right one.
-    short = tmp_path / "short.key"
-    short.write_bytes(b"x" * 8)
-    with pytest.raises(SealingError, match="at least 32"):
-        Sealer.new(key_file=short)
-    with pytest.raises(SealingError, match="cannot read"):
-        Sealer.new(key_file=tmp_path / "missing.key")
-    key = tmp_path / "good.key"
-    key.write_bytes(bytes(range(32)))
-    by_file = Sealer.new(key_file=key)
-    sealed = by_file.seal(0, b"data")
-    assert Sealer.for_file(by_file.describe(), key_file=key).open(0, sealed) == b"data"
-    with pytest.raises(SealingError, match="encrypted with a key file"):
-        Sealer.for_file(by_file.describe(), passphrase="pw")
-    with pytest.raises(SealingError, match="exactly one"):
-        Sealer.new()
-    with pytest.raises(SealingError, match="empty"):
-        Sealer.new(passphrase="")
-    with pytest.raises(SealingError, match="malformed"):
-        Sealer.for_file({"algorithm": "aes-256-gcm"}, passphrase="pw")
 
 
 # -- a device's chunk store -------------------------------------------------------------------

@@ -278,6 +278,11 @@ def test_encrypted_files_round_trip_and_need_the_passphrase(fabric: LocalFabric,
     assert result.exit_code == 1 and "wrong passphrase" in result.output
     result = CliRunner().invoke(app, ["files", "info", "secret.bin", *auth])
     assert result.exit_code == 0 and "encrypted" in result.output and "P(retrievable" in result.output
+    with fabric.client() as c:  # the coordinator's record: ciphertext facts and the KDF cost, no more
+        record = c.file_info("secret.bin")
+    assert hashlib.sha256(secret).hexdigest() not in str(record) and "key_check" not in record["sealing"]
+    assert record["size"] != len(secret)
+    assert record["sealing"]["kdf"] == {"name": "scrypt", "n": 2 ** 17, "r": 8, "p": 1}
 
 
 def test_files_survive_a_server_restart(fabric: LocalFabric, tmp_path: Path) -> None:

@@ -14,17 +14,15 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import Field, model_validator
 
-from neuranet.protocol.json_values import JsonBounds, check_json_value
 from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
 from neuranet.server.edge import ApiModel
 from neuranet.server.file_records import FileRecordError
 from neuranet.server.files import FileError
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
-from neuranet.storage.sealing import NONCE, TAG
+from neuranet.storage.sealing import SEALING_OVERHEAD, parse_description
 
 router = APIRouter(prefix="/api/v1")
 MAX_REPLICAS = 16
-SEALING_BOUNDS = JsonBounds(max_depth=4, max_items=100, max_string=4096)  # KDF parameters, salt, key check
 
 
 class ChunkIn(ApiModel):
@@ -34,8 +32,8 @@ class ChunkIn(ApiModel):
 
 class FileIn(ApiModel):
     name: str = Field(min_length=1, max_length=1024)
-    size: int = Field(ge=0, le=MAX_FILE_BYTES)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=MAX_FILE_BYTES)  # stored bytes (the ciphertext's when sealed)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the stored bytes (the ciphertext's when sealed)
     replicas: int = Field(3, ge=1, le=MAX_REPLICAS)
     sealing: dict[str, Any] | None = None
     chunks: list[ChunkIn] = Field(max_length=MAX_FILE_CHUNKS)
@@ -43,16 +41,20 @@ class FileIn(ApiModel):
 
     @model_validator(mode="after")
     def _chunks_hold_the_file(self) -> "FileIn":
-        """The chunks hold exactly the file's bytes (plus each chunk's nonce and tag when sealed)."""
-        if self.sealing is not None:
-            check_json_value(self.sealing, SEALING_BOUNDS, "sealing")
+        """The chunks hold exactly the file's stored bytes. A sealed file is recorded by what its
+        ciphertext shows: its chunks, their total size and hash, and the sealing (salt, KDF
+        parameters, sealed manifest); its plaintext's size and hash stay sealed."""
         held = sum(c.size for c in self.chunks)
-        if self.sealing is None and held != self.size:
-            raise ValueError(f"the {len(self.chunks)} chunk(s) hold {held} bytes, not the file's {self.size}")
-        overhead = (NONCE + TAG) * len(self.chunks)
-        if self.sealing is not None and not self.size <= held <= self.size + overhead:
-            raise ValueError(f"the {len(self.chunks)} sealed chunk(s) hold {held} bytes; a sealed file of "
-                             f"{self.size} bytes needs {self.size} to {self.size + overhead}")
+        sealed = "sealed " if self.sealing is not None else ""
+        if held != self.size:
+            raise ValueError(f"the {len(self.chunks)} {sealed}chunk(s) hold {held} bytes, not the file's {self.size}")
+        if self.sealing is None:
+            return self
+        parse_description(self.sealing, legacy=False)
+        short = next((c for c in self.chunks if c.size <= SEALING_OVERHEAD), None)
+        if short is not None:
+            raise ValueError(f"sealed chunk {short.id[:12]} holds {short.size} bytes; a sealed chunk holds at least "
+                             f"{SEALING_OVERHEAD + 1}")
         return self
 
 

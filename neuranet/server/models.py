@@ -93,7 +93,10 @@ class RunDevice(Base):
 
 
 class StoredFile(Base):
-    """A user's file: its chunks in order are `FileChunk` rows; ``sealing`` says how it was encrypted."""
+    """A user's file: its chunks in order are `FileChunk` rows; ``sealing`` says how it was encrypted.
+
+    ``size`` and ``sha256`` are of the stored bytes, so a sealed file's are its ciphertext's
+    (files sealed in the first format recorded the plaintext's: `neuranet.storage.sealing`)."""
 
     __tablename__ = "files"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -74,12 +74,15 @@ class ChunkRef:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """A file as the coordinator knows it: chunks in order, total plaintext size, how it is sealed."""
+    """A file as the coordinator knows it: chunks in order, their total size and hash, how it is sealed.
+
+    ``size`` and ``sha256`` are of the stored bytes: the plaintext's, or for a sealed file the
+    ciphertext's (its plaintext's size and hash are inside ``sealing``, in its sealed manifest)."""
 
     name: str
-    size: int  # plaintext bytes
+    size: int  # stored bytes
     chunks: tuple[ChunkRef, ...]
-    sha256: str  # of the whole plaintext, checked after a download
+    sha256: str  # of the stored bytes in order, checked after a download
     sealing: dict[str, Any] | None = None  # `Sealer.describe()` when encrypted; None otherwise
 
     @property
