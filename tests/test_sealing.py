@@ -246,7 +246,7 @@ def test_the_coordinator_refuses_sealed_records_that_leak_or_do_not_add_up(fabri
         refused = {
             "unknown field 'key_check'": good | {"sealing": good["sealing"] | {"key_check": "00" * 8}},
             "old format": good | {"sealing": LEGACY},
-            "hold 128 bytes, not the file's 1099511627776": good | {"size": 2 ** 40},
+            "hold 128 bytes, not the file's 1073741824": good | {"size": 2 ** 30},
             "hold 0 bytes, not the file's 1000": good | {"size": 1000, "chunks": []},
             "a sealed chunk holds at least 29": good | {"size": 20, "chunks": [{"id": "e" * 64, "size": 20}]},
             "should be a valid string": good | {"sha256": None},
