@@ -7,6 +7,7 @@ coordinator's key, or presents another certificate) must not get an enrolled age
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import secrets
@@ -172,6 +173,13 @@ async def test_an_enrolled_agent_runs_nothing_from_a_coordinator_without_its_key
         async with Agent(cfg) as enrolled:
             await enrolled.wait_connected()
         assert fingerprint(enrolled.identity.server_key) == key_fp
+        # A record from before coordinators had a key pins it on the next connection (once).
+        record_path = cfg.data_dir / "device.json"
+        record = json.loads(record_path.read_text())
+        record_path.write_text(json.dumps({"device_id": record["device_id"], "server_url": record["server_url"]}))
+        async with Agent(dataclasses.replace(cfg, join_token=None, server_fingerprint=None)) as legacy:
+            await legacy.wait_connected()
+        assert json.loads(record_path.read_text())["server_key"] == record["server_key"]
         wrong = fingerprint(b"another coordinator")
         caplog.set_level(logging.WARNING, logger="neuranet.agent")
         async with Agent(dataclasses.replace(cfg, data_dir=tmp_path / "other", join_token=other_jt,
@@ -197,8 +205,6 @@ async def test_an_enrolled_agent_runs_nothing_from_a_coordinator_without_its_key
 
 
 def server_fingerprint(fabric: LocalFabric) -> str:
-    import json
-
     return json.loads((fabric.server_dir / "server.json").read_text())["fingerprint"]
 
 
