@@ -162,7 +162,7 @@ async def test_an_enrolled_agent_runs_nothing_from_a_coordinator_without_its_key
     port = free_port()
     marker = tmp_path / "owner-code-ran"
     with LocalFabric(tmp_path / "fabric") as fabric:
-        fabric.start_server(port=port)
+        fabric.start_server(timeout=90, port=port)
         with fabric.client() as c:
             jt, other_jt = (c.create_join_token()["join_token"] for _ in range(2))
         key_fp = server_fingerprint(fabric)  # over plain HTTP: the coordinator's identity key
@@ -171,20 +171,20 @@ async def test_an_enrolled_agent_runs_nothing_from_a_coordinator_without_its_key
                           listen_host="127.0.0.1", user_models=True, backoff_base=0.05, backoff_cap=0.2,
                           server_fingerprint=key_fp)
         async with Agent(cfg) as enrolled:
-            await enrolled.wait_connected()
+            await enrolled.wait_connected(timeout=60)
         assert fingerprint(enrolled.identity.server_key) == key_fp
         # A record from before coordinators had a key pins it on the next connection (once).
         record_path = cfg.data_dir / "device.json"
         record = json.loads(record_path.read_text())
         record_path.write_text(json.dumps({"device_id": record["device_id"], "server_url": record["server_url"]}))
         async with Agent(dataclasses.replace(cfg, join_token=None, server_fingerprint=None)) as legacy:
-            await legacy.wait_connected()
+            await legacy.wait_connected(timeout=60)
         assert json.loads(record_path.read_text())["server_key"] == record["server_key"]
         wrong = fingerprint(b"another coordinator")
         caplog.set_level(logging.WARNING, logger="neuranet.agent")
         async with Agent(dataclasses.replace(cfg, data_dir=tmp_path / "other", join_token=other_jt,
                                              server_fingerprint=wrong)) as other:
-            await async_wait_for(lambda: f"but --server-fingerprint is {wrong}" in caplog.text, timeout=30,
+            await async_wait_for(lambda: f"but --server-fingerprint is {wrong}" in caplog.text, timeout=60,
                                  what="an agent given another fingerprint to refuse the coordinator")
             assert not other.connected.is_set()
         fabric.stop_server()
@@ -223,7 +223,7 @@ async def test_self_signed_server_is_pinned_by_fingerprint_and_a_new_certificate
     port = free_port()
     caplog.set_level(logging.WARNING, logger="neuranet.agent")
     with LocalFabric(tmp_path, server_args=["--self-signed"]) as fabric:
-        url = fabric.start_server(port=port)
+        url = fabric.start_server(timeout=90, port=port)
         assert url.startswith("https://")
         fp = server_fingerprint(fabric)
         assert fp == presented_fingerprint(port)
@@ -233,28 +233,28 @@ async def test_self_signed_server_is_pinned_by_fingerprint_and_a_new_certificate
         cfg = AgentConfig(server_url=url, data_dir=tmp_path / "pinned", join_token=jt, measure=False,
                           listen_host="127.0.0.1", backoff_base=0.05, backoff_cap=0.2, server_fingerprint=fp)
         async with Agent(cfg) as agent:
-            await agent.wait_connected()
+            await agent.wait_connected(timeout=60)
         again = dataclasses.replace(cfg, join_token=None, server_fingerprint=None)
         async with Agent(again) as agent:  # no fingerprint given now: the pin stored at enrolment is used
-            await agent.wait_connected()
+            await agent.wait_connected(timeout=60)
         # Without a fingerprint a self-signed certificate is not trusted on first use: the agent says
         # which fingerprint it saw and how to pin it.
         unpinned = dataclasses.replace(cfg, data_dir=tmp_path / "unpinned", join_token=other_jt,
                                        server_fingerprint=None)
         async with Agent(unpinned) as agent:
-            await async_wait_for(lambda: f"pass --server-fingerprint {fp}" in caplog.text, timeout=30,
+            await async_wait_for(lambda: f"pass --server-fingerprint {fp}" in caplog.text, timeout=60,
                                  what="the unpinned agent to explain the self-signed certificate")
             assert not agent.connected.is_set()
         # Another certificate at the same address (a restart alone reuses the file, see above): the
         # agent refuses it, naming both fingerprints.
         fabric.stop_server()
         shutil.rmtree(fabric.server_dir / "tls")
-        fabric.start_server(port=port)
+        fabric.start_server(timeout=90, port=port)
         new_fp = server_fingerprint(fabric)
         assert new_fp != fp and new_fp == presented_fingerprint(port)
         async with Agent(again) as agent:
             await async_wait_for(lambda: f"presented TLS certificate {new_fp}, but this device expects {fp} "
-                                 "(pinned at enrolment)" in caplog.text, timeout=30,
+                                 "(pinned at enrolment)" in caplog.text, timeout=60,
                                  what="the pinned agent to refuse the new certificate")
             assert not agent.connected.is_set()
         with fabric.client() as c:
