@@ -14,6 +14,7 @@ from rich.table import Table
 from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, console
 from neuranet.client import Client, ClientError
 from neuranet.config import default_home
+from neuranet.storage.chunks import MAX_FILE_BYTES
 
 files_app = typer.Typer(help="Files kept on your devices.", no_args_is_help=True)
 PASSPHRASE_ENV = "NEURANET_PASSPHRASE"
@@ -76,6 +77,8 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
 
     if not path.is_file():
         _fail(FileNotFoundError(f"{path} is not a readable file"))
+    if path.stat().st_size > MAX_FILE_BYTES:  # said now, not after uploading all that the coordinator would refuse
+        _fail(ValueError(f"{path} is {_size(path.stat().st_size)}; files are stored up to {_size(MAX_FILE_BYTES)}"))
     try:
         sealer = (Sealer.new(key_file=key_file) if key_file else Sealer.new(passphrase=_passphrase(True))) \
             if (encrypt or key_file) else None

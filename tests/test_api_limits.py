@@ -268,3 +268,18 @@ def test_docs_are_served_from_the_package(tmp_path: Path) -> None:
             assert c.get(url).status_code == 200, url
         assert "http://" not in page.text and "https://" not in page.text
 
+
+
+def test_files_put_refuses_a_file_past_the_largest_size_before_uploading(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+    from neuranet.storage.chunks import MAX_FILE_BYTES
+
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
+    # no server at that address: the refusal comes before anything is sent
+    out = CliRunner().invoke(app, ["files", "put", str(huge), "--server", "http://127.0.0.1:9", "--token", "nn_x",
+                                   "--no-agent"])
+    assert out.exit_code == 1 and "files are stored up to 64.0 GiB" in out.output, out.output
