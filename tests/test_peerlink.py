@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,29 @@ async def test_an_agent_moved_to_another_server_enrols_there_with_a_new_join_tok
             assert again.device_id != old_id
             with other.client() as c:
                 assert [d["id"] for d in c.devices()] == [again.device_id]
+
+
+async def test_direct_path_lost_is_logged_only_when_a_live_path_is_lost(fabric: LocalFabric, caplog) -> None:
+    def lost_logs() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "direct path" in r.getMessage() and "lost" in r.getMessage()]
+
+    caplog.set_level(logging.INFO, logger="neuranet.peerlink")
+    async with Agent(agent_config(fabric, "a")) as a, Agent(agent_config(fabric, "b")) as b:
+        await a.wait_connected()
+        await b.wait_connected()
+        for _ in range(2):  # closed by the opener, then by the acceptor: a normal end either way
+            link = await a.links.open(b.device_id)
+            peer = await asyncio.wait_for(b.links.accept(), 10)
+            assert link.path == "direct"
+            await link.send(b"x")
+            await asyncio.wait_for(peer.recv(), 10)
+            closer, other = (link, peer) if _ == 0 else (peer, link)
+            await closer.close()
+            await async_wait_for(lambda: other.closed, what="the other end to see the close")
+            await asyncio.gather(link.wait_stopped(), peer.wait_stopped())
+        assert lost_logs() == []
+        link = await a.links.open(b.device_id)
+        await asyncio.wait_for(b.links.accept(), 10)
+        link.direct.transport.abort()  # a live path dies
+        await async_wait_for(lambda: lost_logs(), what="the loss to be logged")
+        await link.close()

@@ -25,8 +25,7 @@ from websockets.http11 import Response
 from neuranet.agent.reconnect import EnrolmentError, ReconnectBackoff, ServerRefused, final_refusal
 from neuranet.agent.runtime import Agent
 from neuranet.config import AgentConfig
-from neuranet.protocol import messages as m
-from neuranet.protocol.envelope import decode_frame, encode_frame
+from scripted_coordinator import Session, SteppedClock, scripted_coordinator
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, VersionMismatch
 
 URL = "http://127.0.0.1:1"
@@ -105,20 +104,6 @@ def test_refused_enrolment_and_other_versions_are_final() -> None:
 # --- the agent against real servers --------------------------------------------------------------
 
 
-class SteppedClock:
-    """Time that moves only when the agent waits: a wait returns at once, with the clock moved on."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.t += seconds
-        await asyncio.sleep(0)
-
-
 def agent_config(tmp_path: Path, url: str) -> AgentConfig:
     return AgentConfig(server_url=url, data_dir=tmp_path / "agent", join_token=JOIN_TOKEN, measure=False,
                        listen_host="127.0.0.1", backoff_base=0.5, backoff_cap=30.0, backoff_reset_after=30.0)
@@ -129,21 +114,13 @@ async def test_a_server_that_drops_every_connection_sees_spaced_out_reconnects(t
     arrivals: list[float] = []
     enough = asyncio.Event()
 
-    async def welcome_then_drop(ws: ServerConnection) -> None:
+    async def drop_at_once(session: Session) -> None:  # welcomed, then dropped
         arrivals.append(clock.now())
         if clock.now() > 60.0 or len(arrivals) >= 40:
             enough.set()
-        hello = m.parse(decode_frame(await ws.recv()))
-        assert isinstance(hello, m.Hello)
-        await ws.send(encode_frame(m.Challenge(nonce=b"n" * 32, device_id="d1").envelope(src="server")))
-        await ws.recv()  # the signature: this server takes anyone
-        await ws.send(encode_frame(m.Welcome(device_id="d1", user_id="u1", heartbeat_interval=3.0, offline_after=12.0,
-                                             max_message_bytes=1 << 22, max_queued_bytes=1 << 24).envelope(src="server")))
-        # returning closes the connection: welcomed, then dropped at once
 
-    async with serve(welcome_then_drop, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        agent = Agent(agent_config(tmp_path, f"http://127.0.0.1:{port}"), clock=clock)
+    async with scripted_coordinator(drop_at_once) as url:
+        agent = Agent(agent_config(tmp_path, url), clock=clock)
         agent.backoff.rng = random.Random(5)
         async with agent:
             await asyncio.wait_for(enough.wait(), 60)

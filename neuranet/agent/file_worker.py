@@ -23,6 +23,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
@@ -48,12 +49,12 @@ LINK_ERRORS = (LinkClosed, LinkRefused, PeerUnavailable, ProtocolError, Connecti
 class _Link:
     """One outgoing chunk link and its requests in flight (answers carry the request's ``rid``)."""
 
-    def __init__(self, link: PeerLink) -> None:
+    def __init__(self, link: PeerLink, spawn: Callable[[Awaitable[None]], asyncio.Task[None]]) -> None:
         self.link = link
         self.pending: dict[int, asyncio.Future[LinkMessage]] = {}
         self.next_rid = 0
         self.used = time.monotonic()
-        self.reader = asyncio.ensure_future(self._read())
+        self.reader = spawn(self._read())  # owned by the agent: awaited when it stops
 
     async def _read(self) -> None:
         try:
@@ -98,7 +99,8 @@ class ChunkLinks:
                 await entry.close()  # gone (the peer may be back as a new process): start afresh
                 entry = None
             if entry is None:
-                entry = self._links[peer] = _Link(await self.agent.links.open(peer, CHANNEL, timeout=COPY_TIMEOUT / 2))
+                entry = self._links[peer] = _Link(await self.agent.links.open(peer, CHANNEL, timeout=COPY_TIMEOUT / 2),
+                                                  self.agent.spawn)
                 if self._reaper is None or self._reaper.done():
                     self._reaper = self.agent.spawn(self._reap())
             return entry
@@ -173,6 +175,7 @@ class FileWorker:
         agent.local.register("chunk", self.local_chunk)
         agent.local.register("put", self.local_put)
         agent.on(m.ChunkPlaced, self._placed)
+        agent.on_disconnected(self._connection_lost)
         agent.on_connected(self.send_inventory)
 
     async def send_inventory(self) -> None:
@@ -258,7 +261,7 @@ class FileWorker:
         assert isinstance(msg, m.ChunkDelete)
         kept = await asyncio.to_thread(self._drop, msg.chunks, msg.grace)  # one thread hop for a whole batch
         if kept and (self._recheck is None or self._recheck.done()):
-            self._recheck = asyncio.get_running_loop().create_task(self._inventory_after(msg.grace))
+            self._recheck = self.agent.spawn(self._inventory_after(msg.grace))
 
     def _drop(self, names: list[str], grace: float) -> bool:
         """Delete chunks, keeping those written within ``grace`` seconds; whether any was kept."""
@@ -412,20 +415,38 @@ class FileWorker:
 
     async def _ask(self, msg: m.ChunkPlace | m.ChunkStored) -> m.ChunkPlaced:
         """One question to the coordinator about an upload; its answer (`LocalRequestError` if it
-        refuses or does not answer)."""
-        self._next_ask += 1
-        msg = msg.model_copy(update={"request": self._next_ask})
-        fut = self._asks[msg.request] = asyncio.get_running_loop().create_future()
-        try:
-            await self.agent.send(msg)
-            answer = await asyncio.wait_for(fut, COPY_TIMEOUT)
-        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            raise LocalRequestError(f"the coordinator did not answer: {type(exc).__name__}: {exc}") from None
-        finally:
-            self._asks.pop(msg.request, None)
+        refuses or does not answer within `COPY_TIMEOUT`). A question whose connection is lost before
+        its answer came is asked again on the next connection (both kinds are idempotent): the answer
+        went with the old one, and waiting out the timeout would stall the upload."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COPY_TIMEOUT
+        while True:
+            self._next_ask += 1
+            ask = msg.model_copy(update={"request": self._next_ask})
+            fut = self._asks[ask.request] = loop.create_future()
+            connection = self.agent.connections
+            try:
+                await self.agent.send(ask)
+                answer = await asyncio.wait_for(fut, deadline - loop.time())
+                break
+            except RelayUnavailable:  # not connected, or the connection went while we waited
+                try:
+                    await self.agent.wait_connection(after=connection, timeout=deadline - loop.time())
+                except TimeoutError:
+                    raise LocalRequestError(f"the coordinator did not answer within {COPY_TIMEOUT:.0f}s "
+                                            "(this agent is not connected to it)") from None
+            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                raise LocalRequestError(f"the coordinator did not answer: {type(exc).__name__}: {exc}") from None
+            finally:
+                self._asks.pop(ask.request, None)
         if answer.error:
             raise LocalRequestError(answer.error)
         return answer
+
+    def _connection_lost(self) -> None:
+        for fut in self._asks.values():
+            if not fut.done():
+                fut.set_exception(RelayUnavailable("the connection to the coordinator was lost"))
 
     async def _placed(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkPlaced)

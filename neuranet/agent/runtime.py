@@ -43,6 +43,10 @@ from neuranet.protocol.liveness import Liveness
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_from_code
 
 log = logging.getLogger("neuranet.agent")
+# A live server answers a close at once; one that is gone never does, and the agent should be dialling
+# again rather than waiting for it (the WebSocket default is 10 s).
+CLOSE_TIMEOUT = 2.0
+OUTBOX = 256  # reports kept while disconnected (`Agent.report`); past it the oldest are dropped
 
 ControlHandler = Callable[["Agent", m.Message, bytes], Awaitable[None]]  # (agent, message, payload)
 
@@ -84,9 +88,12 @@ class Agent:
         self._ws: ClientConnection | None = None
         self._liveness = Liveness(timeout=12.0, probe_after=3.0, heard_at=0.0)  # the server's; reset per connection
         self._echoes: collections.deque[asyncio.Future[float]] = collections.deque()
+        self._outbox: collections.deque[m.Message] = collections.deque()  # see `report`
         self._static: dict[str, Any] | None = None
         self._handlers: dict[type[m.Message], ControlHandler] = {}
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
+        self._on_disconnected: list[Callable[[], None]] = []
+        self._connection_changed = asyncio.Event()  # set (and replaced) when a connection comes up or goes
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sampler = TelemetrySampler()
@@ -107,6 +114,22 @@ class Agent:
     def on_connected(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook()`` after the profile is sent on every new connection (e.g. report stored chunks)."""
         self._on_connected.append(hook)
+
+    def on_disconnected(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` as soon as a connection is lost, e.g. to fail the questions asked on it (their
+        answers went with it) rather than let them wait out their timeouts."""
+        self._on_disconnected.append(hook)
+
+    async def wait_connection(self, after: int, timeout: float) -> None:
+        """Wait until connection number ``after + 1`` or a later one is up (`connections` counts them);
+        TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not (self.connected.is_set() and self.connections > after):
+                await self._connection_changed.wait()
+
+    def _connection_change(self) -> None:
+        self._connection_changed.set()
+        self._connection_changed = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -129,7 +152,11 @@ class Agent:
 
     async def stop(self) -> None:
         if self._runner is not None:
-            self._runner.cancel()
+            # Cancelled again while it runs: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as its inner wait completes, and the agent would carry on.
+            while not self._runner.done():
+                self._runner.cancel()
+                await asyncio.wait({self._runner}, timeout=1.0)
             await asyncio.gather(self._runner, return_exceptions=True)
 
     async def run(self) -> None:
@@ -177,7 +204,7 @@ class Agent:
             ws = await connect(ws_url, ssl=trust.tls_context(ws_url, ca, pin),
                                create_connection=trust.pinned_connection(url, pin, source) if pin else None,
                                max_size=8 * MiB + 64 * 1024, compression=None, open_timeout=10, ping_interval=20,
-                               ping_timeout=20, max_queue=64, write_limit=2 * MiB)
+                               ping_timeout=20, max_queue=64, write_limit=2 * MiB, close_timeout=CLOSE_TIMEOUT)
         except ssl.SSLCertVerificationError as exc:
             raise await trust.untrusted_certificate(url, ws_url, exc) from None
         async with ws:
@@ -187,6 +214,7 @@ class Agent:
             self.connections += 1
             self.backoff.connected(self.clock.now())
             self.connected.set()
+            self._connection_change()
             log.info("connected to %s as device %s", self.config.server_url, self.device_id)
             try:
                 await run_until_first_failure(
@@ -196,6 +224,9 @@ class Agent:
                 self._ws = None
                 self.connected.clear()
                 self.links.on_disconnected()
+                for hook in self._on_disconnected:
+                    hook()
+                self._connection_change()
                 # Echo replies lost with this connection will never come: without this, the next
                 # connection's replies would be matched to these stale (cancelled) futures.
                 for waiter in self._echoes:
@@ -311,10 +342,37 @@ class Agent:
             self.spawn(self._handlers[type(msg)](self, msg, bytes(env.payload)))
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in a task this agent owns: cancelled and awaited when it stops, its failure logged."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, RelayUnavailable):  # what it had to send was for a connection that is gone
+            log.info("not connected, a task's message was dropped: %s", exc)
+        else:
+            log.error("agent task failed", exc_info=exc)
+
+    async def report(self, msg: m.Message) -> None:
+        """Send a message the server must get even if the connection is down now (a stage's result): it
+        is kept and sent first thing on the next connection."""
+        try:
+            await self.send(msg)
+        except RelayUnavailable:
+            if len(self._outbox) >= OUTBOX:
+                log.warning("dropping an undelivered %s: %d reports already wait for the server",
+                            self._outbox[0].TYPE, OUTBOX)
+                self._outbox.popleft()
+            self._outbox.append(msg)
+
+    async def _send_outbox(self) -> None:
+        while self._outbox:
+            await self.send(self._outbox[0])  # sent, then dropped: a failure leaves it for the next connection
+            self._outbox.popleft()
 
     async def _heartbeat_loop(self, ws: ClientConnection) -> None:
         """A heartbeat every interval, each one a probe (see `Liveness`); gives up on the server once one
@@ -327,7 +385,8 @@ class Agent:
             await asyncio.sleep(max(0.0, min(next_beat, live.deadline) - time.monotonic()))
             now = time.monotonic()
             if live.gone(now):
-                await ws.close(4001, "server silent")
+                # No close handshake: a server that is gone would never answer it.
+                ws.transport.abort()
                 raise ConnectionError(f"the server left a heartbeat unanswered for {live.timeout:.0f}s")
             if now >= next_beat:
                 seq += 1
@@ -346,6 +405,7 @@ class Agent:
     async def _introduce(self) -> None:
         """Tell the server what this device is, renew links, then measure the path to it."""
         await self.send(m.Profile(profile=self.profile(), tls_cert=self.tls.cert))
+        await self._send_outbox()
         for hook in self._on_connected:
             await hook()
         await self.links.on_connected()

@@ -97,7 +97,7 @@ async def serve_stage(agent: Agent, a: m.ServeAssign, inbox: "asyncio.Queue[Part
         raise
     except Exception as exc:
         log.exception("serving stage %d of %s failed", a.stage, a.run_id)
-        await agent.send(m.ServeStatus(run_id=a.run_id, stage=a.stage, ok=False, error=_error(exc)))
+        await agent.report(m.ServeStatus(run_id=a.run_id, stage=a.stage, ok=False, error=_error(exc)))
     finally:
         for link in (prev, nxt):
             if link is not None:

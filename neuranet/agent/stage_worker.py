@@ -105,7 +105,7 @@ async def run_stage(agent: Agent, a: m.StageAssign, resume: "asyncio.Future[byte
         for link in (prev, nxt):
             if link is not None:
                 await link.close(flush_timeout=5.0)
-    await agent.send(done)
+    await agent.report(done)  # kept until the server has it, if the connection is down now
 
 
 def install(agent: Agent) -> None:

@@ -365,8 +365,9 @@ class PeerLink:
             return
         self.closed = True
         self.error = error
-        if self.direct is not None:
-            self.direct.close()
+        direct, self.direct = self.direct, None  # closed with the link, not lost: `_drop_direct` stays quiet
+        if direct is not None:
+            direct.close()
         self._changed.set()
         self.granted.set()
         if self._ack_timer is not None:

@@ -50,6 +50,10 @@ class FileError(Exception):
         self.copy_gone = copy_gone  # the device no longer holds the chunk it was asked for
 
 
+class _ConnectionLost(FileError):
+    """The connection a request went out on is gone, so its answer will never come."""
+
+
 @dataclass
 class Space:
     quota: int
@@ -67,7 +71,8 @@ class FileBook:
         self.bytes_per_round = bytes_per_round
         self.max_inventory = max_inventory
         self.space: dict[str, Space] = {}  # device -> storage it reported
-        self._pending: dict[int, tuple[str, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
+        # request id -> (device, the connection the request went out on, its answer)
+        self._pending: dict[int, tuple[str, AgentConnection, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
         self._next = 0
         self._views: dict[str, tuple[float, list[DeviceView]]] = {}
         # Locks only while someone holds them: one per chunk forever would grow without bound.
@@ -81,8 +86,8 @@ class FileBook:
     def on_message(self, conn: "AgentConnection", msg: m.Message, payload: bytes) -> None:
         if isinstance(msg, m.ChunkReply):
             entry = self._pending.get(msg.request)
-            if entry is not None and entry[0] == conn.device_id and not entry[1].done():
-                entry[1].set_result((msg, payload))
+            if entry is not None and entry[0] == conn.device_id and not entry[2].done():
+                entry[2].set_result((msg, payload))
             if conn.device_id in self.space:
                 self.space[conn.device_id].free = msg.free_bytes
         elif isinstance(msg, m.ChunkInventory):
@@ -105,9 +110,16 @@ class FileBook:
         await self._tasks.close()
 
     def on_device_lost(self, device_id: str) -> None:
-        for dev, fut in self._pending.values():
+        for dev, _, fut in self._pending.values():
             if dev == device_id and not fut.done():
                 fut.set_exception(FileError(f"device {device_id} went offline", 503))
+
+    def on_connection_lost(self, conn: "AgentConnection") -> None:
+        """A device's connection was replaced by a newer one: what was asked on the old one is asked again
+        (`_request`) instead of waiting out `CHUNK_TIMEOUT` for answers that went with it."""
+        for _, sent_on, fut in self._pending.values():
+            if sent_on is conn and not fut.done():
+                fut.set_exception(_ConnectionLost(f"the connection to device {conn.device_id} was lost", 503))
 
     async def _upload_step(self, conn: "AgentConnection", msg: m.ChunkPlace | m.ChunkStored) -> None:
         """A device uploading a chunk itself asks where it should go, or reports where it went."""
@@ -148,19 +160,26 @@ class FileBook:
     # --- requests to agents -------------------------------------------------------------
 
     async def _request(self, device_id: str, msg: m.Message, payload: bytes = b"") -> tuple[m.ChunkReply, bytes]:
-        conn = self.hub.conns.get(device_id)
-        if conn is None:
-            raise FileError(f"device {device_id} is offline", 503)
+        """Ask a device (chunk requests are idempotent: one whose connection was replaced is asked again on
+        the new one, within the same `CHUNK_TIMEOUT`)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[m.ChunkReply, bytes]] = loop.create_future()
-        self._pending[msg.request] = (device_id, fut)  # type: ignore[attr-defined]
-        try:
-            conn.send(msg, payload=payload)
-            return await asyncio.wait_for(fut, CHUNK_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise FileError(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s", 504) from None
-        finally:
-            self._pending.pop(msg.request, None)  # type: ignore[attr-defined]
+        deadline = loop.time() + CHUNK_TIMEOUT
+        while True:
+            conn = self.hub.conns.get(device_id)
+            if conn is None:
+                raise FileError(f"device {device_id} is offline", 503)
+            fut: asyncio.Future[tuple[m.ChunkReply, bytes]] = loop.create_future()
+            self._pending[msg.request] = (device_id, conn, fut)  # type: ignore[attr-defined]
+            try:
+                conn.send(msg, payload=payload)
+                return await asyncio.wait_for(fut, deadline - loop.time())
+            except _ConnectionLost:
+                if self.hub.conns.get(device_id) is conn:  # no newer connection to ask on
+                    raise
+            except asyncio.TimeoutError:
+                raise FileError(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s", 504) from None
+            finally:
+                self._pending.pop(msg.request, None)  # type: ignore[attr-defined]
 
     def _request_id(self) -> int:
         self._next += 1

@@ -274,6 +274,7 @@ class Hub:
         self._per_user[conn.user_id] += 1
         if old is not None:
             self._user_left(old.user_id)
+            self.files.on_connection_lost(old)
             await old.close(4000, "replaced by a newer connection")
         await self.store.open_presence(conn.device_id, conn.connected_at)
 
