@@ -114,7 +114,24 @@ def test_a_real_stage_state_fits_the_part_bound_of_its_parameters(model_name, op
     from neuranet.server.runs import max_state_parts
 
     state, params = _stage_state_bytes(model_name, options, start, stop)
-    assert state <= max_state_parts(params) * STATE_PART_BYTES
+    assert state <= max_state_parts(params, stop - start) * STATE_PART_BYTES
+
+
+def test_the_part_bound_covers_the_header_of_a_stage_of_many_small_layers() -> None:
+    from safetensors.torch import save
+
+    from neuranet.protocol.messages import STATE_PART_BYTES
+    from neuranet.server.runs import max_state_parts
+
+    layers = torch.nn.Sequential(*[torch.nn.LayerNorm(4) for _ in range(4000)])
+    opt = torch.optim.AdamW(layers.parameters(), lr=1e-3)
+    for p in layers.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = len(save(stage_state(layers, 0, opt)))
+    params = sum(p.numel() * p.element_size() for p in layers.parameters())
+    assert state > max_state_parts(params, 0) * STATE_PART_BYTES  # the header, not the numbers, is most of it
+    assert state <= max_state_parts(params, len(layers)) * STATE_PART_BYTES
 
 
 class _Book:

@@ -32,9 +32,11 @@ MAX_USER_MODEL_BYTES = 1_000_000
 DEFAULT_CHECKPOINT_EVERY = 50
 MODEL_OPTIONS_BOUNDS = JsonBounds(max_depth=4, max_items=1000, max_string=1000)
 # A stage's state is its parameters and at most two optimiser slots per parameter (AdamW), in
-# safetensors; the slack covers the header, step counters and small buffers.
+# safetensors; the slack covers step counters and small buffers, and each layer's share of the
+# header (a few hundred tensors' names and shapes).
 STATE_SLOTS = 3
 STATE_SLACK_BYTES = 1024 * 1024
+STATE_HEADER_BYTES_PER_LAYER = 64 * 1024
 
 
 class LayerProfileIn(ApiModel):
@@ -132,16 +134,18 @@ class RunState:
                 "checkpoint_every": self.checkpoint_every, "checkpoint_reason": self.checkpoint_reason}
 
 
-def max_state_parts(param_bytes: int) -> int:
-    """The most StageWeights parts a stage holding ``param_bytes`` of parameters can need."""
-    return math.ceil((STATE_SLOTS * param_bytes + STATE_SLACK_BYTES) / m.STATE_PART_BYTES)
+def max_state_parts(param_bytes: int, layers: int = 1) -> int:
+    """The most StageWeights parts a stage of ``layers`` layers holding ``param_bytes`` of parameters can need."""
+    most = STATE_SLOTS * param_bytes + STATE_SLACK_BYTES + STATE_HEADER_BYTES_PER_LAYER * layers
+    return math.ceil(most / m.STATE_PART_BYTES)
 
 
 def refuse_state_part(run: RunState, msg: m.StageWeights, size: int) -> str | None:
     """Why part of a stage's state is refused, or None to accept it. The run's status, attempt and
     stage device are checked by the caller; this bounds which steps and how many bytes a stage uploads."""
     key = (msg.step, msg.stage)
-    most = max_state_parts(run.stages[msg.stage].get("param_bytes", 0))
+    stage = run.stages[msg.stage]
+    most = max_state_parts(stage.get("param_bytes", 0), stage["stop"] - stage["start"])
     if not run.checkpoint_due(msg.step):
         every = f"every {run.checkpoint_every} steps and " if run.checkpoint_every else ""
         return (f"stage {msg.stage} sent its state after step {msg.step}, but the run checkpoints "
