@@ -418,3 +418,33 @@ async def test_replicas_upsert_and_unfinished_uploads_are_collected(store: Store
 async def _set_stored_at(store: Store, chunk: str, when: float) -> None:
     async with store.engine.begin() as conn:
         await conn.execute(update(ChunkReplica).where(ChunkReplica.chunk_id == chunk).values(stored_at=when))
+
+
+async def test_trace_imports_replace_refuse_bound_and_remove_with_their_history(store: Store) -> None:
+    from neuranet.server.forecasting import trace_prefix_of
+    from neuranet.server.store import StoreError, TraceExists
+
+    alice, _ = await store.create_user("alice")
+    real = await _device(store, alice.user_id, name="laptop")
+
+    def hosts(prefix: str, n: int) -> list:
+        return [(f"{prefix}-h{i}", {"simulated": True, "trace_prefix": prefix, "trace_client": f"h{i}",
+                                    "history_end": 100.0}, 0.0, [(10.0, 20.0), (30.0, 40.0)]) for i in range(n)]
+
+    async def add(prefix: str, n: int, replace: bool = False) -> list[str]:
+        return await store.add_simulated_devices(alice.user_id, hosts(prefix, n), prefix_of=trace_prefix_of,
+                                                 prefix=prefix, replace=replace, limit=4)
+
+    first = await add("seti", 3)
+    with pytest.raises(TraceExists, match="--replace"):
+        await add("seti", 3)
+    second = await add("seti", 2, replace=True)
+    with pytest.raises(StoreError, match="more than the 4"):
+        await add("other", 3)  # 2 of seti + 3 > 4
+    names = sorted(d.name for d in await store.list_devices(alice.user_id))
+    assert names == ["laptop", "seti-h0", "seti-h1"]
+    assert [await store.presence_history(d) for d in first] == [[], [], []]  # replaced: their history went too
+    assert await store.presence_history(second[0]) == [(10.0, 20.0), (30.0, 40.0)]
+    assert await store.remove_simulated_devices(alice.user_id, "seti", trace_prefix_of) == 2
+    assert [d.id for d in await store.list_devices(alice.user_id)] == [real]  # a real device is never a trace's
+    assert await store.remove_simulated_devices(alice.user_id, "seti", trace_prefix_of) == 0
