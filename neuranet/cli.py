@@ -139,7 +139,8 @@ def server(
         if insecure and tls_cert is None:
             err.print("warning: --insecure: API tokens and all traffic cross the network in the clear", markup=False)
         if first_token:  # log this machine's CLI in, unless it already has a login
-            saved = save_client_config(ClientConfig(url, first_token[0], ca_cert=tls_cert), overwrite=False)
+            saved = save_client_config(ClientConfig(url, first_token[0], ca_cert=tls_cert, pinned=self_signed),
+                                       overwrite=False)
             if saved:
                 console.print(f"Saved this login to {saved} for the CLI on this machine.")
 
@@ -153,9 +154,21 @@ def server(
 
 @app.command()
 def login(server: str = typer.Option(..., "--server"), token: str = typer.Option(..., "--token"),
-          ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for https.")) -> None:
+          ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for https."),
+          server_fingerprint: Optional[str] = typer.Option(
+              None, help="Trust exactly the server's self-signed certificate with this fingerprint (SHA256:..., "
+              "as `neuranet server --self-signed` prints it).")) -> None:
     """Save the server URL and token for later commands."""
+    from neuranet.client import pin_server_certificate
+    from neuranet.protocol.auth import parse_fingerprint
+
     cfg = ClientConfig(server.rstrip("/"), token, ca_cert)
+    if server_fingerprint is not None:
+        try:
+            cert = pin_server_certificate(cfg.server_url, parse_fingerprint(server_fingerprint))
+        except (ValueError, ClientError) as exc:
+            _fail(exc)
+        cfg = ClientConfig(cfg.server_url, token, cert, pinned=True)
     with Client(cfg) as c:
         try:
             me = c.me()

@@ -30,7 +30,7 @@ def save_client_config(cfg: ClientConfig, home: Path | None = None, overwrite: b
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"server_url": cfg.server_url, "token": cfg.token,
-                   "ca_cert": str(cfg.ca_cert) if cfg.ca_cert else None}, f)
+                   "ca_cert": str(cfg.ca_cert) if cfg.ca_cert else None, "pinned": cfg.pinned}, f)
     return path
 
 
@@ -53,12 +53,41 @@ def load_client_config(server: str | None, token: str | None, home: Path | None 
             "(the admin token is printed when `neuranet server` first starts)"
         )
     ca = saved.get("ca_cert") if not server else None
-    return ClientConfig(server_url=server_url.rstrip("/"), token=tok, ca_cert=Path(ca) if ca else None)
+    return ClientConfig(server_url=server_url.rstrip("/"), token=tok, ca_cert=Path(ca) if ca else None,
+                        pinned=bool(ca and saved.get("pinned")))
+
+
+def pin_server_certificate(server_url: str, expected: str, home: Path | None = None) -> Path:
+    """Fetch the certificate ``server_url`` presents, check it has fingerprint ``expected`` and keep
+    it as the one certificate the CLI trusts for that server (``server-cert.pem``)."""
+    from urllib.parse import urlsplit
+
+    from neuranet.protocol.auth import fingerprint
+
+    parts = urlsplit(server_url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ClientError("--server-fingerprint pins a TLS certificate: give an https:// server URL")
+    try:
+        pem = ssl.get_server_certificate((parts.hostname, parts.port or 443), timeout=10)
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientError(f"cannot reach the server at {server_url}: {exc}") from None
+    seen = fingerprint(ssl.PEM_cert_to_DER_cert(pem))
+    if seen != expected:
+        raise ClientError(f"{server_url} presented TLS certificate {seen}, but --server-fingerprint is {expected}; "
+                          "not logging in")
+    path = (home or default_home()) / "server-cert.pem"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(pem)
+    return path
 
 
 class Client:
     def __init__(self, cfg: ClientConfig, timeout: float = 30.0) -> None:
-        verify: Any = ssl.create_default_context(cafile=str(cfg.ca_cert)) if cfg.ca_cert else True
+        verify: Any = True
+        if cfg.ca_cert:
+            verify = ssl.create_default_context(cafile=str(cfg.ca_cert))
+            # Pinned: the only certificate trusted is the server's own, so its names need not match.
+            verify.check_hostname = not cfg.pinned
         self._http = httpx.Client(base_url=cfg.server_url, headers={"Authorization": f"Bearer {cfg.token}"},
                                   timeout=timeout, verify=verify)
 

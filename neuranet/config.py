@@ -115,3 +115,6 @@ class ClientConfig:
     server_url: str
     token: str
     ca_cert: Path | None = None
+    # ca_cert is the server's own certificate, pinned by its fingerprint (`login --server-fingerprint`):
+    # trust exactly it, whatever host names it was made for.
+    pinned: bool = False

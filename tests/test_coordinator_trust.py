@@ -21,12 +21,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.server import ServerConnection, serve
+from typer.testing import CliRunner
 from websockets.exceptions import ConnectionClosed
 
 from fabric_helpers import async_wait_for, free_port, wait_for
 from neuranet.agent import stage_worker
 from neuranet.agent.coordinator_trust import verify_coordinator
 from neuranet.agent.runtime import Agent
+from neuranet.cli import app
 from neuranet.config import AgentConfig, ServerConfig
 from neuranet.fabric import LocalFabric
 from neuranet.protocol import messages as m
@@ -230,6 +232,13 @@ async def test_self_signed_server_is_pinned_by_fingerprint_and_a_new_certificate
         with fabric.client() as c:
             assert c.health()["fingerprint"] == fp
             jt, other_jt = (c.create_join_token()["join_token"] for _ in range(2))
+        # The CLI elsewhere pins it too: exactly this certificate, checked at login.
+        cli = CliRunner(env={"NEURANET_HOME": str(tmp_path / "cli")})
+        login = ["login", "--server", url, "--token", fabric.token, "--server-fingerprint"]
+        refused = cli.invoke(app, [*login, fingerprint(b"another")])
+        assert refused.exit_code == 1 and f"presented TLS certificate {fp}" in " ".join(refused.output.split())
+        assert cli.invoke(app, [*login, fp]).exit_code == 0
+        assert cli.invoke(app, ["devices"]).exit_code == 0
         cfg = AgentConfig(server_url=url, data_dir=tmp_path / "pinned", join_token=jt, measure=False,
                           listen_host="127.0.0.1", backoff_base=0.05, backoff_cap=0.2, server_fingerprint=fp)
         async with Agent(cfg) as agent:
@@ -260,3 +269,4 @@ async def test_self_signed_server_is_pinned_by_fingerprint_and_a_new_certificate
         with fabric.client() as c:
             names = {d["name"] for d in c.devices()}
         assert len(names) == 1  # the unpinned agent never enrolled
+        assert cli.invoke(app, ["devices"]).exit_code != 0  # nor does the CLI trust the new certificate
