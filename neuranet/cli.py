@@ -178,17 +178,6 @@ def login(server: str = typer.Option(..., "--server"), token: str = typer.Option
     console.print(f"Logged in as [cyan]{me['name']}[/]; saved to {path}")
 
 
-@token_app.command("create")
-def token_create(name: str = typer.Option("cli", help="A label for the token."),
-                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """Create a new API token for your user."""
-    with _client(server, token) as c:
-        try:
-            console.print(c.create_token(name))
-        except ClientError as exc:
-            _fail(exc)
-
-
 @app.command("join-token")
 def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays valid."),
                server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
@@ -198,14 +187,15 @@ def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays va
             jt = c.create_join_token(ttl)
         except ClientError as exc:
             _fail(exc)
-        console.print(jt["join_token"])
+        console.print(jt["join_token"], markup=False, highlight=False)
         try:
             pin = c.health().get("fingerprint")
         except ClientError:
             pin = None
         pinning = f" --server-fingerprint {pin}" if pin else ""
-        err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token {jt['join_token']}"
-                  f"{pinning}", markup=False, highlight=False)
+        # Not `--join-token TOKEN`: a command line is visible to every user of the machine (`ps`).
+        err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token -{pinning}   "
+                  "(then paste the token), or --join-token-file FILE", markup=False, highlight=False)
 
 
 @users_app.command("create")
@@ -223,7 +213,11 @@ def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
 @app.command()
 def agent(
     server: str = typer.Option(..., "--server", envvar="NEURANET_SERVER", help="Coordinator URL."),
-    join_token: Optional[str] = typer.Option(None, help="One-time token to enrol this device (first run only)."),
+    join_token: Optional[str] = typer.Option(None, envvar="NEURANET_JOIN_TOKEN", help="One-time token to enrol "
+                                             "this device (first run only); '-' reads it from stdin. On a shared "
+                                             "machine prefer '-', --join-token-file or NEURANET_JOIN_TOKEN: "
+                                             "a command line is visible to other users."),
+    join_token_file: Optional[Path] = typer.Option(None, help="Read the join token from this file."),
     data_dir: Path = typer.Option(None, help="Key and state (default: ~/.neuranet/agent)."),
     name: Optional[str] = typer.Option(None, help="Device name (default: hostname)."),
     ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for wss://."),
@@ -246,10 +240,12 @@ def agent(
     from neuranet.agent import file_worker, linktest, serve_worker, stage_worker
     from neuranet.agent.chunk_store import ChunkStore, parse_size
     from neuranet.agent.runtime import Agent, ServerRefused
+    from neuranet.identity_cli import read_join_token
 
     _logging(verbose)
     try:
         storage_bytes = parse_size(storage)
+        join_token = read_join_token(join_token, join_token_file, sys.stdin)
     except ValueError as exc:
         _fail(exc)
     home = data_dir or default_home() / "agent"
@@ -290,23 +286,6 @@ def agent(
     except ServerRefused as exc:  # one line however wide the message (a log tail or a service manager reads it)
         err.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-
-
-@app.command()
-def devices(as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
-            token: Optional[str] = TokenOpt) -> None:
-    """List your devices: online state, resources, last seen."""
-    from neuranet.ui import devices_table
-
-    with _client(server, token) as c:
-        try:
-            rows = c.devices()
-        except ClientError as exc:
-            _fail(exc)
-    if as_json:
-        console.print_json(json.dumps(rows))
-    else:
-        console.print(devices_table(rows))
 
 
 @links_app.command("test")
@@ -549,6 +528,7 @@ def demo(mib: int = typer.Option(96, help="MiB sent over each of the three links
 
 
 from neuranet.files_cli import files_app  # noqa: E402  (its commands use the helpers above)
+from neuranet import identity_cli  # noqa: E402,F401  (registers token, devices and users commands)
 
 app.add_typer(files_app, name="files")
 

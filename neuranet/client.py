@@ -129,8 +129,25 @@ class Client:
     def me(self) -> dict[str, Any]:
         return self.request("GET", "/api/v1/me")
 
-    def create_token(self, name: str) -> str:
-        return self.request("POST", "/api/v1/tokens", json={"name": name})["token"]
+    def create_token(self, name: str, expires_in_seconds: float | None = 90 * 86400.0) -> str:
+        """A new API token valid ``expires_in_seconds`` (None: until revoked)."""
+        return self.request("POST", "/api/v1/tokens", json={"name": name,
+                                                            "expires_in_seconds": expires_in_seconds})["token"]
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/tokens")
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/v1/tokens/{quote(token_id, safe='')}")
+
+    def remove_device(self, device_id: str, force: bool = False) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/v1/devices/{quote(device_id, safe='')}", params={"force": force})
+
+    def users(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/users")
+
+    def set_user_disabled(self, name: str, disabled: bool) -> dict[str, Any]:
+        return self.request("POST", f"/api/v1/users/{quote(name, safe='')}/{'disable' if disabled else 'enable'}")
 
     def create_join_token(self, ttl_seconds: float | None = None) -> dict[str, Any]:
         return self.request("POST", "/api/v1/join-tokens", json={"ttl_seconds": ttl_seconds} if ttl_seconds else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import uuid
 from pathlib import Path
 
 import msgpack
@@ -56,7 +57,7 @@ async def handshake(fabric: LocalFabric):
     with fabric.client() as c:
         jt = c.create_join_token()["join_token"]
     ws = await connect(ws_url(fabric), max_size=None, compression=None)
-    hello = m.Hello(version=PROTOCOL_VERSION, enrol=m.Enrolment(join_token=jt, public_key=pub, name="raw"))
+    hello = m.Hello(version=PROTOCOL_VERSION, enrol=m.Enrolment(join_token=jt, public_key=pub, name=f"raw-{uuid.uuid4().hex[:12]}"))
     await ws.send(encode_frame(hello.envelope()))
     challenge = await recv_msg(ws)
     await ws.send(encode_frame(m.Auth(signature=key.sign(auth_payload(challenge.nonce, challenge.device_id))).envelope()))

@@ -61,9 +61,9 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         await s.close()
 
 
-async def _device(store: Store, user_id: str, key: bytes | None = None, name: str = "dev") -> str:
+async def _device(store: Store, user_id: str, key: bytes | None = None, name: str | None = None) -> str:
     token, _ = await store.create_join_token(user_id)
-    return (await store.enrol_device(token, key or uuid.uuid4().bytes * 2, name)).id
+    return (await store.enrol_device(token, key or uuid.uuid4().bytes * 2, name or f"dev-{uuid.uuid4().hex[:8]}")).id
 
 
 async def _all_values(store: Store) -> list[object]:
@@ -228,7 +228,7 @@ async def test_concurrent_enrolment_of_one_key_gives_store_error(store: Store) -
     for round_ in range(3):
         tokens = [(await store.create_join_token(alice.user_id))[0] for _ in range(3)]
         key = bytes([round_]) * 32
-        ok, errors = await _race(*(store.enrol_device(t, key, "twin") for t in tokens))
+        ok, errors = await _race(*(store.enrol_device(t, key, f"twin-{round_}") for t in tokens))
         assert len(ok) == 1
         assert all(isinstance(e, StoreError) and "already enrolled" in str(e) for e in errors), errors
     assert len(await store.list_devices(alice.user_id)) == 3
@@ -448,3 +448,134 @@ async def test_trace_imports_replace_refuse_bound_and_remove_with_their_history(
     assert await store.remove_simulated_devices(alice.user_id, "seti", trace_prefix_of) == 2
     assert [d.id for d in await store.list_devices(alice.user_id)] == [real]  # a real device is never a trace's
     assert await store.remove_simulated_devices(alice.user_id, "seti", trace_prefix_of) == 0
+
+
+# --- revocation and enrolment order (#13 items 6, 7) ----------------------------------------
+
+
+async def test_check_enrolment_writes_nothing_and_names_the_device_id(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    token, _ = await store.create_join_token(alice.user_id)
+    offer = await store.check_enrolment(token, b"w" * 32, "desk")
+    assert offer.user_id == alice.user_id and len(offer.device_id) == 32
+    assert await store.list_devices(alice.user_id) == []
+    dev = await store.enrol_device(token, b"w" * 32, "desk", offer.device_id)
+    assert dev.id == offer.device_id
+    # A retry of the same enrolment is offered the device it made.
+    assert (await store.check_enrolment(token, b"w" * 32, "desk")).device_id == dev.id
+
+
+async def test_device_names_are_unique_per_owner(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    bob, _ = await store.create_user("bob")
+    await _device(store, alice.user_id, name="desk")
+    await _device(store, bob.user_id, name="desk")  # another owner's device may share the name
+    token, _ = await store.create_join_token(alice.user_id)
+    for attempt in (store.check_enrolment, store.enrol_device):
+        with pytest.raises(StoreError, match="already have a device named 'desk'.*devices remove desk"):
+            await attempt(token, b"n" * 32, "desk")
+    with pytest.raises(StoreError, match="already have a device named 'desk'"):
+        await store.add_simulated_devices(alice.user_id, [("desk", {"simulated": True}, 0.0, [])],
+                                          prefix_of=lambda name, profile: None, prefix="sim")
+    assert [d.name for d in await store.list_devices(alice.user_id)] == ["desk"]
+
+
+async def test_expired_api_token_is_refused(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    expired = await store.create_api_token(alice.user_id, "old", expires_in=-1.0)
+    forever = await store.create_api_token(alice.user_id, "forever", expires_in=None)
+    assert await store.authenticate(expired) is None
+    assert await store.authenticate(forever) == alice
+    rows = {t.name: t for t in await store.list_tokens(alice.user_id)}
+    assert rows["forever"].expires_at is None and rows["old"].expires_at < time.time()
+    assert rows["initial"].expires_at is None  # the first token (the first admin's, at first start) lasts
+
+
+async def test_revoked_token_is_refused_at_once_though_cached(store: Store) -> None:
+    alice, first = await store.create_user("alice")
+    bob, bobs = await store.create_user("bob")
+    second = await store.create_api_token(alice.user_id, "laptop")
+    assert (await store.authenticate(second)).token_id  # now cached
+    laptop = next(t for t in await store.list_tokens(alice.user_id) if t.name == "laptop")
+    with pytest.raises(StoreError, match="no token"):
+        await store.revoke_token(bob.user_id, laptop.id)  # not bob's to revoke
+    await store.revoke_token(alice.user_id, laptop.id)
+    assert await store.authenticate(second) is None
+    assert await store.authenticate(first) == alice and await store.authenticate(bobs) == bob
+
+
+async def test_disabled_user_is_refused_everywhere(store: Store) -> None:
+    bob, token = await store.create_user("bob")
+    device_id = await _device(store, bob.user_id)
+    join, _ = await store.create_join_token(bob.user_id)
+    assert await store.authenticate(token) == bob  # cached
+    await store.set_user_disabled("bob", True)
+    assert await store.authenticate(token) is None
+    with pytest.raises(StoreError, match="disabled"):
+        await store.device_for_login(device_id)
+    with pytest.raises(StoreError, match="disabled"):
+        await store.check_enrolment(join, b"d" * 32, "new")
+    await store.set_user_disabled("bob", False)
+    assert await store.authenticate(token) == bob
+    assert (await store.device_for_login(device_id)).id == device_id
+    with pytest.raises(StoreError, match="no user"):
+        await store.set_user_disabled("nobody", True)
+
+
+async def test_removed_device_loses_its_replicas_and_its_login(store: Store) -> None:
+    alice, _ = await store.create_user("alice")
+    a1, a2 = await _device(store, alice.user_id), await _device(store, alice.user_id)
+    shared, only = "a" * 64, "b" * 64
+    await store.add_replicas(alice.user_id, shared, 10, [a1, a2])
+    await store.add_replica(alice.user_id, only, 10, a1)
+    await store.create_file(alice.user_id, "f", 20, "d" * 64, 2, None, [(shared, 10), (only, 10)])
+    await store.open_presence(a1, time.time())
+    with pytest.raises(StoreError, match="only copy of 1 chunk"):
+        await store.remove_device(alice.user_id, a1)
+    bob, _ = await store.create_user("bob")
+    with pytest.raises(StoreError, match="no device"):
+        await store.remove_device(bob.user_id, a1, force=True)
+    removed = await store.remove_device(alice.user_id, a1, force=True)
+    assert (removed.replicas, removed.sole_copies) == (2, 1)
+    with pytest.raises(StoreError, match="unknown device"):
+        await store.device_for_login(a1)
+    # Its copies are gone from the records: repair sees `shared` one short and `only` with no holder.
+    assert {c: h for c, _, _, h in await store.stored_chunks(alice.user_id)} == {shared: [a2], only: []}
+    assert [d.id for d in await store.list_devices(alice.user_id)] == [a2]
+
+
+async def test_migration_renames_duplicate_device_names_without_losing_any(db_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from neuranet.server.store import _MIGRATIONS
+
+    def upgrade_to(revision: str):
+        def run(sync_conn) -> None:
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(_MIGRATIONS))
+            cfg.attributes["connection"] = sync_conn
+            command.upgrade(cfg, revision)
+        return run
+
+    s = Store(db_url)
+    try:
+        async with s.engine.begin() as conn:
+            await conn.run_sync(upgrade_to("0002"))
+            await conn.execute(text("INSERT INTO users (id, name, is_admin, created_at) VALUES "
+                                    "('u1', 'alice', false, 0), ('u2', 'bob', false, 0)"))
+            rows = [("d1", "u1", "box", 1.0), ("d2", "u1", "box", 2.0), ("d3", "u1", "box", 3.0),
+                    ("d4", "u1", "box-2", 4.0), ("d5", "u2", "box", 5.0), ("d6", "u1", "x" * 100, 6.0),
+                    ("d7", "u1", "x" * 100, 7.0)]
+            for i, (device_id, user_id, name, created) in enumerate(rows):
+                await conn.execute(text("INSERT INTO devices (id, user_id, name, public_key, profile, created_at) "
+                                        "VALUES (:id, :u, :n, :k, '{}', :c)"),
+                                   {"id": device_id, "u": user_id, "n": name, "k": bytes([i]) * 32, "c": created})
+        await s.migrate()
+        async with s.engine.connect() as conn:
+            names = dict((await conn.execute(text("SELECT id, name FROM devices"))).all())
+        # The oldest keeps its name; the others get the first free suffix; other owners are untouched.
+        assert names == {"d1": "box", "d2": "box-3", "d3": "box-4", "d4": "box-2", "d5": "box",
+                         "d6": "x" * 100, "d7": "x" * 98 + "-2"}
+    finally:
+        await s.close()

@@ -20,6 +20,10 @@ MESSAGE_TYPES: dict[str, type["Message"]] = {}
 MAX_ID_CHARS = 128  # of a device, link, run or test id
 _Id = Field(min_length=1, max_length=MAX_ID_CHARS)
 MAX_CERT_BYTES = 1024  # a device's direct-link certificate (neuranet.net.tls) is about 300 bytes
+# What an agent claims to be before it is authenticated is bounded and plain (the coordinator's ids
+# are 32 hex digits), so it can be looked up and logged safely.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+DEVICE_NAME_MAX = 100
 
 
 class Message(BaseModel):
@@ -59,7 +63,7 @@ class Enrolment(BaseModel):
     model_config = ConfigDict(frozen=True)
     join_token: str = Field(min_length=8, max_length=256)
     public_key: bytes = Field(min_length=32, max_length=32)
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=DEVICE_NAME_MAX, pattern=r"^[^\x00-\x1f\x7f]+$")  # no control chars
 
 
 class Hello(Message):
@@ -67,7 +71,7 @@ class Hello(Message):
 
     TYPE: ClassVar[str] = "hello"
     version: int
-    device_id: str | None = None
+    device_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, pattern=DEVICE_ID_PATTERN)
     enrol: Enrolment | None = None
     agent_version: str = ""
     # A fresh nonce the coordinator must sign with its identity key (see Challenge).

@@ -53,6 +53,34 @@ class _Handshake:
     async def send(self, msg: m.Message) -> None:
         await self.ws.send_bytes(encode_frame(msg.envelope(src="server")))
 
+    async def _claim(self, hello: m.Hello) -> tuple[Ed25519PublicKey, str, str]:
+        """Who the agent says it is: ``(key, device_id, user_id)``, checked against the records (nothing
+        written): a known device, or an enrolment the join token would allow."""
+        store = self.hub.store
+        if hello.enrol is not None:
+            try:  # refuse what cannot be a key before any lookup
+                key = Ed25519PublicKey.from_public_bytes(hello.enrol.public_key)
+            except ValueError:
+                raise AuthenticationFailed("enrolment public_key is not an Ed25519 public key") from None
+            offer = await store.check_enrolment(hello.enrol.join_token, hello.enrol.public_key, hello.enrol.name)
+            return key, offer.device_id, offer.user_id
+        if hello.device_id:
+            device = await store.device_for_login(hello.device_id)
+            return Ed25519PublicKey.from_public_bytes(device.public_key), device.id, device.user_id
+        raise AuthenticationFailed("hello needs a device_id or an enrolment")
+
+    async def _prove(self, key: Ed25519PublicKey, device_id: str, agent_nonce: bytes | None) -> None:
+        """Challenge the agent to sign a fresh nonce for ``device_id`` with ``key``."""
+        nonce = secrets.token_bytes(32)
+        await self.send(self.challenge(nonce, device_id, agent_nonce))
+        auth = m.parse(await self.recv())
+        if not isinstance(auth, m.Auth):
+            raise AuthenticationFailed("expected auth after challenge")
+        try:
+            key.verify(auth.signature, auth_payload(nonce, device_id))
+        except InvalidSignature:
+            raise AuthenticationFailed("bad signature: this agent does not hold the device's key") from None
+
     async def run(self) -> tuple[str, str]:
         """Return ``(device_id, user_id)`` of an authenticated agent."""
         hello = m.parse(await self.recv())
@@ -61,30 +89,22 @@ class _Handshake:
         if hello.version != PROTOCOL_VERSION:
             raise VersionMismatch(f"agent speaks protocol {hello.version}, server speaks {PROTOCOL_VERSION}")
         store = self.hub.store
-        if hello.enrol is not None:
-            try:
-                device = await store.enrol_device(hello.enrol.join_token, hello.enrol.public_key, hello.enrol.name)
-            except StoreError as exc:
-                raise AuthenticationFailed(str(exc)) from None
-        elif hello.device_id:
-            device = await store.get_device(hello.device_id)
-            if device is None:
-                raise AuthenticationFailed(f"unknown device {hello.device_id}; enrol again with a join token")
-        else:
-            raise AuthenticationFailed("hello needs a device_id or an enrolment")
-        nonce = secrets.token_bytes(32)
-        await self.send(self.challenge(nonce, device.id, hello.server_nonce))
-        auth = m.parse(await self.recv())
-        if not isinstance(auth, m.Auth):
-            raise AuthenticationFailed("expected auth after challenge")
         try:
-            Ed25519PublicKey.from_public_bytes(device.public_key).verify(auth.signature, auth_payload(nonce, device.id))
-        except InvalidSignature:
-            raise AuthenticationFailed("bad signature: this agent does not hold the device's key") from None
+            key, device_id, user_id = await self._claim(hello)
+            await self._prove(key, device_id, hello.server_nonce)
+            limits = self.hub.config.limits
+            if self.hub.connections_of(user_id) >= limits.max_connections_per_user and device_id not in self.hub.conns:
+                raise QueueLimitExceeded(f"user already has {limits.max_connections_per_user} devices connected")
+            if hello.enrol is None:
+                device = await store.device_for_login(device_id)
+            else:
+                # Only now, with the key proven: spend the join token and create the device, in one
+                # transaction (a hello that never answers the challenge leaves nothing behind).
+                e = hello.enrol
+                device = await store.enrol_device(e.join_token, e.public_key, e.name, device_id)
+        except StoreError as exc:
+            raise AuthenticationFailed(str(exc)) from None
         self.public_key = device.public_key
-        limits = self.hub.config.limits
-        if self.hub.connections_of(device.user_id) >= limits.max_connections_per_user and device.id not in self.hub.conns:
-            raise QueueLimitExceeded(f"user already has {limits.max_connections_per_user} devices connected")
         await self.send(m.Welcome(
             device_id=device.id, user_id=device.user_id,
             heartbeat_interval=self.hub.config.heartbeat_interval, offline_after=self.hub.config.offline_after,
@@ -107,7 +127,7 @@ async def serve_agent(ws: WebSocket, hub: Hub, identity: CoordinatorIdentity) ->
         device_id, user_id = await handshake.run()
     except (ProtocolError, asyncio.TimeoutError) as exc:
         err = exc if isinstance(exc, ProtocolError) else AuthenticationFailed("handshake timed out")
-        log.info("agent handshake refused: %s", err)
+        log.info("agent handshake refused: %s", shown(str(err)))
         try:
             await handshake.send(m.Error(code=err.code, message=str(err)))
             await ws.close(4003 if isinstance(err, AuthenticationFailed) else 4002, str(err)[:120])
@@ -125,6 +145,8 @@ async def serve_agent(ws: WebSocket, hub: Hub, identity: CoordinatorIdentity) ->
     try:
         # Inside the try: if opening the presence fails, the finally still unregisters the connection.
         await hub.register(conn)
+        if await hub.login_revoked(conn):  # removed or disabled while it was shaking hands
+            return
         await _message_loop(ws, hub, conn)
     except WebSocketDisconnect:
         pass

@@ -13,7 +13,7 @@ from neuranet.protocol.json_values import JsonValueError, check_json_value
 from neuranet.protocol.messages import PROFILE_BOUNDS
 from neuranet.server.edge import ApiModel
 from neuranet.server.hub import Hub
-from neuranet.server.store import Principal, Store, StoreError
+from neuranet.server.store import API_TOKEN_TTL, Principal, Store, StoreError
 
 router = APIRouter(prefix="/api/v1")
 _bearer = HTTPBearer(auto_error=False)
@@ -48,7 +48,7 @@ async def principal(
         raise HTTPException(401, "missing bearer token: pass `Authorization: Bearer <token>`")
     who = await get_store(request).authenticate(creds.credentials)
     if who is None:
-        raise HTTPException(401, "invalid API token")
+        raise HTTPException(401, "invalid API token: unknown, expired or revoked")
     return who
 
 
@@ -57,8 +57,14 @@ StoreDep = Annotated[Store, Depends(get_store)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 
 
+MAX_TOKEN_LIFE = 10 * 365 * 24 * 3600.0
+# Seconds an API token stays valid; null: until revoked.
+TokenLife = Field(API_TOKEN_TTL, gt=0, le=MAX_TOKEN_LIFE)
+
+
 class TokenRequest(ApiModel):
     name: str = Field("cli", min_length=1, max_length=100)
+    expires_in_seconds: float | None = TokenLife
 
 
 class JoinTokenRequest(ApiModel):
@@ -68,6 +74,7 @@ class JoinTokenRequest(ApiModel):
 class UserRequest(ApiModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
     is_admin: bool = False
+    token_expires_in_seconds: float | None = TokenLife  # of the user's first API token
 
 
 class LinkTestRequest(ApiModel):
@@ -84,7 +91,7 @@ async def me(user: User) -> dict[str, Any]:
 
 @router.post("/tokens")
 async def create_token(body: TokenRequest, user: User, store: StoreDep) -> dict[str, str]:
-    return {"token": await store.create_api_token(user.user_id, body.name)}
+    return {"token": await store.create_api_token(user.user_id, body.name, body.expires_in_seconds)}
 
 
 @router.post("/join-tokens")
@@ -98,7 +105,8 @@ async def create_user(body: UserRequest, user: User, store: StoreDep) -> dict[st
     if not user.is_admin:
         raise HTTPException(403, "only an admin can create users")
     try:
-        created, token = await store.create_user(body.name, is_admin=body.is_admin)
+        created, token = await store.create_user(body.name, is_admin=body.is_admin,
+                                                 token_expires_in=body.token_expires_in_seconds)
     except StoreError as exc:
         raise HTTPException(409, str(exc)) from None
     return {"user_id": created.user_id, "name": created.name, "token": token}

@@ -24,6 +24,7 @@ from neuranet.server.runs_api import serve_router
 from neuranet.server.files_api import router as files_router
 from neuranet.server.forecast_api import MAX_TRACE_BYTES
 from neuranet.server.forecast_api import router as forecast_router
+from neuranet.server.identity_api import router as identity_router
 from neuranet.server.hub import Hub
 from neuranet.server.identity import CoordinatorIdentity, agent_pin
 from neuranet.server.store import Store
@@ -91,6 +92,7 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     app.include_router(serve_router)
     app.include_router(forecast_router)
     app.include_router(files_router)
+    app.include_router(identity_router)
 
     _serve_docs(app)
 

@@ -80,6 +80,7 @@ class FileBook:
         self._tasks = OwnedTasks()  # inventory reconciliations
         # Inventory pages received so far, per connection (dropped with the connection).
         self._inventories: weakref.WeakKeyDictionary[AgentConnection, set[str]] = weakref.WeakKeyDictionary()
+        self._repair_wanted = asyncio.Event()
 
     # --- messages from agents --------------------------------------------------------
 
@@ -120,6 +121,16 @@ class FileBook:
         for _, sent_on, fut in self._pending.values():
             if sent_on is conn and not fut.done():
                 fut.set_exception(_ConnectionLost(f"the connection to device {conn.device_id} was lost", 503))
+
+    def forget_device(self, device_id: str) -> None:
+        """A device was removed (its replica records went with it): stop offering it for placement and
+        repair its chunks now rather than at the next round."""
+        self.space.pop(device_id, None)
+        self._views.clear()
+        self.repair_soon()
+
+    def repair_soon(self) -> None:
+        self._repair_wanted.set()
 
     async def _upload_step(self, conn: "AgentConnection", msg: m.ChunkPlace | m.ChunkStored) -> None:
         """A device uploading a chunk itself asks where it should go, or reports where it went."""
@@ -383,7 +394,11 @@ class FileBook:
     async def maintain(self) -> None:
         """Background loop owned by the app: repair and migrate every user's chunks, a round at a time."""
         while True:
-            await asyncio.sleep(self.repair_interval)
+            try:  # a round every repair_interval, or sooner when asked (`repair_soon`)
+                await asyncio.wait_for(self._repair_wanted.wait(), self.repair_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._repair_wanted.clear()
             try:
                 await self.repair_round()
             except Exception:

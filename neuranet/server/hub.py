@@ -31,7 +31,7 @@ from neuranet.server.runs import RunBook
 from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
 from neuranet.server.serving import ServeBook
-from neuranet.server.store import Store
+from neuranet.server.store import Store, StoreError
 from neuranet.server.telemetry import PRUNE_BATCH, TelemetryIntake, TokenBucket
 
 log = logging.getLogger("neuranet.hub")
@@ -292,6 +292,39 @@ class Hub:
         self.runs.on_device_lost(conn.device_id)
         self.serving.on_device_lost(conn.device_id)
         self.files.on_device_lost(conn.device_id)
+
+    # --- revocation ---------------------------------------------------------------
+
+    async def disconnect_device(self, device_id: str, reason: str) -> None:
+        """A device was removed: close its connection now and drop what is pending for it."""
+        self._telemetry = [row for row in self._telemetry if row["device_id"] != device_id]
+        self._dirty_seen.pop(device_id, None)
+        self.files.forget_device(device_id)
+        conn = self.conns.get(device_id)
+        if conn is not None:
+            await self._refuse(conn, reason)
+
+    async def disconnect_user(self, user_id: str, reason: str) -> None:
+        """A user was disabled: close every connection of its devices now."""
+        await asyncio.gather(*(self._refuse(c, reason) for c in list(self.conns.values()) if c.user_id == user_id))
+
+    async def login_revoked(self, conn: AgentConnection) -> bool:
+        """Was this device removed, or its owner disabled, while it was shaking hands? Then close it."""
+        try:
+            await self.store.device_for_login(conn.device_id)
+        except StoreError as exc:
+            await self._refuse(conn, str(exc))
+            return True
+        return False
+
+    async def _refuse(self, conn: AgentConnection, reason: str) -> None:
+        try:
+            conn.send(m.Error(code=AuthenticationFailed.code, message=reason[:MAX_ERROR_CHARS]))
+            await conn.drained(timeout=1.0)  # let the agent read why
+        except ProtocolError:  # its queue is full: close without the explanation
+            pass
+        await conn.close(4003, reason)
+        await self.unregister(conn)
 
     def _user_left(self, user_id: str) -> None:
         self._per_user[user_id] -= 1

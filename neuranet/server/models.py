@@ -18,6 +18,7 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Double)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)  # its tokens and devices are refused
 
 
 class ApiToken(Base):
@@ -27,6 +28,7 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(100))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: never
 
 
 class JoinToken(Base):
@@ -48,6 +50,8 @@ class Device(Base):
     profile: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Double)
     last_seen: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # One name per owner: names pick devices (`--devices NAME`), so two alike would be ambiguous.
+    __table_args__ = (Index("ix_devices_user_name", "user_id", "name", unique=True),)
 
 
 class PresenceInterval(Base):

@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -25,16 +25,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from neuranet.server.file_records import FileRecords
+from neuranet.server.identity_records import IdentityRecords, StoreError
 from neuranet.server.models import ApiToken, Device, JoinToken, PresenceInterval, Run, RunDevice, TelemetryRow, User
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 JOIN_TOKEN_TTL = 24 * 3600.0
-AUTH_CACHE_SECONDS = 5.0  # tokens cannot be revoked yet; when they can, revocation must clear the cache
+# Logins are cached this long; revoking a token, removing a device or disabling a user in this process
+# clears them at once, and this bounds how long another coordinator process sharing the database lags.
+AUTH_CACHE_SECONDS = 1.0
+API_TOKEN_TTL = 90 * 24 * 3600.0  # default life of a new API token
 AUTH_CACHE_SIZE = 10_000
-
-
-class StoreError(Exception):
-    """A request the store refuses; the message says what to change."""
 
 
 class TraceExists(StoreError):
@@ -55,11 +55,12 @@ def hash_secret(secret: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated user behind a request."""
+    """The authenticated user behind a request (and the token it came with)."""
 
     user_id: str
     name: str
     is_admin: bool
+    token_id: str = field(default="", compare=False)  # the same user whichever token it used
 
 
 def _migrate(sync_conn: Any) -> None:
@@ -69,7 +70,7 @@ def _migrate(sync_conn: Any) -> None:
     command.upgrade(cfg, "head")
 
 
-class Store(FileRecords):
+class Store(FileRecords, IdentityRecords):
     def __init__(self, url: str) -> None:
         self.url = url
         kwargs: dict[str, Any] = {"json_deserializer": _load_json}
@@ -81,7 +82,8 @@ class Store(FileRecords):
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
-        self._auth_cache: dict[str, tuple[float, Principal]] = {}  # token hash -> (when looked up, user)
+        # token hash -> (when looked up, user, token expiry)
+        self._auth_cache: dict[str, tuple[float, Principal, float | None]] = {}
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
@@ -107,42 +109,55 @@ class Store(FileRecords):
         async with self.session() as s:
             return (await s.execute(select(func.count()).select_from(User))).scalar_one()
 
-    async def create_user(self, name: str, *, is_admin: bool = False) -> tuple[Principal, str]:
-        """Create a user and its first API token; returns the token in clear, once."""
+    async def create_user(self, name: str, *, is_admin: bool = False,
+                          token_expires_in: float | None = None) -> tuple[Principal, str]:
+        """Create a user and its first API token (expiring in ``token_expires_in`` seconds, None: never);
+        returns the token in clear, once."""
         try:
             async with self._tx() as s:
                 if (await s.execute(select(User).where(User.name == name))).scalar_one_or_none():
                     raise StoreError(f"user {name!r} already exists")
-                user = User(id=new_id(), name=name, is_admin=is_admin, created_at=time.time())
+                user = User(id=new_id(), name=name, is_admin=is_admin, created_at=time.time(), disabled=False)
                 s.add(user)
         except IntegrityError:  # a concurrent create_user won the race for the name
             raise StoreError(f"user {name!r} already exists") from None
-        token = await self.create_api_token(user.id, "initial")
+        token = await self.create_api_token(user.id, "initial", token_expires_in)
         return Principal(user.id, user.name, user.is_admin), token
 
-    async def create_api_token(self, user_id: str, name: str) -> str:
+    async def create_api_token(self, user_id: str, name: str, expires_in: float | None = API_TOKEN_TTL) -> str:
+        """A new API token of the user, valid ``expires_in`` seconds (None: until revoked); in clear, once."""
         token = "nn_" + secrets.token_urlsafe(32)
+        now = time.time()
         async with self._tx() as s:
-            s.add(ApiToken(id=new_id(), user_id=user_id, name=name, token_hash=hash_secret(token), created_at=time.time()))
+            s.add(ApiToken(id=new_id(), user_id=user_id, name=name, token_hash=hash_secret(token), created_at=now,
+                           expires_at=None if expires_in is None else now + expires_in))
         return token
 
     async def authenticate(self, token: str) -> Principal | None:
-        """The user behind an API token. A valid token is remembered for `AUTH_CACHE_SECONDS` (a file
-        transfer makes a request per chunk); an invalid one is looked up every time."""
+        """The user behind an API token, unless it expired or its user is disabled. A valid token is
+        remembered for `AUTH_CACHE_SECONDS` (a file transfer makes a request per chunk); revocation
+        forgets it at once (`forget_logins`); an invalid one is looked up every time."""
         key = hash_secret(token)
         cached = self._auth_cache.get(key)
-        if cached is not None and time.monotonic() - cached[0] < AUTH_CACHE_SECONDS:
+        if cached is not None and time.monotonic() - cached[0] < AUTH_CACHE_SECONDS and (
+                cached[2] is None or cached[2] > time.time()):
             return cached[1]
+        self._auth_cache.pop(key, None)
         async with self.session() as s:
             row = (
-                await s.execute(select(User).join(ApiToken, ApiToken.user_id == User.id).where(ApiToken.token_hash == key))
-            ).scalar_one_or_none()
+                await s.execute(select(User, ApiToken.id, ApiToken.expires_at)
+                                .join(ApiToken, ApiToken.user_id == User.id).where(ApiToken.token_hash == key))
+            ).first()
         if row is None:
+            return None
+        user, token_id, expires_at = row
+        if user.disabled or (expires_at is not None and expires_at <= time.time()):
             return None
         if len(self._auth_cache) >= AUTH_CACHE_SIZE:
             self._auth_cache.clear()
-        who = self._auth_cache[key] = (time.monotonic(), Principal(row.id, row.name, row.is_admin))
-        return who[1]
+        who = Principal(user.id, user.name, user.is_admin, token_id)
+        self._auth_cache[key] = (time.monotonic(), who, expires_at)
+        return who
 
     async def create_join_token(self, user_id: str, ttl: float = JOIN_TOKEN_TTL) -> tuple[str, float]:
         token = "nj_" + secrets.token_urlsafe(24)
@@ -152,35 +167,6 @@ class Store(FileRecords):
         return token, now + ttl
 
     # --- devices -----------------------------------------------------------------
-
-    async def enrol_device(self, join_token: str, public_key: bytes, name: str) -> Device:
-        """Spend a one-time join token to register a device under the token's owner."""
-        try:
-            return await self._enrol_device(join_token, public_key, name)
-        except IntegrityError:  # a concurrent enrolment with another token took the key
-            raise StoreError("a device with this public key is already enrolled") from None
-
-    async def _enrol_device(self, join_token: str, public_key: bytes, name: str) -> Device:
-        now = time.time()
-        async with self._tx() as s:
-            jt = (
-                await s.execute(select(JoinToken).where(JoinToken.token_hash == hash_secret(join_token)).with_for_update())
-            ).scalar_one_or_none()
-            if jt is None:
-                raise StoreError("unknown join token")
-            if jt.used_by is not None:
-                earlier = await s.get(Device, jt.used_by)
-                if earlier is not None and earlier.public_key == public_key:
-                    return earlier  # the agent enrolled but never heard back: same key, same device
-                raise StoreError("join token was already used; create a new one with `neuranet join-token`")
-            if jt.expires_at < now:
-                raise StoreError("join token has expired; create a new one with `neuranet join-token`")
-            if (await s.execute(select(Device.id).where(Device.public_key == public_key))).first():
-                raise StoreError("a device with this public key is already enrolled")
-            device = Device(id=new_id(), user_id=jt.user_id, name=name, public_key=public_key, profile={}, created_at=now)
-            s.add(device)
-            jt.used_by = device.id
-        return device
 
     async def get_device(self, device_id: str) -> Device | None:
         async with self.session() as s:
@@ -300,6 +286,7 @@ class Store(FileRecords):
         transaction: a refused import leaves nothing behind.
         """
         ids = []
+        names = [d[0] for d in devices]
         async with self._tx() as s:
             # one import per user at a time (PostgreSQL; SQLite's writers are serialised anyway)
             await s.execute(select(User.id).where(User.id == user_id).with_for_update())
@@ -314,6 +301,12 @@ class Store(FileRecords):
                 raise StoreError(f"the trace has {len(devices)} hosts; with your {kept} other simulated devices that "
                                  f"is more than the {limit} a user may have (remove some with `neuranet trace rm`)")
             await _delete_devices(s, same)
+            gone = set(same)
+            taken = {name for d, name, _ in mine if d not in gone} & set(names)
+            if taken or len(set(names)) < len(names):
+                clash = sorted(taken)[0] if taken else next(n for n in names if names.count(n) > 1)
+                raise StoreError(f"you already have a device named {clash!r} ({len(taken) or 1} name(s) clash): "
+                                 "import with another --prefix, or remove those devices first")
             for name, profile, created_at, online in devices:
                 device = Device(id=new_id(), user_id=user_id, name=name, public_key=os.urandom(32),
                                 profile=profile, created_at=created_at, last_seen=profile.get("history_end"))

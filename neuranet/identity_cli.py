@@ -1,0 +1,188 @@
+"""`neuranet token …`, `devices …`, `users …`: API tokens, device removal and user accounts.
+
+Also the pure helpers behind their options: durations (``30d``) and reading a join token from a
+file or stdin, so it never has to appear on a command line where `ps` shows it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from pathlib import Path
+from typing import IO, Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, app, console, err, token_app, users_app
+from neuranet.client import Client, ClientError
+
+devices_app = typer.Typer(help="Your devices: list them (the default) or remove one.")
+app.add_typer(devices_app, name="devices")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy])\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``30d``, ``12h``, ``90m``, ``2w``, ``1y`` or ``3600`` (seconds); None for ``never``."""
+    if text.strip().lower() == "never":
+        return None
+    found = _DURATION.match(text)
+    seconds = float(found.group(1)) * _UNITS[found.group(2).lower()] if found else None
+    if seconds is None:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a duration: write e.g. 30d, 12h, 90m, 3600 or never") from None
+    if not seconds > 0:
+        raise ValueError(f"{text!r}: a duration must be more than zero")
+    return seconds
+
+
+def read_join_token(value: str | None, file: Path | None, stdin: IO[str]) -> str | None:
+    """The join token from ``--join-token`` (``-``: read stdin) or ``--join-token-file``; None if neither."""
+    if value is not None and file is not None:
+        raise ValueError("give --join-token or --join-token-file, not both")
+    if file is not None:
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the join token from {file}: {exc}") from None
+    elif value == "-":
+        text = stdin.readline()
+    else:
+        return value
+    token = text.strip()
+    if not token:
+        raise ValueError(f"no join token in {file or 'stdin'}")
+    return token
+
+
+def _ask(server: str | None, token: str | None, call: Any) -> Any:
+    with _client(server, token) as c:
+        try:
+            return call(c)
+        except ClientError as exc:
+            _fail(exc)
+
+
+def _when(ts: float | None) -> str:
+    return "never" if ts is None else f"{datetime.datetime.fromtimestamp(ts):%Y-%m-%d %H:%M}"
+
+
+# --- tokens -----------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(name: str = typer.Option("cli", help="A label for the token."),
+                 expires: str = typer.Option("90d", help="How long it stays valid: 30d, 12h, ... or never."),
+                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Create a new API token for your user (printed once)."""
+    try:
+        seconds = parse_duration(expires)
+    except ValueError as exc:
+        _fail(ValueError(f"--expires: {exc}"))
+    console.print(_ask(server, token, lambda c: c.create_token(name, seconds)), markup=False, highlight=False)
+
+
+@token_app.command("ls")
+def token_ls(as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
+             token: Optional[str] = TokenOpt) -> None:
+    """List your API tokens (ids and labels; the secrets are never shown again)."""
+    rows = _ask(server, token, lambda c: c.tokens())
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="API tokens")
+    for col in ("id", "name", "created", "expires", ""):
+        table.add_column(col)
+    for t in rows:
+        table.add_row(t["id"], escape(t["name"]), _when(t["created_at"]), _when(t["expires_at"]),
+                      "this one" if t["current"] else "")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(which: str = typer.Argument(..., help="Token id, id prefix or label (see `neuranet token ls`)."),
+                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Revoke one of your API tokens: it is refused from now on."""
+    def revoke(c: Client) -> dict[str, Any]:
+        return c.revoke_token(_match(c.tokens(), which, "token")["id"])
+
+    out = _ask(server, token, revoke)
+    console.print(f"revoked token {out['revoked']} ({escape(out['name'])})")
+
+
+def _match(rows: list[dict[str, Any]], which: str, what: str) -> dict[str, Any]:
+    exact = [r for r in rows if which in (r["id"], r["name"])]
+    found = exact or [r for r in rows if r["id"].startswith(which)]
+    if len(found) != 1:
+        raise ClientError(f"{'no' if not found else 'more than one'} {what} matches {which!r}"
+                          + (": give its id" if found else ""))
+    return found[0]
+
+
+# --- devices ----------------------------------------------------------------------------
+
+
+@devices_app.callback(invoke_without_command=True)
+def devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
+            token: Optional[str] = TokenOpt) -> None:
+    """List your devices: online state, resources, last seen."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from neuranet.ui import devices_table
+
+    rows = _ask(server, token, lambda c: c.devices())
+    if as_json:
+        console.print_json(json.dumps(rows))
+    else:
+        console.print(devices_table(rows))
+
+
+@devices_app.command("remove")
+def devices_remove(device: str = typer.Argument(..., help="Device name, id or id prefix."),
+                   force: bool = typer.Option(False, "--force", help="Remove it even if it holds the only copy "
+                                              "of some file chunks (those files become unreadable)."),
+                   server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Remove a device: its key is refused at once, it is disconnected, its chunks copied elsewhere."""
+    def remove(c: Client) -> dict[str, Any]:
+        return c.remove_device(c.resolve_device(device)["id"], force)
+
+    out = _ask(server, token, remove)
+    console.print(f"removed device {escape(out['name'])} ({out['removed']})")
+    if out["replicas"]:
+        lost = f"; {out['sole_copies']} had no other copy and are lost" if out["sole_copies"] else ""
+        err.print(f"{out['replicas']} chunk copies it held are being made on your other devices{lost}")
+
+
+# --- users ------------------------------------------------------------------------------
+
+
+@users_app.command("ls")
+def users_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """List the users of this coordinator (admin only)."""
+    table = Table(title="Users")
+    for col in ("name", "id", "admin", "state", "created"):
+        table.add_column(col)
+    for u in _ask(server, token, lambda c: c.users()):
+        table.add_row(escape(u["name"]), u["id"], "yes" if u["is_admin"] else "",
+                      "[red]disabled[/]" if u["disabled"] else "active", _when(u["created_at"]))
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Disable a user (admin only): its tokens and devices are refused and its devices disconnected."""
+    _ask(server, token, lambda c: c.set_user_disabled(name, True))
+    console.print(f"user {escape(name)} is disabled")
+
+
+@users_app.command("enable")
+def users_enable(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Enable a disabled user again (admin only)."""
+    _ask(server, token, lambda c: c.set_user_disabled(name, False))
+    console.print(f"user {escape(name)} is enabled")

@@ -1,0 +1,79 @@
+"""REST for taking rights back: list and revoke API tokens, remove devices, disable users (admin)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+
+from neuranet.server.api import HubDep, StoreDep, User
+from neuranet.server.identity_records import UnknownRecord
+from neuranet.server.store import StoreError
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.get("/tokens")
+async def list_tokens(user: User, store: StoreDep) -> list[dict[str, Any]]:
+    """Your API tokens (never their secrets); ``current`` marks the one this request came with."""
+    return [{"id": t.id, "name": t.name, "created_at": t.created_at, "expires_at": t.expires_at,
+             "current": t.id == user.token_id} for t in await store.list_tokens(user.user_id)]
+
+
+@router.delete("/tokens/{token_id}")
+async def revoke_token(token_id: str, user: User, store: StoreDep) -> dict[str, Any]:
+    try:
+        row = await store.revoke_token(user.user_id, token_id)
+    except StoreError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return {"revoked": row.id, "name": row.name}
+
+
+@router.delete("/devices/{device_id}")
+async def remove_device(device_id: str, user: User, store: StoreDep, hub: HubDep, force: bool = False) -> dict[str, Any]:
+    """Forget one of your devices: its key is refused from now on, its connection is closed, and the
+    chunks it held are copied to your other devices (409 while it holds the only copy, unless ``force``)."""
+    try:
+        removed = await store.remove_device(user.user_id, device_id, force)
+    except StoreError as exc:
+        raise HTTPException(404 if isinstance(exc, UnknownRecord) else 409, str(exc)) from None
+    await hub.disconnect_device(device_id, "this device was removed by its owner")
+    return {"removed": removed.device_id, "name": removed.name, "replicas": removed.replicas,
+            "sole_copies": removed.sole_copies}
+
+
+@router.get("/users")
+async def list_users(user: User, store: StoreDep) -> list[dict[str, Any]]:
+    _admin(user)
+    return [{"id": u.id, "name": u.name, "is_admin": u.is_admin, "disabled": u.disabled, "created_at": u.created_at}
+            for u in await store.list_users()]
+
+
+@router.post("/users/{name}/disable")
+async def disable_user(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    """Refuse a user's tokens and devices from now on, and close its devices' connections."""
+    _admin(user)
+    if name == user.name:
+        raise HTTPException(409, "you cannot disable yourself; ask another admin")
+    target = await _set_disabled(store, name, True)
+    await hub.disconnect_user(target.id, "the owner of this device was disabled on this coordinator")
+    return {"name": target.name, "disabled": True}
+
+
+@router.post("/users/{name}/enable")
+async def enable_user(name: str, user: User, store: StoreDep) -> dict[str, Any]:
+    _admin(user)
+    target = await _set_disabled(store, name, False)
+    return {"name": target.name, "disabled": False}
+
+
+def _admin(user: Any) -> None:
+    if not user.is_admin:
+        raise HTTPException(403, "only an admin can manage users")
+
+
+async def _set_disabled(store: Any, name: str, disabled: bool) -> Any:
+    try:
+        return await store.set_user_disabled(name, disabled)
+    except StoreError as exc:
+        raise HTTPException(404, str(exc)) from None
