@@ -297,7 +297,7 @@ class Hub:
 
     async def disconnect_device(self, device_id: str, reason: str) -> None:
         """A device was removed: close its connection now and drop what is pending for it."""
-        self._telemetry = [row for row in self._telemetry if row["device_id"] != device_id]
+        self.telemetry.forget(device_id)
         self._dirty_seen.pop(device_id, None)
         self.files.forget_device(device_id)
         conn = self.conns.get(device_id)

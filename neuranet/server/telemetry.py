@@ -61,6 +61,10 @@ class TelemetryIntake:
         self.dropped += dropped
         return dropped
 
+    def forget(self, device_id: str) -> None:
+        """Drop a removed device's waiting samples (their rows would fail the flush for everyone)."""
+        self.rows = [row for row in self.rows if row["device_id"] != device_id]
+
     def take_rows(self) -> list[dict[str, Any]]:
         rows, self.rows = self.rows, []
         return rows
