@@ -151,7 +151,8 @@ class Device:
             pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             with self.fabric.client() as c:
                 jt = c.create_join_token()["join_token"]
-            hello = m.Hello(version=PROTOCOL_VERSION, enrol=m.Enrolment(join_token=jt, public_key=pub, name="fuzz"))
+            name = f"fuzz-{pub[:6].hex()}"  # names are unique per owner
+            hello = m.Hello(version=PROTOCOL_VERSION, enrol=m.Enrolment(join_token=jt, public_key=pub, name=name))
         await ws.send(encode_frame(hello.envelope()))
         challenge = m.parse(decode_frame(await asyncio.wait_for(ws.recv(), 10)))
         assert isinstance(challenge, m.Challenge), challenge
