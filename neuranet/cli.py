@@ -240,12 +240,14 @@ def agent(
     from neuranet.agent import file_worker, linktest, serve_worker, stage_worker
     from neuranet.agent.chunk_store import ChunkStore, parse_size
     from neuranet.agent.runtime import Agent, ServerRefused
-    from neuranet.identity_cli import read_join_token
+    from neuranet.identity_cli import check_device_name, read_join_token
 
     _logging(verbose)
     try:
         storage_bytes = parse_size(storage)
         join_token = read_join_token(join_token, join_token_file, sys.stdin)
+        if name is not None:
+            check_device_name(name)
     except ValueError as exc:
         _fail(exc)
     home = data_dir or default_home() / "agent"

@@ -177,6 +177,18 @@ def test_read_join_token_sources(tmp_path: Path) -> None:
         read_join_token(None, tmp_path / "missing", io.StringIO())
 
 
+def test_agent_refuses_a_device_name_the_coordinator_would_refuse(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    for bad in ("two\nlines", "x" * 101, ""):
+        result = CliRunner().invoke(app, ["agent", "--server", "http://127.0.0.1:9", "--data-dir", str(tmp_path),
+                                          "--name", bad])
+        said = " ".join(result.output.split())  # the console wraps long lines
+        assert result.exit_code == 1 and "--name" in said and "without control characters" in said
+
+
 def test_parse_duration() -> None:
     assert parse_duration("30d") == 30 * 86400
     assert parse_duration("12h") == 12 * 3600

@@ -459,3 +459,55 @@ async def test_telemetry_older_than_the_retention_is_deleted_in_bounded_batches(
         assert [r["ts"] for r in await store.telemetry(device.id, 100)] == [now - 10.0, now]
     finally:
         await store.close()
+
+
+# --- revocation: removed devices and disabled users are cut off at once (#13 item 7) --------------
+
+
+async def test_removing_a_device_or_disabling_a_user_closes_their_connections_now(tmp_path) -> None:
+    from neuranet.config import ServerConfig
+    from neuranet.server.hub import Hub
+    from neuranet.server.store import Store
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    await store.migrate()
+    alice, _ = await store.create_user("alice")
+    bob, _ = await store.create_user("bob")
+    devices = []
+    for owner, name in ((alice, "a1"), (alice, "a2"), (bob, "b1"), (bob, "b2")):
+        token, _ = await store.create_join_token(owner.user_id)
+        devices.append(await store.enrol_device(token, random.randbytes(32), name))
+    hub = Hub(ServerConfig(data_dir=tmp_path), store)
+    socks = {d.name: FakeSocket() for d in devices}
+    conns = {d.name: AgentConnection(d.id, d.user_id, socks[d.name].send_bytes, socks[d.name].close, 1 << 20)
+             for d in devices}
+    writers = [asyncio.create_task(c.writer()) for c in conns.values()]
+    try:
+        for c in conns.values():
+            await hub.register(c)
+        hub.add_telemetry(conns["a1"], [m.TelemetrySample(ts=0.0, cpu_percent=1.0, mem_percent=1.0, mem_used=1,
+                                                          net_sent=0, net_recv=0)])
+        await store.remove_device(alice.user_id, devices[0].id)
+        await hub.disconnect_device(devices[0].id, "this device was removed by its owner")
+        # Told why, then closed and forgotten; its waiting telemetry went too, so the flush still works.
+        assert conns["a1"].closed and socks["a1"].closes[0][0] == 4003
+        told = [m.parse(decode_frame(f)) for f in socks["a1"].sent]
+        assert any(isinstance(t, m.Error) and t.code == "auth_failed" and "removed" in t.message for t in told)
+        assert devices[0].id not in hub.conns and not conns["a2"].closed
+        await hub.flush()
+        # A user disabled: every device of theirs goes, nobody else's.
+        await store.set_user_disabled("bob", True)
+        await hub.disconnect_user(bob.user_id, "the owner of this device was disabled on this coordinator")
+        assert conns["b1"].closed and conns["b2"].closed and not conns["a2"].closed
+        assert set(hub.conns) == {devices[1].id} and hub.connections_of(bob.user_id) == 0
+        # One that finished its handshake just as its owner was disabled is closed when it registers.
+        late = AgentConnection(devices[2].id, bob.user_id, socks["b1"].send_bytes, socks["b1"].close, 1 << 20)
+        await hub.register(late)
+        assert await hub.login_revoked(late) and late.closed and devices[2].id not in hub.conns
+        assert not await hub.login_revoked(conns["a2"])
+    finally:
+        for c in conns.values():
+            await c.close()
+        await asyncio.gather(*writers, return_exceptions=True)
+        await hub.shutdown()
+        await store.close()
