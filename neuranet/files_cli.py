@@ -93,7 +93,22 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
         except (ClientError, OSError) as exc:
             _fail(exc)
     console.print(f"stored {out['name']}: {_size(out['plaintext_size'])} in {out['chunks']} chunk(s), "
-                  f"{out['replicas']} replicas{', encrypted' if out['encrypted'] else ''} ({_ways(out['paths'])})")
+                  f"{_replicas(out)}{', encrypted' if out['encrypted'] else ''} ({_ways(out['paths'])})")
+    _repair_note(out)
+
+
+def _replicas(out: dict[str, Any]) -> str:
+    """"3 replicas", or as many as its least-copied chunk has now when some chunks are short."""
+    wanted, short = out["replicas"], out.get("chunks_short", 0)
+    if not short:
+        return f"{wanted} replicas"
+    return f"{out['replicas_now']} of {wanted} replicas now ({short} of {out['chunks']} chunks short)"
+
+
+def _repair_note(out: dict[str, Any]) -> None:
+    if out.get("chunks_short"):
+        console.print(f"repair adds the missing copies when another device with space is online (checked every "
+                      f"{out['repair_interval']:.0f} s)")
 
 
 @files_app.command("get")
@@ -166,10 +181,11 @@ def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = To
     from neuranet.storage.transfer import plaintext_size
 
     out = _ask(server, token, lambda c: c.file_info(name))
-    console.print(f"{out['name']}: {_size(plaintext_size(out))}, {out['chunks']} chunk(s), {out['replicas']} replicas"
+    console.print(f"{out['name']}: {_size(plaintext_size(out))}, {out['chunks']} chunk(s), {_replicas(out)}"
                   f"{', encrypted' if out['encrypted'] else ''}; retrievable now: "
                   f"{'yes' if out['retrievable_now'] else 'NO'}; P(retrievable, next 24 h): "
                   f"{out['p_retrievable_24h']:.3f}")
+    _repair_note(out)
     table = Table("#", "chunk", "size", "holders (online in green)")
     for i, ch in enumerate(out["chunk_list"]):
         holders = ", ".join(f"[green]{h['name']}[/]" if h["online"] else f"[dim]{h['name']}[/]" for h in ch["holders"])

@@ -91,3 +91,43 @@ async def test_a_put_outstanding_when_the_holder_reconnects_is_sent_again_at_onc
     answer = await asyncio.wait_for(upload, 20)
     assert answer["holders"] == [device.id]
     await asyncio.gather(first.close(), second.close())
+
+
+async def answer_ok(device: Device, ws: ClientConnection) -> None:
+    """Play a holder that keeps (and copies on) every chunk it is asked to."""
+    while True:
+        msg = m.parse(decode_frame(await ws.recv()))
+        if isinstance(msg, (m.ChunkPut, m.ChunkCopy)):
+            await ws.send(encode_frame(m.ChunkReply(request=msg.request, chunk=msg.chunk, ok=True, free_bytes=1 << 29)
+                                       .envelope(src=device.id, dst="server")))
+
+
+async def storage_device(fabric: LocalFabric) -> tuple[Device, asyncio.Task[None]]:
+    with fabric.client() as c:
+        jt = c.create_join_token()["join_token"]
+    device = Device(fabric)
+    ws = await device.connect(jt)
+    await device.send(m.ChunkInventory(quota_bytes=1 << 30, used_bytes=0, chunks=[], last=True))
+    with fabric.client() as c:
+        await async_wait_for(lambda: c.device_chunks(device.id)["quota_bytes"], 20, "the device's storage")
+    return device, asyncio.ensure_future(answer_ok(device, ws))
+
+
+async def test_a_chunk_goes_to_a_device_that_offered_storage_just_now(tmp_path: Path) -> None:
+    """The coordinator's view of who offers storage is cached; a chunk that comes short of its replicas
+    looks again before it is acknowledged with fewer (a device that just reported, as after a restart)."""
+    with LocalFabric(tmp_path) as fabric:  # its own user: no other test's devices
+        await asyncio.to_thread(fabric.start_server, 30.0, free_port())
+
+        def put(data: bytes) -> dict:
+            with fabric.client() as c:
+                return c.put_chunk(hashlib.sha256(data).hexdigest(), data, replicas=2)
+
+        first, serving_first = await storage_device(fabric)
+        assert (await asyncio.to_thread(put, b"first" * 100))["holders"] == [first.id]  # the only one yet
+        second, serving_second = await storage_device(fabric)
+        answer = await asyncio.wait_for(asyncio.to_thread(put, b"second" * 100), 30)
+        assert sorted(answer["holders"]) == sorted([first.id, second.id]) and answer["replicas"] == 2
+        for task in (serving_first, serving_second):
+            task.cancel()
+        await asyncio.gather(serving_first, serving_second, return_exceptions=True)

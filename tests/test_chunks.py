@@ -288,3 +288,13 @@ async def test_chunks_kept_for_a_grace_are_reported_again_when_it_is_over(tmp_pa
     assert store.chunks() == []
     await asyncio.sleep(0.3)
     assert len(sent) == 1  # nothing kept, nothing to report again
+
+
+def test_replication_reports_the_least_copied_chunk_and_how_many_are_short() -> None:
+    from neuranet.server.files import Replication, replication
+
+    held = {"a": ["d1", "d2", "d3"], "b": ["d1", "d2"], "c": ["d1", "d1", "d2", "d3", "d4"]}
+    assert replication(["a", "b", "c"], held, 3) == Replication(3, 2, 1)
+    assert replication(["a", "c"], held, 3) == Replication(3, 3, 0)  # more copies than asked: still 3 of 3
+    assert replication(["b", "b", "x"], held, 2) == Replication(2, 0, 1)  # x has no holder left
+    assert replication([], held, 3) == Replication(3, 3, 0)  # an empty file is as replicated as asked

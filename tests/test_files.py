@@ -144,6 +144,30 @@ def test_a_damaged_chunk_is_caught_and_the_file_still_reads(fabric: LocalFabric,
             assert chunk_id(chunk_files(fabric, h)[first["id"]].read_bytes()) == first["id"]
 
 
+def test_put_reports_the_replicas_it_got_and_when_repair_adds_the_rest(fabric: LocalFabric, tmp_path: Path) -> None:
+    with fabric.client() as c:
+        online = sum(d["online"] for d in c.devices() if d["name"] in AGENTS)
+    data = os.urandom(MiB + 7)  # two chunks
+    src = tmp_path / "wide.bin"
+    src.write_bytes(data)
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["files", "put", str(src), "--replicas", str(online + 1), *auth])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    # Not "N+1 replicas": one device too few offers storage.
+    assert f"{online} of {online + 1} replicas now (2 of 2 chunks short)" in said, said
+    assert "repair adds the missing copies when another device with space is online (checked every 1 s)" in said
+    with fabric.client() as c:
+        info = c.file_info("wide.bin")
+        assert (info["replicas_now"], info["chunks_short"]) == (online, 2)
+        c.delete_file("wide.bin")
+    result = CliRunner().invoke(app, ["files", "put", str(src), "--replicas", "2", *auth])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "2 replicas" in said and "short" not in said and "repair" not in said, said
+    with fabric.client() as c:
+        c.delete_file("wide.bin")
+
+
 def test_quota_full_and_bad_requests_get_clear_errors(fabric: LocalFabric, tmp_path: Path) -> None:
     with fabric.client(fabric.stranger_token) as theirs:
         src = tmp_path / "too-big.bin"

@@ -54,6 +54,21 @@ class _ConnectionLost(FileError):
     """The connection a request went out on is gone, so its answer will never come."""
 
 
+@dataclass(frozen=True)
+class Replication:
+    """A file's chunks against its replica target."""
+
+    wanted: int
+    now: int  # copies of its least-replicated chunk (at most `wanted`)
+    short: int  # chunks with fewer than `wanted` copies
+
+
+def replication(chunks: list[str], holders: dict[str, list[str]], wanted: int) -> Replication:
+    """``chunks``: the file's chunk list (in order, a repeated chunk counted each time)."""
+    counts = [len(set(holders.get(c, ()))) for c in chunks]
+    return Replication(wanted, min(min(counts, default=wanted), wanted), sum(n < wanted for n in counts))
+
+
 @dataclass
 class Space:
     quota: int
@@ -74,7 +89,10 @@ class FileBook:
         # request id -> (device, the connection the request went out on, its answer)
         self._pending: dict[int, tuple[str, AgentConnection, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
         self._next = 0
-        self._views: dict[str, tuple[float, list[DeviceView]]] = {}
+        self._views: dict[str, tuple[float, int, list[DeviceView]]] = {}  # user -> (when, _offers then, views)
+        # Changes of what devices offer: views cached before one are not reused, or the chunks uploaded
+        # right after a device reported its storage (say, just after a restart) would skip it.
+        self._offers = 0
         # Locks only while someone holds them: one per chunk forever would grow without bound.
         self._chunk_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks = OwnedTasks()  # inventory reconciliations
@@ -92,6 +110,9 @@ class FileBook:
             if conn.device_id in self.space:
                 self.space[conn.device_id].free = msg.free_bytes
         elif isinstance(msg, m.ChunkInventory):
+            known = self.space.get(conn.device_id)
+            if known is None or known.quota != msg.quota_bytes:
+                self._offers += 1  # a device offers storage now (or other storage): cached views are stale
             self.space[conn.device_id] = Space(msg.quota_bytes, max(0, msg.quota_bytes - msg.used_bytes))
             pages = self._inventories.setdefault(conn, set())
             if len(pages) + len(msg.chunks) > self.max_inventory:  # pages that never say `last`, say
@@ -264,15 +285,16 @@ class FileBook:
     async def views(self, user_id: str, fresh: bool = False) -> list[DeviceView]:
         """The user's devices that offer storage, with their forecasts (cached for `VIEW_TTL`)."""
         cached = self._views.get(user_id)
-        if cached and not fresh and time.monotonic() - cached[0] < VIEW_TTL:
+        if cached and not fresh and time.monotonic() - cached[0] < VIEW_TTL and cached[1] == self._offers:
             return [DeviceView(v.device_id, v.device_id in self.hub.conns, v.p_online, self._free(v.device_id))
-                    for v in cached[1]]
+                    for v in cached[2]]
+        offers = self._offers
         devices = [d for d in await self.hub.store.list_devices(user_id) if d.id in self.space
                    and self.space[d.id].quota > 0]
         probabilities = await self._forecasts([d.id for d in devices])
         views = [DeviceView(d.id, d.id in self.hub.conns, probabilities.get(d.id, self._persistence(d.id)),
                             self._free(d.id)) for d in devices]
-        self._views[user_id] = (time.monotonic(), views)
+        self._views[user_id] = (time.monotonic(), offers, views)
         return views
 
     def _persistence(self, device_id: str) -> tuple[float, ...]:
@@ -368,7 +390,8 @@ class FileBook:
                     holders += chosen
                 else:  # a failed copy may have shown that its source lost the chunk: ask the records
                     holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
-        return {"chunk": chunk_id, "holders": holders}
+        # Fewer holders than asked when no more devices can take it now (the repair loop adds the rest).
+        return {"chunk": chunk_id, "holders": holders, "replicas": replicas}
 
     async def delete_replicas(self, freed: dict[str, list[str]], grace: float = 0.0) -> None:
         """Tell online devices to drop chunks (offline ones are told on their return); ``grace``: see
@@ -379,6 +402,11 @@ class FileBook:
                 conn.send(m.ChunkDelete(chunks=batch, grace=grace))
 
     # --- reports -------------------------------------------------------------------------
+
+    def replication_view(self, chunks: list[str], holders: dict[str, list[str]], wanted: int) -> dict[str, Any]:
+        """What a file's chunks have against its replica target, and how often repair looks at the rest."""
+        r = replication(chunks, holders, wanted)
+        return {"replicas_now": r.now, "chunks_short": r.short, "repair_interval": self.repair_interval}
 
     async def file_availability(self, user_id: str, holders: dict[str, list[str]], chunks: list[str]) -> float:
         """P(every chunk has a holder online) averaged over the next 24 h's horizons (independent devices)."""

@@ -98,7 +98,9 @@ async def commit_file(req: FileIn, user: User, store: StoreDep, hub: HubDep) -> 
     except FileRecordError as exc:
         raise HTTPException(409, str(exc)) from None
     await hub.files.delete_replicas(freed)
-    return _file_view(row, len(req.chunks))
+    ids = [c.id for c in req.chunks]
+    holders = await store.replicas_of(user.user_id, sorted(set(ids)))
+    return {**_file_view(row, len(req.chunks)), **hub.files.replication_view(ids, holders, row.replicas)}
 
 
 def _file_view(row: Any, chunks: int) -> dict[str, Any]:
@@ -121,7 +123,7 @@ async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict
     ids = [c.chunk_id for c in chunks]
     holders = await store.replicas_of(user.user_id, sorted(set(ids)))
     names = {d.id: d.name for d in await store.list_devices(user.user_id)}
-    view = _file_view(row, len(chunks))
+    view = {**_file_view(row, len(chunks)), **hub.files.replication_view(ids, holders, row.replicas)}
     view["sealing"] = row.sealing
     view["chunk_list"] = [{"id": c.chunk_id, "size": c.size,
                            "holders": [{"device": d, "name": names.get(d, d), "online": d in hub.conns}
