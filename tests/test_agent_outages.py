@@ -8,6 +8,7 @@ moment under test; the agent is the real one, with its real local socket and chu
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import time
 from pathlib import Path
@@ -103,3 +104,20 @@ async def test_a_stage_failure_while_disconnected_is_reported_when_the_agent_is_
     (number, done), = reports
     assert number == 2 and isinstance(done, m.StageDone)
     assert done.run_id == "r1" and not done.ok and "no-such-model" in done.error
+
+
+async def test_a_failing_agent_task_is_logged_not_left_unretrieved(tmp_path: Path, caplog) -> None:
+    agent = Agent(agent_config(tmp_path, "http://127.0.0.1:1"))
+    unretrieved: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    task = agent.spawn(boom())
+    await asyncio.wait({task})
+    del task
+    gc.collect()
+    loop.set_exception_handler(None)
+    assert unretrieved == [] and "boom" in caplog.text and not agent._tasks

@@ -275,7 +275,8 @@ async def test_chunks_kept_for_a_grace_are_reported_again_when_it_is_over(tmp_pa
     async def send(msg, payload=b""):
         sent.append(msg)
 
-    worker = FileWorker(SimpleNamespace(send=send, links=None, local=None), store)  # type: ignore[arg-type]
+    worker = FileWorker(SimpleNamespace(send=send, links=None, local=None, spawn=asyncio.ensure_future),  # type: ignore[arg-type]
+                        store)
     delete = m.ChunkDelete(chunks=[chunk_id(fresh), chunk_id(old)], grace=0.2)
     await worker.delete(worker.agent, delete, b"")
     # The chunk written within the grace stays (its record may be on its way), the other goes ...
