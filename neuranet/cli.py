@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from neuranet.client import Client, ClientError, load_client_config, save_client_config
 from neuranet.config import AgentConfig, ClientConfig, ServerConfig, default_home
@@ -42,12 +43,13 @@ def _client(server: str | None, token: str | None, timeout: float = 30.0) -> Cli
     try:
         return Client(load_client_config(server, token), timeout=timeout)
     except ClientError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/] {exc}")
+    # Escaped: messages quote user input and hints like 'neuranet[x]'; unwrapped: one line, whole.
+    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -127,11 +129,11 @@ def server(
     first_token: list[str] = []
 
     def first_admin(name: str, token: str) -> None:
-        console.print(f"[bold]First start:[/] created user [cyan]{name}[/] with API token (shown once):\n  {token}")
+        console.print(f"[bold]First start:[/] created user [cyan]{escape(name)}[/] with API token (shown once):\n  {token}")
         first_token.append(token)
 
     def listening(url: str) -> None:
-        console.print(f"NeuraNet coordinator listening on [bold]{url}[/] (data in {cfg.data_dir})")
+        console.print(f"NeuraNet coordinator listening on [bold]{url}[/] (data in {escape(str(cfg.data_dir))})")
         if pin:
             what = ("its self-signed TLS certificate (agents enrol with it)" if tls_cert else
                     "its identity key (agents pin it at enrolment; giving it makes sure it is this coordinator)")
@@ -142,7 +144,7 @@ def server(
             saved = save_client_config(ClientConfig(url, first_token[0], ca_cert=tls_cert, pinned=self_signed),
                                        overwrite=False)
             if saved:
-                console.print(f"Saved this login to {saved} for the CLI on this machine.")
+                console.print(f"Saved this login to {escape(str(saved))} for the CLI on this machine.")
 
     try:
         run_service(serve(cfg, first_admin, listening))
@@ -175,7 +177,7 @@ def login(server: str = typer.Option(..., "--server"), token: str = typer.Option
         except ClientError as exc:
             _fail(exc)
     path = save_client_config(cfg)
-    console.print(f"Logged in as [cyan]{me['name']}[/]; saved to {path}")
+    console.print(f"Logged in as [cyan]{escape(me['name'])}[/]; saved to {escape(str(path))}")
 
 
 @app.command("join-token")
@@ -207,7 +209,7 @@ def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
             u = c.create_user(name, admin)
         except ClientError as exc:
             _fail(exc)
-    console.print(f"user {u['name']} ({u['user_id']}) token: {u['token']}")
+    console.print(f"user {escape(u['name'])} ({u['user_id']}) token: {u['token']}")
 
 
 @app.command()
@@ -309,6 +311,10 @@ def links_test(src: str, dst: str, mib: int = typer.Option(64, help="MiB to send
         raise typer.Exit(1)
 
 
+PollTimeoutOpt = typer.Option(10.0, "--poll-timeout", min=0.1, help="Seconds each progress poll waits for the "
+                              "server before trying again (for up to 5 minutes without an answer).")
+
+
 @app.command()
 def train(
     model: str = typer.Option(..., help="Built-in model (mlp-digits, cnn-digits, gpt-char) or a .py file of "
@@ -319,13 +325,15 @@ def train(
     schedule: str = typer.Option("1f1b", help="1f1b or gpipe."), optimizer: str = typer.Option("sgd"),
     lr: float = typer.Option(0.05), seed: int = typer.Option(0),
     all_devices: bool = typer.Option(False, "--all-devices", help="Use every chosen device, in the order given."),
+    poll_timeout: float = PollTimeoutOpt,
     server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt,
 ) -> None:
     """Train a model split across your devices; shows the plan and the loss as it falls."""
-    from neuranet.ui import follow_run
-
     chosen: object = None if devices == "auto" else int(devices) if devices.isdigit() else devices.split(",")
     user_model = None
+    request = dict(model=model, devices=chosen, steps=steps, batch_size=batch_size, microbatches=microbatches,
+                   schedule=schedule, optimizer=optimizer, lr=lr, seed=seed, use_all_devices=all_devices, data=data)
+    _check_run_request(request)  # before measuring a model file: one line per mistake, nothing started
     if model.endswith(".py") or Path(model).is_file():
         from neuranet.pipeline.models import UserModelError
         from neuranet.pipeline.profile_layers import user_model_spec
@@ -334,16 +342,46 @@ def train(
             user_model = user_model_spec(model, seed, max(1, batch_size // microbatches))
         except (UserModelError, ValueError, OSError) as exc:
             _fail(exc)
-        model = Path(model).stem[:64] or "user-model"
+        request.update(model=Path(model).stem[:64] or "user-model", user_model=user_model)
     with _client(server, token) as c:
         try:
-            run = c.start_run(model=model, devices=chosen, steps=steps, batch_size=batch_size,
-                              microbatches=microbatches, schedule=schedule, optimizer=optimizer, lr=lr, seed=seed,
-                              use_all_devices=all_devices, user_model=user_model, data=data)
-            console.print(run["plan"])
-            run = follow_run(c, run, console)
+            run = c.start_run(**request)
         except ClientError as exc:
             _fail(exc)
+        _follow(c, run, poll_timeout)
+
+
+def _check_run_request(request: dict[str, Any]) -> None:
+    """Refuse what the server would refuse, naming the flag (the server's request model is the one rule)."""
+    from pydantic import ValidationError
+
+    from neuranet.client import validation_message
+    from neuranet.server.runs import RunRequest
+
+    flags = {name: f"--{name.replace('_', '-')}" for name in request} | {"use_all_devices": "--all-devices"}
+    try:
+        RunRequest.model_validate({**request, "model": request["model"][-64:]})  # a model file's name is cut
+    except ValidationError as exc:
+        _fail(ValueError(validation_message(exc.errors(), flags)))
+
+
+def _follow(c: Client, run: dict[str, Any], poll_timeout: float, started: bool = True) -> None:
+    """Print the run's id and plan first (so it can be found again), follow it, and say how it ended."""
+    from neuranet.client import Patience, ServerUnreachable
+    from neuranet.ui import follow_run
+
+    if started:
+        console.print(f"run {run['id']} started (`neuranet runs follow {run['id']}` follows it again)")
+    else:
+        console.print(f"following run {run['id']} (attempt {run['attempt']}, {len(run['losses'])} steps done)")
+    console.print(escape(run["plan"]))
+    try:
+        run = follow_run(c, run, console, patience=Patience(request_timeout=poll_timeout))
+    except ServerUnreachable as exc:
+        _fail(ServerUnreachable(f"{exc}; run {run['id']} goes on at the coordinator: follow it again with "
+                                f"`neuranet runs follow {run['id']}`"))
+    except ClientError as exc:
+        _fail(exc)
     if run["status"] != "finished":
         _fail(RuntimeError(f"run {run['id']} {run['status']}: {run['errors']}"))
     console.print(f"run {run['id']} finished; fetch its weights with `neuranet runs fetch {run['id']}`")
@@ -397,7 +435,7 @@ def infer(
                 model=model, run=run, devices=chosen, seed=seed, batch_size=min(batch_size, max(1, len(inputs))),
                 use_all_devices=all_devices)
             if not deployment:
-                err.print(dep["plan"])
+                err.print(escape(dep["plan"]))
             while dep["status"] == "loading":
                 dep = c.deployment(dep["id"], wait=30)
             if dep["status"] != "ready":
@@ -419,9 +457,38 @@ def infer(
             if not keep and not deployment and "dep" in locals():
                 c.stop_deployment(dep["id"])
     if output:
-        err.print(f"wrote {len(inputs)} outputs to {output}")
+        err.print(f"wrote {len(inputs)} outputs to {escape(str(output))}")
     if keep:
         err.print(f"deployment {dep['id']} is still running")
+
+
+@runs_app.command("ls")
+def runs_ls(as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
+            token: Optional[str] = TokenOpt) -> None:
+    """Your training runs and deployments, newest first: state, devices, step."""
+    from neuranet.ui import runs_table
+
+    with _client(server, token) as c:
+        try:
+            rows = c.runs()
+        except ClientError as exc:
+            _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(runs_table(rows))
+
+
+@runs_app.command("follow")
+def runs_follow(run_id: str, poll_timeout: float = PollTimeoutOpt, server: Optional[str] = ServerOpt,
+                token: Optional[str] = TokenOpt) -> None:
+    """Follow a training run again (after the terminal closed, or the server was away too long)."""
+    with _client(server, token) as c:
+        try:
+            run = c.run(run_id)
+        except ClientError as exc:
+            _fail(exc)
+        _follow(c, run, poll_timeout, started=False)
 
 
 @runs_app.command("fetch")
@@ -434,7 +501,7 @@ def runs_fetch(run_id: str, output: Path = typer.Option(None, "-o", help="Where 
             out.write_bytes(c.run_weights(run_id))
         except ClientError as exc:
             _fail(exc)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {escape(str(out))}")
 
 
 @app.command()
@@ -470,7 +537,7 @@ def forecast(
             plot_forecast(rows[0], plot)
         except OSError as exc:
             _fail(exc)
-        err.print(f"wrote {plot}")
+        err.print(f"wrote {escape(str(plot))}")
 
 
 @trace_app.command("import")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -16,6 +19,68 @@ from neuranet.config import ClientConfig, default_home
 
 class ClientError(Exception):
     """The server refused a request; the message is the server's explanation."""
+
+
+class ServerUnreachable(ClientError):
+    """No answer came back (connection refused or reset, timeout) or a proxy said the server is away
+    (502/503/504 without a NeuraNet reason): trying again later may work."""
+
+
+AWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def validation_message(errors: list[Any], flags: dict[str, str] | None = None) -> str:
+    """Pydantic errors (a 422's ``detail`` or ``ValidationError.errors()``) as one line naming each field,
+    or the command-line flag ``flags`` maps its name to."""
+    parts = []
+    for e in errors:
+        if not isinstance(e, dict):
+            parts.append(str(e))
+            continue
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+        msg = str(e.get("msg", e)).removeprefix("Value error, ")
+        name = (flags or {}).get(loc.split(".")[0], loc)
+        parts.append(f"{name}: {msg}" if name else msg)
+    return "; ".join(parts)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How a poll rides out a server that does not answer (paused, restarting, a flaky network): each
+    try waits ``request_timeout``; tries are spaced ``base`` seconds, doubling up to ``cap``; after
+    ``give_up`` seconds without an answer it stops."""
+
+    request_timeout: float = 10.0
+    base: float = 0.5
+    cap: float = 8.0
+    give_up: float = 300.0
+
+
+def patiently(call: Callable[[], T], patience: Patience, note: Callable[[str], None],
+              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``call()``, retried while it raises `ServerUnreachable`, within ``patience``; ``note`` tells the
+    user when the server stops answering and when it is back. Other refusals are raised at once."""
+    lost_at: float | None = None
+    tries = 0
+    while True:
+        try:
+            result = call()
+        except ServerUnreachable as exc:
+            now = clock()
+            if lost_at is None:
+                lost_at = now
+                note(f"{exc}; trying again for up to {patience.give_up:.0f} s")
+            elif now - lost_at >= patience.give_up:
+                raise ServerUnreachable(f"{exc} (no answer for {now - lost_at:.0f} s)") from None
+            sleep(min(patience.cap, patience.base * 2**tries))
+            tries += 1
+            continue
+        if lost_at is not None:
+            note(f"the server answers again after {clock() - lost_at:.1f} s")
+        return result
 
 
 def client_config_path(home: Path | None = None) -> Path:
@@ -104,13 +169,19 @@ class Client:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from None
+            raise ServerUnreachable(f"cannot reach the server at {self._http.base_url}: "
+                                    f"{str(exc) or type(exc).__name__}") from None
         if resp.status_code >= 400:
             try:
                 body = resp.json()
             except ValueError:
                 body = None
             detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
+            if isinstance(detail, list):  # request validation: which field, and why
+                detail = validation_message(detail)
+            if resp.status_code in AWAY_STATUSES and not isinstance(body, dict):
+                raise ServerUnreachable(f"{resp.status_code}: the server at {self._http.base_url} is away "
+                                        f"({resp.reason_phrase})")
             raise ClientError(f"{resp.status_code}: {detail}")
         try:
             return resp.json()
@@ -168,8 +239,11 @@ class Client:
     def start_run(self, **request: Any) -> dict[str, Any]:
         return self.request("POST", "/api/v1/runs", json=request)
 
-    def run(self, run_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/runs/{run_id}")
+    def run(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/runs/{run_id}", **({"timeout": timeout} if timeout else {}))
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/runs")
 
     def deploy(self, **request: Any) -> dict[str, Any]:
         return self.request("POST", "/api/v1/deployments", json=request)

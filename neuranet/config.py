@@ -52,6 +52,7 @@ class ServerConfig:
     insecure: bool = False  # allow plain HTTP on an address other hosts can reach
     heartbeat_interval: float = 3.0
     offline_after: float = 12.0  # a device silent this long is offline
+    run_rejoin_grace: float = 5.0  # a run that lost a device waits this long for it to reconnect before re-planning
     telemetry_flush_interval: float = 1.0
     telemetry_retention: float = 30 * 86400.0  # seconds telemetry is kept
     forecast_retrain_interval: float = 6 * 3600.0  # seconds between retrainings of the availability forecaster

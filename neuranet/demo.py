@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from neuranet.client import Client, ClientError
@@ -26,7 +27,7 @@ def run_linktests(client: Client, pairs: list[tuple[dict[str, Any], dict[str, An
                   TextColumn("{task.fields[path]}"), TimeRemainingColumn(), console=console) as progress:
         for src, dst in pairs:
             label = f"{src['name']} → {dst['name']}"
-            bar = progress.add_task(label, total=total_bytes, path="")
+            bar = progress.add_task(escape(label), total=total_bytes, path="")
             state = client.start_linktest(src["id"], dst["id"], total_bytes, message_bytes)
             deadline = time.monotonic() + timeout
             while not state["done"] and time.monotonic() < deadline:
@@ -48,11 +49,11 @@ def train_across(client: Client, console: Console) -> bool:
     """Train a digits classifier split over the demo's agents and show the loss fall."""
     console.rule("training mlp-digits across the agents (1F1B pipeline)")
     run = client.start_run(**DEMO_RUN)
-    console.print(run["plan"])
+    console.print(escape(run["plan"]))
     run = follow_run(client, run, console)
     losses = run["losses"]
     if run["status"] != "finished" or not losses:
-        console.print(f"[red]training {run['status']}:[/] {run['errors']}")
+        console.print(f"[red]training {run['status']}:[/] {escape(str(run['errors']))}")
         return False
     console.print(f"loss {losses[0]:.3f} → {losses[-1]:.3f} over {len(losses)} steps on {len(run['stages'])} devices")
     return losses[-1] < losses[0]
@@ -81,7 +82,7 @@ def run_demo(console: Console, mib: int = 96, keep: bool = False) -> int:
                 trained = train_across(c, console)
             return 0 if ok and trained else 1
     except (FabricError, ClientError) as exc:
-        console.print(f"[red]demo failed:[/] {exc}")
+        console.print(f"[red]demo failed:[/] {escape(str(exc))}")
         return 1
     finally:
         if keep:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -85,14 +86,14 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
     except SealingError as exc:
         _fail(exc)
     with _client(server, token, timeout=120.0) as c, _bar() as bar, open(path, "rb") as f:
-        task = bar.add_task(f"put {path.name}", total=path.stat().st_size)
+        task = bar.add_task(f"put {escape(path.name)}", total=path.stat().st_size)
         try:
             agent = None if no_agent else _local_agent(c, agent_dir)
             out = upload(c, f, name or path.name, replicas, sealer, overwrite, lambda n: bar.advance(task, n),
                          agent=agent)
         except (ClientError, OSError) as exc:
             _fail(exc)
-    console.print(f"stored {out['name']}: {_size(out['plaintext_size'])} in {out['chunks']} chunk(s), "
+    console.print(f"stored {escape(out['name'])}: {_size(out['plaintext_size'])} in {out['chunks']} chunk(s), "
                   f"{_replicas(out)}{', encrypted' if out['encrypted'] else ''} ({_ways(out['paths'])})")
     _repair_note(out)
 
@@ -136,11 +137,11 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
         try:
             agent = None if no_agent else _local_agent(c, agent_dir)
             size = plaintext_size(c.file_info(name))
-            task = bar.add_task(f"get {name}", total=size)
+            task = bar.add_task(f"get {escape(name)}", total=size)
             info = download(c, name, target, opener, lambda n: bar.advance(task, n), agent=agent)
         except (ClientError, SealingError, TransferError, OSError) as exc:
             _fail(exc)
-    console.print(f"wrote {target} ({_size(size)}; {_ways(info['paths'])})")
+    console.print(f"wrote {escape(str(target))} ({_size(size)}; {_ways(info['paths'])})")
 
 
 def _ways(paths: dict[str, int]) -> str:
@@ -171,7 +172,7 @@ def ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> No
     rows = _ask(server, token, lambda c: c.files())
     table = Table("name", "size", "replicas", "encrypted")
     for r in rows:
-        table.add_row(r["name"], _size(r["size"]), str(r["replicas"]), "yes" if r["encrypted"] else "")
+        table.add_row(escape(r["name"]), _size(r["size"]), str(r["replicas"]), "yes" if r["encrypted"] else "")
     console.print(table)
 
 
@@ -181,14 +182,14 @@ def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = To
     from neuranet.storage.transfer import plaintext_size
 
     out = _ask(server, token, lambda c: c.file_info(name))
-    console.print(f"{out['name']}: {_size(plaintext_size(out))}, {out['chunks']} chunk(s), {_replicas(out)}"
+    console.print(f"{escape(out['name'])}: {_size(plaintext_size(out))}, {out['chunks']} chunk(s), {_replicas(out)}"
                   f"{', encrypted' if out['encrypted'] else ''}; retrievable now: "
                   f"{'yes' if out['retrievable_now'] else 'NO'}; P(retrievable, next 24 h): "
                   f"{out['p_retrievable_24h']:.3f}")
     _repair_note(out)
     table = Table("#", "chunk", "size", "holders (online in green)")
     for i, ch in enumerate(out["chunk_list"]):
-        holders = ", ".join(f"[green]{h['name']}[/]" if h["online"] else f"[dim]{h['name']}[/]" for h in ch["holders"])
+        holders = ", ".join(f"[green]{escape(h['name'])}[/]" if h["online"] else f"[dim]{escape(h['name'])}[/]" for h in ch["holders"])
         table.add_row(str(i), ch["id"][:12], _size(ch["size"]), holders or "[red]none[/]")
     console.print(table)
 
@@ -197,7 +198,7 @@ def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = To
 def rm(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Delete a file; its chunks are freed on every device (offline ones when they return)."""
     out = _ask(server, token, lambda c: c.delete_file(name))
-    console.print(f"deleted {out['deleted']} ({out['replicas_freed']} chunk replicas freed)")
+    console.print(f"deleted {escape(str(out['deleted']))} ({out['replicas_freed']} chunk replicas freed)")
 
 
 @files_app.command("held")
@@ -206,4 +207,4 @@ def held(device: str = typer.Argument(..., help="A device name or id."),
     """What one of your devices holds for the fabric."""
     out = _ask(server, token, lambda c: c.device_chunks(c.resolve_device(device)["id"]))
     quota = _size(out["quota_bytes"]) if out["quota_bytes"] is not None else "unknown (offline)"
-    console.print(f"{out['name']}: {out['chunks']} chunk(s), {_size(out['bytes'])}; quota {quota}")
+    console.print(f"{escape(out['name'])}: {out['chunks']} chunk(s), {_size(out['bytes'])}; quota {quota}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -39,7 +40,7 @@ def devices_table(devices: list[dict[str, Any]]) -> Table:
         cpu = f"{p.get('cpu_cores', '?')} cores" if p else "-"
         rtt = p.get("server_rtt_ms")
         table.add_row(
-            d["name"], d["id"][:8], "[green]online[/]" if d["online"] else "[red]offline[/]", cpu,
+            escape(d["name"]), d["id"][:8], "[green]online[/]" if d["online"] else "[red]offline[/]", cpu,
             human_bytes(p.get("ram_bytes")), gpus, human_bytes(p.get("disk_free_bytes")),
             f"{p['cpu_gflops']:.1f}" if p.get("cpu_gflops") else "-", f"{rtt:.2f} ms" if rtt else "-",
             "now" if d["online"] else ago(d.get("last_seen")),
@@ -55,24 +56,40 @@ def linktests_table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
         res = r.get("result") or {}
         secs = res.get("seconds") or 0
         rate = f"{res.get('bytes', 0) / secs / 1e6:.0f} MB/s" if secs else "-"
-        table.add_row(label, res.get("path", "-"), ", ".join(res.get("paths_used", [])), human_bytes(res.get("bytes")),
+        table.add_row(escape(label), res.get("path", "-"), ", ".join(res.get("paths_used", [])), human_bytes(res.get("bytes")),
                       rate, f"{res.get('rtt_ms', 0):.2f} ms",
-                      "[green]in order, intact[/]" if res.get("ok") else f"[red]{res.get('error', 'failed')}[/]")
+                      "[green]in order, intact[/]" if res.get("ok") else f"[red]{escape(str(res.get('error', 'failed')))}[/]")
     return table
 
 
-def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 24 * 3600) -> dict[str, Any]:
-    """Poll a run until it ends, with a progress bar of steps, the latest loss and samples/s."""
+def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 24 * 3600,
+               patience: Any = None, interval: float = 0.25) -> dict[str, Any]:
+    """Poll a run until it ends, with a progress bar of steps, the latest loss and samples/s; says when
+    the run re-plans (why, and the new plan) and rides out a server that stops answering for a while."""
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from neuranet.client import Patience, patiently
+
+    patience = patience or Patience()
     deadline = time.monotonic() + timeout
     first: tuple[float, int] | None = None  # (when, steps) at the first step seen: rate excludes set-up
+    shown = len(run.get("recoveries", []))
     with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]}"),
                   TextColumn("{task.fields[rate]} samples/s"), console=console) as progress:
         bar = progress.add_task("train", total=run["steps"], loss="-", rate="-")
+
+        def note(text: str) -> None:
+            console.print(f"[yellow]{escape(text)}[/]")
+
         while run["status"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.25)
-            run = client.run(run["id"])
+            time.sleep(interval)
+            run_id = run["id"]
+            run = patiently(lambda: client.run(run_id, timeout=patience.request_timeout), patience, note)
+            for recovery in run.get("recoveries", [])[shown:]:
+                console.print(f"[yellow]re-planned, {escape(recovery)}[/]")
+            if len(run.get("recoveries", [])) > shown:
+                shown = len(run["recoveries"])
+                console.print(escape(run["plan"]))
             losses, now = run["losses"], time.monotonic()
             if losses and first is None:
                 first = (now, len(losses))
@@ -81,6 +98,20 @@ def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 
                 rate = f"{(len(losses) - first[1]) * run['batch_size'] / (now - first[0]):.0f}"
             progress.update(bar, completed=len(losses), loss=f"{losses[-1]:.4f}" if losses else "-", rate=rate)
     return run
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Table:
+    """Runs and deployments, newest first; the id whole (`runs fetch` and `runs follow` take it)."""
+    from rich import box
+
+    table = Table(title="Runs", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)  # fits 80 columns
+    for col in ("id", "kind", "state", "step", "devices", "created"):
+        table.add_column(col, no_wrap=col in ("id", "step"), overflow="fold")
+    for r in runs:
+        step = "-" if r.get("step") is None else f"{r['step']}/{r['steps']}" if r.get("steps") else str(r["step"])
+        table.add_row(r["id"], escape(r["kind"]), escape(r["state"]), step, escape(", ".join(r["devices"])) or "-",
+                      ago(r["created"]))
+    return table
 
 
 TIMELINE_SLOTS = 24
@@ -114,7 +145,7 @@ def forecast_table(forecasts: list[dict[str, Any]]) -> Table:
     for f in forecasts:
         end = f["at"]
         table.add_row(
-            f["name"], "[green]online[/]" if f["online"] else "[red]offline[/]",
+            escape(f["name"]), "[green]online[/]" if f["online"] else "[red]offline[/]",
             *(f"{h['p_online']:.2f}" for h in f["horizons"]),
             f"{f['expected_online_seconds'] / 3600:.1f} h",
             timeline(f["history"], end - 86400, end),

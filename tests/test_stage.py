@@ -165,3 +165,10 @@ async def test_peerlink_channel_round_trips_tensor_and_meta() -> None:
     got, meta = await channel.recv()
     assert torch.equal(got, t.detach())
     assert meta == {"kind": "act", "step": 2, "mb": 1}
+
+
+def test_the_coordinator_knows_the_optimisers_a_stage_accepts() -> None:
+    from neuranet.pipeline.schedules import OPTIMIZER_NAMES
+    from neuranet.pipeline.stage import OPTIMIZERS
+
+    assert sorted(OPTIMIZERS) == sorted(OPTIMIZER_NAMES)  # the torch-free list the server validates runs with

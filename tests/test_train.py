@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from fabric_helpers import free_port
+from fabric_helpers import free_port, wait_for
 from neuranet.client import ClientError
 from neuranet.fabric import LocalFabric
 from neuranet.pipeline.data import batches, load_dataset
@@ -167,6 +168,172 @@ def test_a_model_file_of_the_users_own_trains_on_their_devices(fabric: LocalFabr
     bad.write_text("def build(seed):\n    return 42\n")
     refused = CliRunner().invoke(app, ["train", "--model", str(bad), *auth])
     assert refused.exit_code == 1 and "returned int, not a LayerModel" in refused.output
+
+
+def test_bad_options_are_refused_up_front_in_one_line(fabric: LocalFabric) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    with fabric.client() as c:
+        before = len(c.runs())
+        # The REST API refuses too, naming the field, before any agent sees the run.
+        with pytest.raises(ClientError, match=r"^422: schedule: unknown pipeline schedule 'bogus'; choose one of"):
+            c.start_run(**{**RUN, "schedule": "bogus"})
+        with pytest.raises(ClientError, match=r"^422: optimizer: unknown optimiser 'adam'; choose one of: adamw, sgd$"):
+            c.start_run(**{**RUN, "optimizer": "adam"})
+        with pytest.raises(ClientError, match=r"^422: steps: Input should be greater than or equal to 1$"):
+            c.start_run(**{**RUN, "steps": 0})
+        for args, line in [(["--schedule", "bogus"], "error: --schedule: unknown pipeline schedule 'bogus'; choose "
+                             "one of: 1f1b, gpipe"),
+                           (["--steps", "0"], "error: --steps: Input should be greater than or equal to 1"),
+                           (["--microbatches", "0"], "error: --microbatches: Input should be greater than or equal "
+                            "to 1")]:
+            result = CliRunner().invoke(app, ["train", "--model", "mlp-digits", *args, *auth])
+            assert result.exit_code == 1 and result.output.strip() == line, result.output
+        assert len(c.runs()) == before  # nothing was started
+
+
+def test_error_messages_reach_the_user_unmangled_by_markup(fabric: LocalFabric) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    # [pretrained] is Rich markup syntax: printed as markup it vanished from hints like
+    # pip install 'neuranet[pretrained]'.
+    result = CliRunner().invoke(app, ["train", "--model", "mlp[pretrained]", "--server", fabric.url,
+                                      "--token", fabric.token])
+    assert result.exit_code == 1 and "unknown model 'mlp[pretrained]'" in result.output, result.output
+
+
+def test_runs_ls_lists_the_users_runs(fabric: LocalFabric) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    with fabric.client() as c:
+        run = wait_finished(c, c.start_run(**{**RUN, "devices": AGENTS[:2], "use_all_devices": True})["id"])
+        other = c.create_user("runs-ls-stranger")
+    auth = ["--server", fabric.url, "--token", fabric.token]
+    result = CliRunner().invoke(app, ["runs", "ls", "--json", *auth])
+    assert result.exit_code == 0, result.output
+    rows = {r["id"]: r for r in json.loads(result.output)}
+    mine = rows[run["id"]]
+    assert mine["kind"] == "train" and mine["model"] == "mlp-digits" and mine["state"] == "finished"
+    assert mine["devices"] == AGENTS[:2] and mine["step"] == mine["steps"] == RUN["steps"]
+    table = CliRunner().invoke(app, ["runs", "ls", *auth])
+    assert table.exit_code == 0 and run["id"] in table.output and "finished" in table.output
+    with fabric.client(other["token"]) as c2:
+        assert c2.runs() == []  # only one's own
+
+
+class CliProcess:
+    """`neuranet …` as a real process whose output is read line by line as it comes (bounded waits)."""
+
+    def __init__(self, fabric: LocalFabric, args: list[str]) -> None:
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen([sys.executable, "-m", "neuranet", *args, "--server", fabric.url,
+                                      "--token", fabric.token], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**fabric.env, "COLUMNS": "200"}, text=True)
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self._queue.put(line.rstrip("\n"))
+            self._queue.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines:
+                if found := re.search(pattern, line):
+                    return found
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} in {timeout:.0f} s:\n" + "\n".join(self.lines))
+            if line is None:
+                raise AssertionError(f"the command ended without {pattern!r}:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+
+    def finish(self, timeout: float = 120.0) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return rc
+
+
+def test_train_prints_the_run_id_first_and_rides_out_a_paused_server(fabric: LocalFabric) -> None:
+    import os
+    import signal
+
+    cli = CliProcess(fabric, ["train", "--model", "mlp-digits", "--devices", "s0,s1", "--all-devices",
+                              "--steps", "300", "--poll-timeout", "1"])
+    try:
+        run_id = cli.wait_for(r"^run ([0-9a-f]{32}) started").group(1)  # before any progress: findable at once
+        os.kill(fabric.server.pid, signal.SIGSTOP)
+        try:
+            cli.wait_for(r"cannot reach the server .*; trying again for up to 300 s", timeout=60)
+        finally:
+            os.kill(fabric.server.pid, signal.SIGCONT)
+        cli.wait_for(r"the server answers again after", timeout=60)
+        assert cli.finish() == 0, "\n".join(cli.lines)
+    finally:
+        if cli.proc.poll() is None:
+            cli.proc.kill()
+    assert f"run {run_id} finished" in cli.lines[-1], cli.lines
+
+
+def cut_server_connections(fabric: LocalFabric, agent: str) -> int:
+    """Abort the agent's TCP connections to the coordinator (as a network blip would); it reconnects at once."""
+    import subprocess
+    from urllib.parse import urlparse
+
+    port, pid = urlparse(fabric.url).port, fabric.agents[agent].pid
+    listed = subprocess.run(["ss", "-tnpH", "state", "established", "dport", "=", f":{port}"],
+                            capture_output=True, text=True, check=True).stdout
+    local = [line.split()[2] for line in listed.splitlines() if f"pid={pid}," in line]
+    for addr in local:
+        subprocess.run(["ss", "-K", "-tn", "src", addr, "dst", f"127.0.0.1:{port}"], capture_output=True, check=True)
+    return len(local)
+
+
+def test_a_device_back_within_the_grace_is_taken_back_and_the_cli_shows_the_replan(fabric: LocalFabric) -> None:
+    req = {**RUN, "model_options": {"hidden": 64, "depth": 6}, "devices": AGENTS, "use_all_devices": True,
+           "steps": 120, "checkpoint_every": 20}
+    with fabric.client() as c:
+        started = c.start_run(**req)
+        cli = CliProcess(fabric, ["runs", "follow", started["id"], "--poll-timeout", "30"])
+        cli.wait_for(rf"^following run {started['id']}")
+        wait_for(lambda: c.run(started["id"])["checkpoints"], timeout=60, what="a checkpoint")
+        assert cut_server_connections(fabric, "s1") >= 1
+        replanned = cli.wait_for(r"re-planned, attempt 1: lost s1 \(s1 came back\); resumed from step (\d+) on 3 "
+                                 r"devices", timeout=60)
+        assert cli.finish() == 0, "\n".join(cli.lines)
+        run = c.run(started["id"])
+        weights = load(c.run_weights(run["id"]))
+    assert run["status"] == "finished" and run["attempt"] == 1, run["recoveries"]
+    assert [s["device"] for s in run["stages"]] == [s["device"] for s in started["stages"]]  # all three again
+    assert int(replanned.group(1)) % 20 == 0 and f"run {run['id']} finished" in cli.lines[-1]
+    losses, state = one_process(req)
+    assert torch.allclose(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for key, value in state.items():
+        assert torch.allclose(weights[key], value, rtol=1e-5, atol=1e-6), key
 
 
 def test_a_device_lost_mid_run_costs_a_checkpoint_not_the_run(fabric: LocalFabric) -> None:

@@ -84,6 +84,9 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> list[StageOps]:
 
 
 SCHEDULES: dict[str, Callable[[int, int], list[StageOps]]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
+# The optimisers a stage trains with (``stage.OPTIMIZERS``), named here without torch so the coordinator
+# can refuse a request before any agent sees it.
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "sgd")
 
 
 def schedule(name: str, num_stages: int, num_microbatches: int) -> list[StageOps]:

@@ -249,7 +249,7 @@ class Hub:
         # device -> devices it may exchange relayed frames with (granted links); dropped when it goes offline
         self._peers: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self.linktests: dict[str, LinkTestState] = {}
-        self.runs = RunBook(self, config.blob_dir)
+        self.runs = RunBook(self, config.blob_dir, config.run_rejoin_grace)
         self.serving = ServeBook(self)
         self.files = FileBook(self, config.file_repair_interval, config.file_lost_after, config.file_orphan_after,
                               max_inventory=config.limits.max_inventory_chunks)
@@ -277,6 +277,7 @@ class Hub:
             self.files.on_connection_lost(old)
             await old.close(4000, "replaced by a newer connection")
         await self.store.open_presence(conn.device_id, conn.connected_at)
+        self.runs.on_device_back(conn.device_id)
 
     async def unregister(self, conn: AgentConnection) -> None:
         if self.conns.get(conn.device_id) is not conn:

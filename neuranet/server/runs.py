@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from neuranet.pipeline.schedules import OPTIMIZER_NAMES, SCHEDULES, UnknownSchedule
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
 from neuranet.server.edge import ApiModel
@@ -87,6 +88,20 @@ class RunRequest(ApiModel):
         check_json_value(self.model_options, MODEL_OPTIONS_BOUNDS, "model_options")
         return self
 
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        if name.lower() not in SCHEDULES:
+            raise ValueError(str(UnknownSchedule(name)))
+        return name.lower()
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        if name.lower() not in OPTIMIZER_NAMES:
+            raise ValueError(f"unknown optimiser {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
+        return name.lower()
+
 
 class RunError(Exception):
     """A run cannot start as requested; the message says what to change."""
@@ -112,6 +127,10 @@ class RunState:
     checkpoints: dict[int, int] = field(default_factory=dict)  # step -> attempt that wrote it, whole model
     checkpoint_every: int = 0
     checkpoint_reason: str = ""
+    devices: list[dict[str, Any]] = field(default_factory=list)  # the devices given to the run: id, name, profile
+    lost: set[str] = field(default_factory=set)  # devices lost since the last (re-)plan
+    recovering: bool = False
+    rejoined: asyncio.Event = field(default_factory=asyncio.Event)  # set when a lost device connects again
 
     @property
     def status(self) -> str:
@@ -237,9 +256,10 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> Split:
 class RunBook:
     """The coordinator's live runs: start them, route their agents' reports, keep their weights."""
 
-    def __init__(self, hub: "Hub", blob_dir: Path) -> None:
+    def __init__(self, hub: "Hub", blob_dir: Path, rejoin_grace: float = 5.0) -> None:
         self.hub = hub
         self.blob_dir = blob_dir
+        self.rejoin_grace = rejoin_grace  # how long a recovery waits for lost devices to come back
         self.runs: dict[str, RunState] = {}
         self._tasks = OwnedTasks()  # recoveries in progress
 
@@ -257,7 +277,8 @@ class RunBook:
         if offline:  # nothing is recorded for a run that could not start
             raise RunError(f"device {offline[0]} went offline while the run was planned; start it again")
         run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in split.stages])
-        run = RunState(run_id, user_id, req, split.stages, split.text, checkpoint_every=every, checkpoint_reason=reason)
+        run = RunState(run_id, user_id, req, split.stages, split.text, checkpoint_every=every,
+                       checkpoint_reason=reason, devices=[{k: d.get(k) for k in ("id", "name", "profile")} for d in devices])
         self.runs[run_id] = run
         lost = next((s["device"] for s in run.stages if s["device"] not in self.hub.conns), None)
         if lost is not None:  # it went away while the run was recorded: recover as from any loss
@@ -352,33 +373,79 @@ class RunBook:
             shutil.rmtree(self._state_path(run, run.checkpoints.pop(older), older, 0).parent, ignore_errors=True)
 
     def on_device_lost(self, device_id: str) -> None:
-        """A device of a running run went offline: re-plan onto the others and resume from the last checkpoint."""
+        """A device of a running run went offline: re-plan and resume from the last checkpoint."""
         for run in self.runs.values():
             if run.status == "running" and any(s["device"] == device_id for s in run.stages):
-                self._tasks.spawn(self._recover(run, device_id))
+                run.lost.add(device_id)
+                if not run.recovering:
+                    run.recovering = True
+                    self._tasks.spawn(self._recover(run))
 
-    async def _recover(self, run: RunState, lost: str) -> None:
-        survivors = [s["device"] for s in run.stages if s["device"] != lost and s["device"] in self.hub.conns]
-        run.attempt += 1  # from now on, reports of the old attempt are ignored
-        for device in survivors:
-            self.hub.conns[device].send(m.StageAbort(run_id=run.id, reason=f"device {lost} went offline"))
-        resume = max((s for s in run.checkpoints if s < run.request.steps), default=0)
-        if not survivors:
-            run.errors[-1] = f"device {lost} went offline and no other device of the run is online"
-            return
+    def on_device_back(self, device_id: str) -> None:
+        """A device connected: a recovery waiting for it re-plans now, with it."""
+        for run in self.runs.values():
+            if device_id in run.lost:
+                run.rejoined.set()
+
+    async def _await_rejoin(self, run: RunState) -> None:
+        """Wait up to the grace for every lost device to reconnect: a blip should not cost a device."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.rejoin_grace
+        while any(d not in self.hub.conns for d in run.lost) and (left := deadline - loop.time()) > 0:
+            run.rejoined.clear()
+            try:
+                await asyncio.wait_for(run.rejoined.wait(), left)
+            except TimeoutError:
+                return
+
+    @staticmethod
+    def _names(run: RunState, device_ids: Any) -> str:
+        names = {d["id"]: d.get("name") or d["id"] for d in run.devices}
+        return ", ".join(sorted(names.get(d, d) for d in device_ids))
+
+    async def _recover(self, run: RunState) -> None:
         try:
-            devices = [{"id": d, "profile": self.hub.conns[d].profile} for d in survivors]
-            run.stages, plan_text, _, _ = await self._plan(run.request, devices)
-        except RunError as exc:
-            run.errors[-1] = f"device {lost} went offline and the rest cannot hold the model: {exc}"
-            return
-        run.plan = plan_text
+            await self._replan(run)
+        finally:
+            run.recovering = False
+
+    async def _replan(self, run: RunState) -> None:
+        """Abort the attempt, wait a grace for lost devices, then plan over the run's devices online now
+        (those that came back included) and resume every stage from the last whole checkpoint."""
+        run.attempt += 1  # from now on, reports of the old attempt are ignored
+        for s in run.stages:
+            if s["device"] in self.hub.conns:
+                reason = f"{self._names(run, run.lost)} went offline"
+                self.hub.conns[s["device"]].send(m.StageAbort(run_id=run.id, reason=reason))
+        resume = max((s for s in run.checkpoints if s < run.request.steps), default=0)
+        await self._await_rejoin(run)
+        while True:
+            online = [d for d in run.devices if d["id"] in self.hub.conns]
+            if not online:
+                run.errors[-1] = f"{self._names(run, run.lost)} went offline and no device of the run is online"
+                return
+            devices = [{**d, "profile": self.hub.conns[d["id"]].profile or d.get("profile") or {}} for d in online]
+            try:
+                split = await self._plan(run.request, devices)
+            except RunError as exc:
+                run.errors[-1] = f"{self._names(run, run.lost)} went offline and the rest cannot hold it: {exc}"
+                return
+            if all(s["device"] in self.hub.conns for s in split.stages):
+                break  # else a device went while planning: plan again without it
+        back = self._names(run, [d for d in run.lost if d in self.hub.conns])
+        for d in run.lost:  # a returned device may still run its stage of the old attempt
+            if d in self.hub.conns:
+                self.hub.conns[d].send(m.StageAbort(run_id=run.id, reason="re-planned while it was away"))
+        run.recoveries.append(
+            f"attempt {run.attempt}: lost {self._names(run, run.lost)}" + (f" ({back} came back)" if back else "")
+            + f"; resumed from step {resume} on {len(split.stages)} devices")
+        run.stages, run.plan = split.stages, split.text
+        run.lost.clear()
         run.done.clear()
         run.parts.clear()
         run.part_counts.clear()
         run.part_bytes.clear()
         run.uploaded.clear()
-        run.recoveries.append(f"attempt {run.attempt}: lost {lost}, resumed from step {resume} on {len(run.stages)} devices")
         self._assign(run, resume)
 
     def _checkpoint_blob(self, run: RunState, step: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from neuranet.server.api import HubDep, StoreDep, User, device_view
 from neuranet.server.runs import RunError, RunRequest
@@ -46,6 +46,31 @@ async def start_run(req: RunRequest, user: User, store: StoreDep, hub: HubDep) -
     except RunError as exc:
         raise HTTPException(422, str(exc)) from None
     return run.view()
+
+
+MAX_RUNS_LISTED = 1000
+
+
+@router.get("")
+async def list_runs(user: User, store: StoreDep, hub: HubDep,
+                    limit: int = Query(100, ge=1, le=MAX_RUNS_LISTED)) -> list[dict[str, Any]]:
+    """Your runs and deployments, newest first: id, kind, model, state, devices, step, created (state
+    "unknown": the coordinator restarted since, and what it knew of the run in memory is gone)."""
+    names = {d.id: d.name for d in await store.list_devices(user.user_id)}
+    out = []
+    for row, device_ids in await store.list_runs(user.user_id, limit):
+        live = (hub.runs.runs if row.kind == "train" else hub.serving.deployments).get(row.id)
+        entry: dict[str, Any] = {"id": row.id, "kind": row.kind, "created": row.created_at, "model": None,
+                                 "state": "unknown", "step": None, "steps": None,
+                                 "devices": [names.get(d, d) for d in device_ids]}
+        if live is not None:
+            entry.update(state=live.status, devices=[names.get(s["device"], s["device"]) for s in live.stages])
+            if row.kind == "train":
+                entry.update(model=live.request.model, step=len(live.losses), steps=live.request.steps)
+            else:
+                entry.update(model=live.model)
+        out.append(entry)
+    return out
 
 
 def _run_of(run_id: str, user: Any, hub: Any) -> Any:

@@ -217,6 +217,18 @@ class Store(FileRecords, IdentityRecords):
                 s.add(RunDevice(run_id=run_id, device_id=d))
         return run_id
 
+    async def list_runs(self, user_id: str, limit: int) -> list[tuple[Run, list[str]]]:
+        """The user's newest runs and deployments (at most ``limit``), each with the devices it was given."""
+        async with self.session() as s:
+            runs = list((await s.scalars(select(Run).where(Run.user_id == user_id)
+                                         .order_by(Run.created_at.desc()).limit(limit))).all())
+            rows = (await s.execute(select(RunDevice.run_id, RunDevice.device_id)
+                                    .where(RunDevice.run_id.in_([r.id for r in runs])))).all()
+        devices: dict[str, list[str]] = {}
+        for run_id, device_id in rows:
+            devices.setdefault(run_id, []).append(device_id)
+        return [(r, devices.get(r.id, [])) for r in runs]
+
     # --- presence history and telemetry -------------------------------------------
 
     async def open_presence(self, device_id: str, now: float) -> None:
