@@ -374,7 +374,7 @@ def _follow(c: Client, run: dict[str, Any], poll_timeout: float, started: bool =
         console.print(f"run {run['id']} started (`neuranet runs follow {run['id']}` follows it again)")
     else:
         console.print(f"following run {run['id']} (attempt {run['attempt']}, {len(run['losses'])} steps done)")
-    console.print(escape(run["plan"]))
+    console.print(escape(run["plan"]), soft_wrap=True)
     try:
         run = follow_run(c, run, console, patience=Patience(request_timeout=poll_timeout))
     except ServerUnreachable as exc:
@@ -435,7 +435,7 @@ def infer(
                 model=model, run=run, devices=chosen, seed=seed, batch_size=min(batch_size, max(1, len(inputs))),
                 use_all_devices=all_devices)
             if not deployment:
-                err.print(escape(dep["plan"]))
+                err.print(escape(dep["plan"]), soft_wrap=True)  # a table: wrapping would break it
             while dep["status"] == "loading":
                 dep = c.deployment(dep["id"], wait=30)
             if dep["status"] != "ready":

@@ -49,7 +49,7 @@ def train_across(client: Client, console: Console) -> bool:
     """Train a digits classifier split over the demo's agents and show the loss fall."""
     console.rule("training mlp-digits across the agents (1F1B pipeline)")
     run = client.start_run(**DEMO_RUN)
-    console.print(escape(run["plan"]))
+    console.print(escape(run["plan"]), soft_wrap=True)
     run = follow_run(client, run, console)
     losses = run["losses"]
     if run["status"] != "finished" or not losses:

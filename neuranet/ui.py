@@ -89,7 +89,7 @@ def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 
                 console.print(f"[yellow]re-planned, {escape(recovery)}[/]")
             if len(run.get("recoveries", [])) > shown:
                 shown = len(run["recoveries"])
-                console.print(escape(run["plan"]))
+                console.print(escape(run["plan"]), soft_wrap=True)
             losses, now = run["losses"], time.monotonic()
             if losses and first is None:
                 first = (now, len(losses))

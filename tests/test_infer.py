@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -140,6 +141,10 @@ def test_cli_infer_writes_one_embedding_per_line(fabric: LocalFabric, tmp_path) 
     result = CliRunner().invoke(app, ["infer", "--model", MINILM, "--devices", "3", "--input", str(inputs),
                                       "--text", "zeroth line", "--batch-size", "2", "-o", str(out), *auth])
     assert result.exit_code == 0, result.output
+    # Equal devices: one stage answers a request fastest, and the CLI says why it did not use three.
+    assert "latency plan: 1 stage(s)" in result.output
+    assert re.search(r"using 1 of the 3 devices offered \(not i\d, i\d\): a split over all 3 would take "
+                     r"[\d.]+ m?s per request, not [\d.]+ m?s; --all-devices uses every one", result.output), result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and all(len(r) == 384 for r in rows)
     model = build_model(MINILM, 0)

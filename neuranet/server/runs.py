@@ -228,7 +228,29 @@ def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str
         raise RunError(str(exc)) from None
     stages = [{"device": s.device, "start": s.start, "stop": s.stop,
                "param_bytes": sum(layer.param_bytes for layer in layers[s.start:s.stop])} for s in result.stages]
-    return Split(stages, result.describe(), result.step_time, sum(layer.param_bytes for layer in layers))
+    text = result.describe()
+    if len(result.stages) < len(profiles):  # the user offered more: say why the planner used fewer
+        text += "\n" + _fewer_devices(layers, profiles, objective, workload, result, devices)
+    return Split(stages, text, result.step_time, sum(layer.param_bytes for layer in layers))
+
+
+def _fewer_devices(layers: list[Any], profiles: list[Any], objective: str, workload: Any, chosen: Any,
+                   devices: list[dict[str, Any]]) -> str:
+    """Why a plan uses k of the n devices offered, against a split over all n (`plan_fixed`)."""
+    from neuranet.pipeline.partition import plan_fixed
+    from neuranet.pipeline.profiles import PlanError, seconds
+
+    k, n = len(chosen.stages), len(profiles)
+    unit = "training step" if objective == "throughput" else "request"
+    try:
+        every = plan_fixed(layers, profiles, objective, workload)  # type: ignore[arg-type]
+        why = (f"a split over all {n} would take {seconds(every.step_time)} per {unit}, "
+               f"not {seconds(chosen.step_time)}")
+    except PlanError as exc:
+        why = f"no split over all {n} works: {exc}"
+    names = {d["id"]: d.get("name") or d["id"] for d in devices}
+    left = ", ".join(names[p.id] for p in profiles if p.id not in {s.device for s in chosen.stages})
+    return f"using {k} of the {n} devices offered (not {left}): {why}; --all-devices uses every one"
 
 
 def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> Split:
