@@ -514,7 +514,7 @@ def forecast(
     server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt,
 ) -> None:
     """Probability each device is online 15 min, 1 h, 6 h and 24 h from now, next to its recent history."""
-    from neuranet.ui import forecast_table, plot_forecast
+    from neuranet.ui import forecast_method, forecast_table, plot_forecast
 
     if plot is not None and device is None:
         _fail(ValueError("--plot needs a DEVICE"))
@@ -531,7 +531,7 @@ def forecast(
     else:
         console.print(forecast_table(rows))
         if rows:
-            console.print(f"model: {rows[0]['model']['kind']}")
+            console.print(escape(forecast_method(rows[0]["model"])), soft_wrap=True)
     if plot is not None:
         try:
             plot_forecast(rows[0], plot)

@@ -147,10 +147,21 @@ def forecast_table(forecasts: list[dict[str, Any]]) -> Table:
         table.add_row(
             escape(f["name"]), "[green]online[/]" if f["online"] else "[red]offline[/]",
             *(f"{h['p_online']:.2f}" for h in f["horizons"]),
-            f"{f['expected_online_seconds'] / 3600:.1f} h",
+            "-" if f.get("expected_online_seconds") is None else f"{f['expected_online_seconds'] / 3600:.1f} h",
             timeline(f["history"], end - 86400, end),
         )
     return table
+
+
+def forecast_method(model: dict[str, Any]) -> str:
+    """One line on what answered: the trained model, or persistence before the first fit (and when that is)."""
+    if model.get("kind") == "mlp":
+        return f"model: mlp, trained {ago(model.get('trained_at'))} on {model.get('devices', 0)} devices"
+    when = model.get("next_fit_at")
+    due = "" if when is None else f" (next fit {'now' if when <= time.time() else f'in {when - time.time():.0f} s'})"
+    hours = (model.get("min_history_seconds") or 0) / 3600
+    return (f"no forecast model trained yet{due}: it needs a device with {hours:.0f} h of history; showing "
+            "persistence (each device stays as it is now), with no estimate of online time")
 
 
 def plot_forecast(f: dict[str, Any], path: Any) -> None:

@@ -53,7 +53,25 @@ def fabric(tmp_path_factory: pytest.TempPathFactory):
         yield f
 
 
-@pytest.mark.timeout(60)  # the retrain takes seconds with FAST and this trace; it once took 300 s
+def test_before_the_first_fit_forecasts_say_they_are_persistence(fabric: LocalFabric) -> None:
+    from typer.testing import CliRunner
+
+    from neuranet.cli import app
+
+    # First in this module: the server fits its first model a minute after it starts, or on demand.
+    with fabric.client() as c:
+        c.import_trace(b"client_id,event_type,event_start,event_end\n0,0,0,3600\n0,1,3600,7200\n", prefix="early")
+        row = next(r for r in c.forecast() if r["name"] == "early-0")
+    assert row["method"] == "persistence" == row["model"]["kind"] and row["model"]["trained_at"] is None
+    assert row["online"] and row["expected_online_seconds"] is None  # unknown, not "0 s" next to P = 1
+    assert all(h["p_online"] == 1.0 for h in row["horizons"])  # persistence: as it is now
+    result = CliRunner().invoke(app, ["forecast", "early-0", "--server", fabric.url, "--token", fabric.token])
+    assert result.exit_code == 0, result.output
+    assert "no forecast model trained yet" in result.output and "showing persistence" in result.output
+    assert "0.0 h" not in result.output, result.output
+
+
+@pytest.mark.timeout(150)  # the retrain takes seconds with FAST and this trace (it once took 300 s)
 def test_imported_trace_trains_the_forecaster_and_forecasts_follow_the_schedule(fabric: LocalFabric) -> None:
     with fabric.client() as c:
         # The office day is placed so that the next tests' real agent, forecast at the wall clock's time

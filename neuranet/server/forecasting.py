@@ -47,6 +47,7 @@ class ForecastService:
         self.model: AvailabilityForecast | None = None
         self.trained_at: float | None = None
         self.trained_on = 0  # devices in the last training
+        self.next_fit_at: float | None = None  # when the schedule next retrains (Unix time)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -74,11 +75,14 @@ class ForecastService:
 
         while True:
             due = 0.0 if self.trained_at is None else self.trained_at + self.retrain_interval - time.time()
-            await asyncio.sleep(max(due, 60.0 if self.trained_at is None else 0.0))
+            delay = max(due, 60.0 if self.trained_at is None else 0.0)
+            self.next_fit_at = time.time() + delay
+            await asyncio.sleep(delay)
             try:
                 await self.retrain()
             except ForecastError as exc:  # e.g. no history yet: try again in a while
                 log.info("forecaster not retrained: %s", exc)
+                self.next_fit_at = time.time() + min(600.0, self.retrain_interval)
                 await asyncio.sleep(min(600.0, self.retrain_interval))
             except Exception:
                 log.exception("retraining the forecaster failed")
@@ -130,8 +134,11 @@ class ForecastService:
             return self.info()
 
     def info(self) -> dict[str, Any]:
-        return {"kind": "mlp" if self.model is not None else "persistence (no model trained yet)",
-                "trained_at": self.trained_at, "devices": self.trained_on}
+        """Which method answers forecasts: the trained model ("mlp"), or "persistence" (every device stays
+        as it is now) until the first fit, which needs a device with `MIN_TRAIN_SECONDS` of history."""
+        return {"kind": "mlp" if self.model is not None else "persistence",
+                "trained_at": self.trained_at, "devices": self.trained_on, "next_fit_at": self.next_fit_at,
+                "min_history_seconds": MIN_TRAIN_SECONDS}
 
     # --- forecasts ----------------------------------------------------------------------
 
@@ -156,10 +163,11 @@ class ForecastService:
         history = DeviceHistory.from_online_intervals(device.id, online, start, at)
         model = self.model
         is_online = bool(history.state_at(at))
-        if model is None:
+        expected: float | None
+        if model is None:  # persistence: the state now at every horizon, and no estimate of how long
             p_online = {int(h): float(is_online) for h in HORIZONS}
             stay = dict(p_online)
-            expected = 0.0
+            expected = None
         else:
             result = await asyncio.to_thread(model.forecast, history, at)
             p_online, stay, expected = result.online, result.stay, result.expected_online_seconds
@@ -168,7 +176,8 @@ class ForecastService:
         return {"device": device.id, "name": device.name, "at": at, "online": is_online,
                 "simulated": bool((device.profile or {}).get("simulated")),
                 "horizons": [{"seconds": h, "p_online": p_online[h], "p_stay_online": stay[h]} for h in p_online],
-                "expected_online_seconds": expected, "history": shown, "model": self.info()}
+                "expected_online_seconds": expected, "history": shown, "model": self.info(),
+                "method": "mlp" if model is not None else "persistence"}
 
 
 def import_trace_devices(trace: "Trace", now: float, clock_offset: float, prefix: str) -> list[tuple[str, dict[str, Any], float, list[tuple[float, float]]]]:
