@@ -505,6 +505,10 @@ async def test_removing_a_device_or_disabling_a_user_closes_their_connections_no
         await hub.register(late)
         assert await hub.login_revoked(late) and late.closed and devices[2].id not in hub.conns
         assert not await hub.login_revoked(conns["a2"])
+        # And one of a device removed just before it registered (no presence row for a missing device).
+        gone = AgentConnection(devices[0].id, alice.user_id, socks["a1"].send_bytes, socks["a1"].close, 1 << 20)
+        await hub.register(gone)
+        assert await hub.login_revoked(gone) and gone.closed and devices[0].id not in hub.conns
     finally:
         for c in conns.values():
             await c.close()

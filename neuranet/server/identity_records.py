@@ -89,8 +89,9 @@ class IdentityRecords:
             row = (await s.execute(select(Device, User.disabled).join(User, User.id == Device.user_id)
                                    .where(Device.id == device_id))).first()
         if row is None:
-            raise StoreError(f"unknown device {device_id}; it was removed, or never enrolled here: "
-                                "enrol again with a join token")
+            raise UnknownRecord(f"unknown device {device_id}; it was removed, or never enrolled here: to "
+                                "enrol it again, delete device.json in its data dir and give the agent a new "
+                                "join token")
         if row[1]:
             raise StoreError("the owner of this device is disabled on this coordinator")
         return row[0]

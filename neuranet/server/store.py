@@ -232,8 +232,11 @@ class Store(FileRecords, IdentityRecords):
     # --- presence history and telemetry -------------------------------------------
 
     async def open_presence(self, device_id: str, now: float) -> None:
-        """The device connected: end any interval still open and start a new one."""
+        """The device connected: end any interval still open and start a new one (none for a device
+        removed meanwhile: the hub then finds it revoked and closes the connection)."""
         async with self._tx() as s:
+            if await s.get(Device, device_id) is None:
+                return
             await _end_presence(s, device_id, now)
             s.add(PresenceInterval(device_id=device_id, start=now, end=None))
 
