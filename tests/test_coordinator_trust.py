@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from fabric_helpers import async_wait_for, free_port, wait_for
 from neuranet.agent import stage_worker
 from neuranet.agent.coordinator_trust import verify_coordinator
+from neuranet.agent.identity import Identity
 from neuranet.agent.runtime import Agent
 from neuranet.cli import app
 from neuranet.config import AgentConfig, ServerConfig
@@ -270,3 +271,50 @@ async def test_self_signed_server_is_pinned_by_fingerprint_and_a_new_certificate
             names = {d["name"] for d in c.devices()}
         assert len(names) == 1  # the unpinned agent never enrolled
         assert cli.invoke(app, ["devices"]).exit_code != 0  # nor does the CLI trust the new certificate
+
+
+# --- a refusal no one proved -------------------------------------------------------------
+
+
+class RefusingImpostor:
+    """Answers every hello as the real coordinator answers a device it does not know: an error
+    before any challenge, so with nothing the agent could check."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.hellos = 0
+
+    async def handle(self, ws: ServerConnection) -> None:
+        try:
+            m.parse(decode_frame(await ws.recv()))
+            self.hellos += 1
+            refusal = m.Error(code="auth_failed", message="unknown device dev-1; enrol again with a join token")
+            await ws.send(encode_frame(refusal.envelope(src="server")))
+            await ws.close(4003, "auth_failed")
+        except ConnectionClosed:
+            pass
+
+    async def __aenter__(self) -> "RefusingImpostor":
+        self.server = await serve(self.handle, "127.0.0.1", self.port, compression=None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_an_impostor_cannot_stop_an_enrolled_agent_with_an_unproven_refusal(tmp_path: Path, caplog) -> None:
+    # Over plain HTTP whoever answers at the address could send this refusal; it proves nothing, so
+    # the enrolled agent keeps retrying instead of stopping for good (the real coordinator may be back).
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    Identity.load_or_create(tmp_path / "agent").save_enrolment("dev-1", url, raw(Ed25519PrivateKey.generate()))
+    caplog.set_level(logging.WARNING, logger="neuranet.agent")
+    agent = Agent(AgentConfig(server_url=url, data_dir=tmp_path / "agent", measure=False, listen_host="127.0.0.1",
+                              backoff_base=0.05, backoff_cap=0.2))
+    async with RefusingImpostor(port) as fake, agent:
+        assert agent._runner is not None
+        await async_wait_for(lambda: fake.hellos >= 3 or agent._runner.done(), timeout=60,
+                             what="the agent to ask again or stop")
+        assert not agent._runner.done(), f"the agent stopped: {agent._runner.exception()!r}"
+        assert "before proving it is the coordinator this device enrolled with" in caplog.text

@@ -257,12 +257,20 @@ class Agent:
         else:
             raise AuthenticationFailed("this agent is not enrolled yet: pass --join-token (from `neuranet join-token`)")
         await ws.send(encode_frame(hello.envelope()))
-        challenge = await self._recv(ws)
+        key_fp = self.config.server_fingerprint if not self.config.ws_url.startswith("wss://") else None
+        pinned = ident.server_key if hello.enrol is None and key_fp is None else None
+        try:
+            challenge = await self._recv(ws)
+        except ProtocolError as exc:
+            # A refusal before the challenge proves nothing over plain HTTP (over TLS the certificate
+            # did): from anyone at the address it must not stop an enrolled device for good.
+            if hello.enrol is None and (pinned or key_fp) and not self.config.ws_url.startswith("wss://"):
+                raise ProtocolError(f"{self.config.server_url} refused this device ({exc.code}: {exc}) before proving "
+                                    "it is the coordinator this device enrolled with; retrying") from None
+            raise
         if not isinstance(challenge, m.Challenge):
             raise ProtocolError(f"expected challenge, got {challenge.TYPE}")
         # Nothing the coordinator sends is acted on before this check: an impostor stops here.
-        key_fp = self.config.server_fingerprint if not self.config.ws_url.startswith("wss://") else None
-        pinned = ident.server_key if hello.enrol is None and key_fp is None else None
         server_key = trust.verify_coordinator(self.config.server_url, challenge, nonce, pinned, key_fp)
         await ws.send(encode_frame(m.Auth(signature=ident.sign(auth_payload(challenge.nonce, challenge.device_id))).envelope()))
         welcome = await self._recv(ws)
