@@ -185,7 +185,7 @@ async def test_an_enrolled_agent_runs_nothing_from_a_coordinator_without_its_key
         assert json.loads(record_path.read_text())["server_key"] == record["server_key"]
         wrong = fingerprint(b"another coordinator")
         caplog.set_level(logging.WARNING, logger="neuranet.agent")
-        async with Agent(dataclasses.replace(cfg, data_dir=tmp_path / "other", join_token=other_jt,
+        async with Agent(dataclasses.replace(cfg, data_dir=tmp_path / "other", join_token=other_jt, name="other",
                                              server_fingerprint=wrong)) as other:
             await async_wait_for(lambda: f"but --server-fingerprint is {wrong}" in caplog.text, timeout=60,
                                  what="an agent given another fingerprint to refuse the coordinator")
