@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class Liveness:
     """What one side knows of its peer: when it last heard from it, and the first probe since."""
 

@@ -16,7 +16,7 @@ from neuranet.protocol import messages as m
 PRUNE_BATCH = 5000  # telemetry rows deleted per maintenance round at most (a short write transaction)
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up."""
 
