@@ -324,13 +324,16 @@ async def test_a_peer_finding_the_total_full_is_refused_alone() -> None:
 
 def test_echoed_text_is_cut_and_escaped() -> None:
     from neuranet.protocol.envelope import Envelope
-    from neuranet.protocol.errors import MAX_SHOWN_CHARS, shown
+    from neuranet.protocol.errors import MAX_ERROR_CHARS, MAX_SHOWN_CHARS, shown
 
     with pytest.raises(UnknownMessageType) as info:
         m.parse(Envelope(type="x" * 200_000 + "\n\ud800"))
     text = str(info.value)
     assert len(text) < 3 * MAX_SHOWN_CHARS and "(199922 more characters)" in text
     assert shown("a\nb\x1b[31m\ud800") == r"'a\nb\x1b[31m\ud800'"  # no forged log lines, no raw escapes
+    # An error a device reports (then repeated to the user and logged) is kept to a readable length.
+    reply = m.parse(Envelope(type="chunk_reply", body={"request": 1, "chunk": "a" * 64, "ok": False, "error": "e" * 10**6}))
+    assert isinstance(reply, m.ChunkReply) and len(reply.error) == MAX_ERROR_CHARS
 
 
 # --- liveness: a probe unanswered for offline_after, not silence, marks a device offline ---------------

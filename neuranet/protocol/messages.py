@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from neuranet.protocol.envelope import MAX_HEADER_BYTES, Buffer, Envelope
-from neuranet.protocol.errors import MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
+from neuranet.protocol.errors import MAX_ERROR_CHARS, MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
 from neuranet.protocol.json_values import JsonBounds, check_json_value
 
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
+# Errors and reasons a peer reports are repeated to users and in logs: kept to a readable length.
+Text = Annotated[str, AfterValidator(lambda text: text[:MAX_ERROR_CHARS])]
 MAX_ID_CHARS = 128  # of a device, link, run or test id
 _Id = Field(min_length=1, max_length=MAX_ID_CHARS)
 MAX_CERT_BYTES = 1024  # a device's direct-link certificate (neuranet.net.tls) is about 300 bytes
@@ -109,7 +111,7 @@ class Error(Message):
 
     TYPE: ClassVar[str] = "error"
     code: str
-    message: str
+    message: Text
     ref: int | None = None
 
 
@@ -204,7 +206,7 @@ class LinkRefusedMsg(Message):
     TYPE: ClassVar[str] = "link_refused"
     link_id: str
     peer: str
-    reason: str
+    reason: Text
 
 
 class PeerDown(Message):
@@ -325,7 +327,7 @@ class LinkTestDone(Message):
     path: str = ""
     paths_used: list[str] = Field(default_factory=list)
     rtt_ms: float = 0.0
-    error: str = ""
+    error: Text = ""
 
 
 # --- pipeline runs -------------------------------------------------------------
@@ -406,7 +408,7 @@ class StageDone(Message):
     stage: int
     attempt: int = 0
     ok: bool
-    error: str = ""
+    error: Text = ""
 
 
 class StageAbort(Message):
@@ -414,7 +416,7 @@ class StageAbort(Message):
 
     TYPE: ClassVar[str] = "stage_abort"
     run_id: str
-    reason: str
+    reason: Text
 
 
 # --- serving (inference across devices) ------------------------------------------------
@@ -458,7 +460,7 @@ class ServeStatus(Message):
     run_id: str
     stage: int = Field(ge=0)
     ok: bool
-    error: str = ""
+    error: Text = ""
 
 
 class ServeInput(Message):
@@ -484,7 +486,7 @@ class ServeOutput(Message):
     part: int = Field(0, ge=0)
     parts: int = Field(1, ge=1)
     tensor: dict[str, Any] | None = None
-    error: str = ""
+    error: Text = ""
 
 
 class ServeStop(Message):
@@ -492,7 +494,7 @@ class ServeStop(Message):
 
     TYPE: ClassVar[str] = "serve_stop"
     run_id: str
-    reason: str = ""
+    reason: Text = ""
 
 
 # --- file chunks -------------------------------------------------------------------
@@ -561,7 +563,7 @@ class ChunkReply(Message):
     request: int = Field(ge=0)
     chunk: str = _ChunkName
     ok: bool
-    error: str = ""
+    error: Text = ""
     held: bool = True
     free_bytes: int = Field(0, ge=0)
     target_free_bytes: int = Field(-1, ge=-1)  # for a copy: what the target's quota has left (-1: unknown)
@@ -599,7 +601,7 @@ class ChunkPlaced(Message):
     chunk: str = _ChunkName
     holders: list[str] = Field(default_factory=list, max_length=64)
     targets: list[str] = Field(default_factory=list, max_length=64)
-    error: str = ""
+    error: Text = ""
 
 
 class ChunkLost(Message):
