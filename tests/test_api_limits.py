@@ -15,6 +15,7 @@ from api_app import api_app, raw_agent, send
 from neuranet.config import Limits
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import JsonBounds, JsonValueError, check_json_value
+from neuranet.server.app import body_limit
 from neuranet.server.edge import BodyLimit
 from neuranet.server.models import Run
 from neuranet.storage.chunks import MAX_FILE_CHUNKS, MAX_CHUNK_SIZE
@@ -283,3 +284,29 @@ def test_files_put_refuses_a_file_past_the_largest_size_before_uploading(tmp_pat
     out = CliRunner().invoke(app, ["files", "put", str(huge), "--server", "http://127.0.0.1:9", "--token", "nn_x",
                                    "--no-agent"])
     assert out.exit_code == 1 and "files are stored up to 64.0 GiB" in out.output, out.output
+
+
+async def test_a_large_body_route_answers_before_the_body_is_read() -> None:
+    # Routes with their own, larger limit (a chunk, a trace) read the body after authenticating,
+    # bounded (api.read_body). Buffering it first would let anyone without a token make the
+    # coordinator hold 64 MiB per connection; the app must be reached with the body unread.
+    read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": b"x" * 2**20, "more_body": read < 32}
+
+    async def refuses_unread(scope: Any, receive: Any, send: Any) -> None:  # as a route whose token is wrong
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent: list[dict[str, Any]] = []
+
+    async def record(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/traces", "headers": []}
+    limits = Limits()
+    await BodyLimit(refuses_unread, body_limit(limits), buffer_limit=limits.max_json_body_bytes)(scope, receive, record)
+    assert sent[0]["status"] == 401 and read == 0

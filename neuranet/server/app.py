@@ -85,7 +85,8 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
 
     # /docs is served from the package, not a CDN, so it works offline (ReDoc has no packaged copy)
     app = FastAPI(title="NeuraNet coordinator", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, limit_for=body_limit(config.limits))
+    app.add_middleware(BodyLimit, limit_for=body_limit(config.limits),
+                       buffer_limit=config.limits.max_json_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(router)
     app.include_router(runs_router)

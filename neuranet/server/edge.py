@@ -64,9 +64,13 @@ class BodyLimit:
     """ASGI middleware: a request body larger than its route's limit is answered 413 before it is
     read whole (a declared Content-Length over it is refused before reading anything)."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int], buffer_limit: int | None = None) -> None:
         self.app = app
         self.limit_for = limit_for  # (method, path) -> bytes
+        # Bodies a route may take beyond this (a chunk, a trace) reach it unread: such routes read
+        # them after authenticating, bounded (api.read_body). Read here first, anyone without a
+        # token could make the coordinator hold the largest of them on every connection.
+        self.buffer_limit = buffer_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,6 +80,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _too_large(send, limit)
+            return
+        if self.buffer_limit is not None and limit > self.buffer_limit:
+            await self.app(scope, receive, send)
             return
         pieces: list[bytes] = []
         size = 0
