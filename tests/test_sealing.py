@@ -18,7 +18,7 @@ from fabric_helpers import free_port
 from neuranet.client import ClientError
 from neuranet.fabric import LocalFabric
 from neuranet.storage.chunks import split
-from neuranet.storage.kdf import MAX_KDF_MEMORY, PBKDF2, Pbkdf2Params, ScryptParams, parse_kdf
+from neuranet.storage.kdf import MAX_KDF_MEMORY, PBKDF2, PBKDF2_ITERATIONS, Pbkdf2Params, ScryptParams, parse_kdf
 from neuranet.storage.sealing import (
     SEALING_OVERHEAD,
     SealedFacts,
@@ -109,6 +109,7 @@ def test_pbkdf2_files_follow_a_recipe_a_browser_can_repeat() -> None:
     ({"name": "scrypt", "n": 1024, "r": 8, "p": 1, "x": 1}, "unknown key derivation parameter"),
     ({"name": "argon2"}, "unknown key derivation"),
     ({"name": PBKDF2, "iterations": 0}, "iterations"),
+    ({"name": PBKDF2, "iterations": 8 * PBKDF2_ITERATIONS + 1}, "iterations"),  # a hostile record's minutes of work
     ([1024, 8, 1], "must be an object"),
 ])
 def test_hostile_kdf_parameters_are_refused_before_any_work(kdf: object, why: str) -> None:

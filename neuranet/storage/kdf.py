@@ -17,7 +17,7 @@ KEY_BYTES = 32
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 17, 8, 1  # 128 MiB and ~0.5 s per derivation (OWASP 2023 minimum)
 PBKDF2_ITERATIONS = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256
 MAX_KDF_MEMORY = 2 ** 30  # what a stored scrypt setting may ask of this machine: 8 x the default's cost
-MAX_PBKDF2_ITERATIONS = 100_000_000
+MAX_PBKDF2_ITERATIONS = 8 * PBKDF2_ITERATIONS  # likewise 8 x the default's work (seconds, not minutes)
 SCRYPT, PBKDF2 = "scrypt", "pbkdf2-sha256"
 
 
