@@ -22,7 +22,8 @@ from neuranet.config import AgentConfig, ServerConfig
 from neuranet.fabric import LocalFabric
 from neuranet.net.addresses import local_addresses, same_host, usable_by_peer
 from neuranet.net.direct import (
-    HANDSHAKE_MAX_FRAME, MAX_PENDING_HANDSHAKES, DirectGrant, DirectListener, DirectPath, dial, link_proof,
+    HANDSHAKE_MAX_FRAME, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS, DirectGrant, DirectListener, DirectPath, dial,
+    link_proof,
 )
 from neuranet.net.framing import FrameProtocol
 from neuranet.net.tls import DeviceCredentials, PeerPin, certificate_key, device_certificate, raw_public_key
@@ -284,15 +285,42 @@ async def test_before_authentication_a_large_frame_is_refused_unread(devices) ->
     await listener.close()
 
 
+def _source(i: int) -> str:
+    """A loopback source address of its own for each group of connections (Linux routes 127/8 to lo)."""
+    return f"127.0.0.{2 + i // MAX_PENDING_PER_ADDRESS}"
+
+
 async def test_connections_that_never_authenticate_are_capped(devices) -> None:
     listener = await listening(devices["b"][1], {}, timeout=60.0)
-    idle = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(MAX_PENDING_HANDSHAKES)]
+    idle = [await asyncio.open_connection("127.0.0.1", listener.port, local_addr=(_source(i), 0))
+            for i in range(MAX_PENDING_HANDSHAKES)]
     await async_wait_for(lambda: listener.pending == MAX_PENDING_HANDSHAKES, what="every connection accepted")
     reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
     assert await asyncio.wait_for(reader.read(), 10) == b""  # one too many: closed at once
     with pytest.raises(asyncio.TimeoutError):  # the earlier ones still wait for their handshake
         await asyncio.wait_for(idle[0][0].read(), 0.2)
     for _, w in [*idle, (reader, writer)]:
+        w.close()
+    await listener.close()
+
+
+async def test_one_address_cannot_hold_every_handshake_slot(devices) -> None:
+    (ka, ca), (kb, cb) = devices["a"], devices["b"]
+    accepted = Accepted()
+    listener = await listening(cb, {"l-1": DirectGrant("dev-a", SECRET, pin_of(ka, ca), accepted)}, timeout=60.0)
+    # A stranger opens as many connections as it can from one address and never says a word.
+    idle = []
+    for _ in range(MAX_PENDING_HANDSHAKES):
+        idle.append(await asyncio.open_connection("127.0.0.1", listener.port, local_addr=("127.0.0.99", 0)))
+    await async_wait_for(lambda: listener.pending >= MAX_PENDING_PER_ADDRESS, what="the stranger's connections")
+    assert listener.pending == MAX_PENDING_PER_ADDRESS  # the rest were closed at once
+    # The granted peer, from its own address, still gets its direct path.
+    path = await dial([("127.0.0.1", listener.port)], "l-1", "dev-a", SECRET, pin_of(kb, cb), ca, 1 << 20)
+    assert path is not None
+    other = await asyncio.wait_for(accepted.paths.get(), 10)
+    for p in (path, other):
+        p.close()
+    for _, w in idle:
         w.close()
     await listener.close()
 

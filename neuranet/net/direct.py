@@ -16,6 +16,7 @@ advertised address (or one dialing in with a stolen link id and secret) gets no 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -37,6 +38,9 @@ HANDSHAKE_TIMEOUT = 3.0
 # smaller), so a stranger cannot make us allocate a link-sized receive buffer by sending a length.
 HANDSHAKE_MAX_FRAME = 4096
 MAX_PENDING_HANDSHAKES = 64  # connections not yet authenticated, beyond which new ones are closed at once
+# ... and from any one address: one stranger reconnecting as fast as it is timed out would otherwise
+# hold every slot, and no peer could ever set up a direct path to this device.
+MAX_PENDING_PER_ADDRESS = 16  # a NAT or a host of several agents dials from one; handshakes take milliseconds
 
 
 def link_proof(secret: bytes, link_id: str, dialer: str) -> bytes:
@@ -145,6 +149,7 @@ class DirectListener:
         self._timeout = handshake_timeout  # for each step of the handshake
         self._server: asyncio.AbstractServer | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._pending_from: collections.Counter[str] = collections.Counter()  # remote address -> handshakes
         self.port = 0
 
     @property
@@ -169,13 +174,22 @@ class DirectListener:
         return FrameProtocol(HANDSHAKE_MAX_FRAME, on_connected=self._accepted)
 
     def _accepted(self, proto: FrameProtocol) -> None:
-        if self.pending >= MAX_PENDING_HANDSHAKES:
-            assert proto.transport is not None
+        assert proto.transport is not None
+        peer = proto.transport.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self.pending >= MAX_PENDING_HANDSHAKES or self._pending_from[source] >= MAX_PENDING_PER_ADDRESS:
             proto.transport.abort()  # a flood of connections that never authenticate: no task, no buffers
             return
+        self._pending_from[source] += 1
         task = asyncio.ensure_future(self._handshake(proto))
         self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        task.add_done_callback(lambda t: self._handshake_done(t, source))
+
+    def _handshake_done(self, task: "asyncio.Task[None]", source: str) -> None:
+        self._handshakes.discard(task)
+        self._pending_from[source] -= 1
+        if self._pending_from[source] <= 0:
+            del self._pending_from[source]
 
     async def _handshake(self, proto: FrameProtocol) -> None:
         path = DirectPath(proto)
