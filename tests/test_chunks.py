@@ -299,3 +299,15 @@ def test_replication_reports_the_least_copied_chunk_and_how_many_are_short() -> 
     assert replication(["a", "c"], held, 3) == Replication(3, 3, 0)  # more copies than asked: still 3 of 3
     assert replication(["b", "b", "x"], held, 2) == Replication(2, 0, 1)  # x has no holder left
     assert replication([], held, 3) == Replication(3, 3, 0)  # an empty file is as replicated as asked
+
+
+def test_storage_figures_a_device_reports_fit_the_placement_arithmetic() -> None:
+    from pydantic import ValidationError
+
+    from neuranet.protocol import messages as m
+
+    with pytest.raises(ValidationError):  # placement computes in int64: 2**63 used to raise there
+        m.ChunkInventory(quota_bytes=2 ** 63, used_bytes=0, chunks=[])
+    with pytest.raises(ValidationError):
+        m.ChunkReply(request=1, chunk="a" * 64, ok=True, free_bytes=2 ** 63)
+    assert m.ChunkInventory(quota_bytes=2 ** 63 - 1, used_bytes=0, chunks=[]).quota_bytes == 2 ** 63 - 1

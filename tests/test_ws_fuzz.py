@@ -31,8 +31,8 @@ from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame,
 
 pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("NEURANET_FUZZ_SEED", "1313"))
-FRAMES = 1000  # frames sent in all
-TIME_BUDGET = 60.0  # seconds; the fuzzer stops early past it (1,000 frames take ~20 s)
+FRAMES = 2000  # frames sent in all
+TIME_BUDGET = 60.0  # seconds; the fuzzer stops early past it (2,000 frames take 10-30 s)
 BAD_SIGNS = ("Traceback", "connection failed", "maintenance failed", "Exception in ASGI", "Task exception")
 
 # Values that have broken servers: out-of-range integers, non-finite floats, wrong types, long and odd

@@ -565,8 +565,8 @@ class ChunkReply(Message):
     ok: bool
     error: Text = ""
     held: bool = True
-    free_bytes: int = Field(0, ge=0)
-    target_free_bytes: int = Field(-1, ge=-1)  # for a copy: what the target's quota has left (-1: unknown)
+    free_bytes: int = Field(0, ge=0, le=_INT64_MAX)
+    target_free_bytes: int = Field(-1, ge=-1, le=_INT64_MAX)  # for a copy: what the target's quota has left (-1: unknown)
 
 
 class ChunkPlace(Message):
@@ -616,7 +616,7 @@ class ChunkInventory(Message):
     at most `MAX_CHUNK_NAMES` names (``last`` on the final one)."""
 
     TYPE: ClassVar[str] = "chunk_inventory"
-    quota_bytes: int = Field(ge=0)
-    used_bytes: int = Field(ge=0)
+    quota_bytes: int = Field(ge=0, le=_INT64_MAX)
+    used_bytes: int = Field(ge=0, le=_INT64_MAX)
     chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
     last: bool = True
