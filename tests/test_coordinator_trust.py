@@ -318,3 +318,22 @@ async def test_an_impostor_cannot_stop_an_enrolled_agent_with_an_unproven_refusa
                              what="the agent to ask again or stop")
         assert not agent._runner.done(), f"the agent stopped: {agent._runner.exception()!r}"
         assert "before proving it is the coordinator this device enrolled with" in caplog.text
+
+
+def test_the_coordinator_proves_itself_before_refusing_a_device(tmp_path: Path) -> None:
+    # So that an enrolled agent can believe the refusal (and stop) where an impostor's would not do.
+    from api_app import api_app
+    from neuranet.protocol.auth import coordinator_signature_valid
+    from neuranet.protocol.envelope import PROTOCOL_VERSION
+
+    nonce = secrets.token_bytes(32)
+    with api_app(tmp_path) as c, c.websocket_connect("/agent") as ws:
+        hello = m.Hello(version=PROTOCOL_VERSION, device_id="d" * 32, server_nonce=nonce)
+        ws.send_bytes(encode_frame(hello.envelope()))
+        challenge = m.parse(decode_frame(ws.receive_bytes()))
+        assert isinstance(challenge, m.Challenge) and challenge.server_key and challenge.server_signature
+        assert coordinator_signature_valid(challenge.server_key, challenge.server_signature,
+                                           coordinator_payload(nonce, challenge.nonce, "d" * 32))
+        ws.send_bytes(encode_frame(m.Auth(signature=b"\0" * 64).envelope()))
+        refusal = m.parse(decode_frame(ws.receive_bytes()))
+        assert isinstance(refusal, m.Error) and refusal.code == "auth_failed" and "unknown device" in refusal.message

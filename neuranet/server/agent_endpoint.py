@@ -81,6 +81,14 @@ class _Handshake:
         except InvalidSignature:
             raise AuthenticationFailed("bad signature: this agent does not hold the device's key") from None
 
+    async def _prove_refuser(self, hello: m.Hello) -> None:
+        """Before refusing a device (unknown, removed, its owner disabled), prove this coordinator is
+        the one refusing: over plain HTTP anyone at its address could send a refusal, so an enrolled
+        agent believes one (and stops) only after the challenge it checks against its pin."""
+        if hello.enrol is None and hello.device_id and hello.server_nonce:
+            await self.send(self.challenge(secrets.token_bytes(32), hello.device_id, hello.server_nonce))
+            await self.recv()  # its auth, which changes nothing; then the refusal
+
     async def run(self) -> tuple[str, str]:
         """Return ``(device_id, user_id)`` of an authenticated agent."""
         hello = m.parse(await self.recv())
@@ -90,7 +98,11 @@ class _Handshake:
             raise VersionMismatch(f"agent speaks protocol {hello.version}, server speaks {PROTOCOL_VERSION}")
         store = self.hub.store
         try:
-            key, device_id, user_id = await self._claim(hello)
+            try:
+                key, device_id, user_id = await self._claim(hello)
+            except StoreError:
+                await self._prove_refuser(hello)
+                raise
             await self._prove(key, device_id, hello.server_nonce)
             limits = self.hub.config.limits
             if self.hub.connections_of(user_id) >= limits.max_connections_per_user and device_id not in self.hub.conns:
