@@ -41,7 +41,7 @@ class Device:
         ws = await connect(self.fabric.url.replace("http://", "ws://") + "/agent", max_size=None, compression=None)
         pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         hello = m.Hello(version=PROTOCOL_VERSION, device_id=self.id or None,
-                        enrol=m.Enrolment(join_token=join_token, public_key=pub, name="hand") if join_token else None)
+                        enrol=m.Enrolment(join_token=join_token, public_key=pub, name=f"hand-{pub[:4].hex()}") if join_token else None)
         await ws.send(encode_frame(hello.envelope()))
         challenge = await self.recv(ws)
         assert isinstance(challenge, m.Challenge), challenge
