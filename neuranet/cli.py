@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -47,10 +47,22 @@ def _client(server: str | None, token: str | None, timeout: float = 30.0) -> Cli
         raise typer.Exit(2) from None
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     # Escaped: messages quote user input and hints like 'neuranet[x]'; unwrapped: one line, whole.
     err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(1)
+
+
+T = TypeVar("T")
+
+
+def _ask(server: str | None, token: str | None, call: Callable[[Client], T], timeout: float = 30.0) -> T:
+    """``call(client)`` against the coordinator; a refusal ends the command with its reason."""
+    with _client(server, token, timeout) as c:
+        try:
+            return call(c)
+        except ClientError as exc:
+            _fail(exc)
 
 
 def _logging(verbose: bool) -> None:
@@ -204,11 +216,7 @@ def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays va
 def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
                  server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Create a user and print its first API token."""
-    with _client(server, token) as c:
-        try:
-            u = c.create_user(name, admin)
-        except ClientError as exc:
-            _fail(exc)
+    u = _ask(server, token, lambda c: c.create_user(name, admin))
     console.print(f"user {escape(u['name'])} ({u['user_id']}) token: {u['token']}")
 
 
@@ -468,11 +476,7 @@ def runs_ls(as_json: bool = typer.Option(False, "--json"), server: Optional[str]
     """Your training runs and deployments, newest first: state, devices, step."""
     from neuranet.ui import runs_table
 
-    with _client(server, token) as c:
-        try:
-            rows = c.runs()
-        except ClientError as exc:
-            _fail(exc)
+    rows = _ask(server, token, lambda c: c.runs())
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -550,11 +554,7 @@ def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name pref
         data = file.read_bytes()
     except OSError as exc:
         _fail(exc)
-    with _client(server, token, timeout=600.0) as c:
-        try:
-            out = c.import_trace(data, prefix, replace)
-        except ClientError as exc:
-            _fail(exc)
+    out = _ask(server, token, lambda c: c.import_trace(data, prefix, replace), timeout=600.0)
     console.print(f"imported {out['devices']} simulated devices ({out['days']:.1f} days of history, "
                   f"ending {datetime.datetime.fromtimestamp(out['history_end']):%Y-%m-%d %H:%M})")
 
@@ -562,11 +562,7 @@ def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name pref
 @trace_app.command("ls")
 def trace_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """The traces you imported: prefix, simulated devices, end of their history."""
-    with _client(server, token) as c:
-        try:
-            rows = c.traces()
-        except ClientError as exc:
-            _fail(exc)
+    rows = _ask(server, token, lambda c: c.traces())
     for r in rows:
         end = datetime.datetime.fromtimestamp(r["history_end"]) if r["history_end"] else None
         print(f"{r['prefix']}\t{r['devices']} devices\thistory ends {end:%Y-%m-%d %H:%M}" if end else
@@ -579,11 +575,7 @@ def trace_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt)
 def trace_rm(prefix: str = typer.Argument(..., help="The prefix the trace was imported with."),
              server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Remove the simulated devices of an imported trace, with their history."""
-    with _client(server, token) as c:
-        try:
-            out = c.remove_trace(prefix)
-        except ClientError as exc:
-            _fail(exc)
+    out = _ask(server, token, lambda c: c.remove_trace(prefix))
     console.print(f"removed {out['removed']} simulated devices of {out['prefix']}", markup=False)
 
 

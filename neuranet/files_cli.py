@@ -5,15 +5,15 @@ from __future__ import annotations
 import getpass
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, console
-from neuranet.client import Client, ClientError
+from neuranet.cli import ServerOpt, TokenOpt, _ask, _client, _fail, console
+from neuranet.client import ClientError
 from neuranet.config import default_home
 from neuranet.storage.chunks import MAX_FILE_BYTES
 
@@ -29,15 +29,6 @@ def _passphrase(confirm: bool) -> str:
     if confirm and getpass.getpass("again: ") != first:
         _fail(ValueError("the passphrases differ"))
     return first
-
-
-def _ask(server: str | None, token: str | None, call: Callable[[Client], Any]) -> Any:
-    """``call(client)`` against the coordinator; a refusal ends the command with its reason."""
-    with _client(server, token) as c:
-        try:
-            return call(c)
-        except ClientError as exc:
-            _fail(exc)
 
 
 def _bar() -> Progress:

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from neuranet.cli import ServerOpt, TokenOpt, _client, _fail, app, console, err, token_app, users_app
+from neuranet.cli import ServerOpt, TokenOpt, _ask, _client, _fail, app, console, err, token_app, users_app
 from neuranet.client import Client, ClientError
 from neuranet.protocol.messages import DEVICE_NAME_MAX
 
@@ -68,13 +68,6 @@ def check_device_name(name: str) -> None:
         raise ValueError(f"--name {name!r}: a device name is 1 to {DEVICE_NAME_MAX} characters, "
                          "without control characters")
 
-
-def _ask(server: str | None, token: str | None, call: Any) -> Any:
-    with _client(server, token) as c:
-        try:
-            return call(c)
-        except ClientError as exc:
-            _fail(exc)
 
 
 def _when(ts: float | None) -> str:

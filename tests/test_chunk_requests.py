@@ -67,13 +67,7 @@ class Device:
 
 
 async def test_a_put_outstanding_when_the_holder_reconnects_is_sent_again_at_once(fabric: LocalFabric) -> None:
-    with fabric.client() as c:
-        jt = c.create_join_token()["join_token"]
-    device = Device(fabric)
-    first = await device.connect(jt)
-    await device.send(m.ChunkInventory(quota_bytes=1 << 30, used_bytes=0, chunks=[], last=True))
-    with fabric.client() as c:
-        await async_wait_for(lambda: c.device_chunks(device.id)["quota_bytes"], 20, "the device's storage")
+    device, first = await offering_storage(fabric)
     data = b"one chunk " * 1000
     chunk = hashlib.sha256(data).hexdigest()
 
@@ -102,7 +96,8 @@ async def answer_ok(device: Device, ws: ClientConnection) -> None:
                                        .envelope(src=device.id, dst="server")))
 
 
-async def storage_device(fabric: LocalFabric) -> tuple[Device, asyncio.Task[None]]:
+async def offering_storage(fabric: LocalFabric) -> tuple[Device, ClientConnection]:
+    """A newly enrolled device that offers 1 GiB, once the coordinator has recorded the offer."""
     with fabric.client() as c:
         jt = c.create_join_token()["join_token"]
     device = Device(fabric)
@@ -110,6 +105,11 @@ async def storage_device(fabric: LocalFabric) -> tuple[Device, asyncio.Task[None
     await device.send(m.ChunkInventory(quota_bytes=1 << 30, used_bytes=0, chunks=[], last=True))
     with fabric.client() as c:
         await async_wait_for(lambda: c.device_chunks(device.id)["quota_bytes"], 20, "the device's storage")
+    return device, ws
+
+
+async def storage_device(fabric: LocalFabric) -> tuple[Device, asyncio.Task[None]]:
+    device, ws = await offering_storage(fabric)
     return device, asyncio.ensure_future(answer_ok(device, ws))
 
 

@@ -360,16 +360,22 @@ class Clock:
         return self.now
 
 
-async def test_a_server_stall_drops_nobody_and_a_dead_agent_goes_after_one_unanswered_probe(tmp_path) -> None:
-    from neuranet.config import ServerConfig
-    from neuranet.server.hub import Hub
+async def store_with_a_device(tmp_path):
+    """A migrated SQLite store with user ``u`` and its enrolled device ``box``."""
     from neuranet.server.store import Store
 
     store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
     await store.migrate()
     user, _ = await store.create_user("u")
     token, _ = await store.create_join_token(user.user_id)
-    device = await store.enrol_device(token, bytes(32), "box")
+    return store, user, await store.enrol_device(token, bytes(32), "box")
+
+
+async def test_a_server_stall_drops_nobody_and_a_dead_agent_goes_after_one_unanswered_probe(tmp_path) -> None:
+    from neuranet.config import ServerConfig
+    from neuranet.server.hub import Hub
+
+    store, user, device = await store_with_a_device(tmp_path)
     clock = Clock()
     hub = Hub(ServerConfig(data_dir=tmp_path, heartbeat_interval=3.0, offline_after=12.0), store, clock)
     sock = FakeSocket()
@@ -435,13 +441,8 @@ async def test_telemetry_older_than_the_retention_is_deleted_in_bounded_batches(
 
     from neuranet.config import ServerConfig
     from neuranet.server.hub import Hub
-    from neuranet.server.store import Store
 
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
-    await store.migrate()
-    user, _ = await store.create_user("u")
-    token, _ = await store.create_join_token(user.user_id)
-    device = await store.enrol_device(token, bytes(32), "box")
+    store, _, device = await store_with_a_device(tmp_path)
     now = time.time()
 
     def row(ts: float) -> dict:
