@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 import os
@@ -26,12 +25,10 @@ token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 users_app = typer.Typer(help="Users (admin only).", no_args_is_help=True)
 links_app = typer.Typer(help="PeerLinks between your devices.", no_args_is_help=True)
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
-trace_app = typer.Typer(help="Availability traces.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
 app.add_typer(links_app, name="links")
 app.add_typer(runs_app, name="runs")
-app.add_typer(trace_app, name="trace")
 console = Console()
 err = Console(stderr=True)
 
@@ -210,14 +207,6 @@ def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays va
         # Not `--join-token TOKEN`: a command line is visible to every user of the machine (`ps`).
         err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token -{pinning}   "
                   "(then paste the token), or --join-token-file FILE", markup=False, highlight=False)
-
-
-@users_app.command("create")
-def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
-                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """Create a user and print its first API token."""
-    u = _ask(server, token, lambda c: c.create_user(name, admin))
-    console.print(f"user {escape(u['name'])} ({u['user_id']}) token: {u['token']}")
 
 
 @app.command()
@@ -509,77 +498,6 @@ def runs_fetch(run_id: str, output: Path = typer.Option(None, "-o", help="Where 
 
 
 @app.command()
-def forecast(
-    device: Optional[str] = typer.Argument(None, help="A device name or id (default: all your devices)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the device's history and forecast."),
-    simulated: bool = typer.Option(True, help="Include simulated devices (imported traces)."),
-    retrain: bool = typer.Option(False, "--retrain", help="Retrain the forecaster first (admin)."),
-    as_json: bool = typer.Option(False, "--json"),
-    server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt,
-) -> None:
-    """Probability each device is online 15 min, 1 h, 6 h and 24 h from now, next to its recent history."""
-    from neuranet.ui import forecast_method, forecast_table, plot_forecast
-
-    if plot is not None and device is None:
-        _fail(ValueError("--plot needs a DEVICE"))
-    with _client(server, token, timeout=600.0) as c:
-        try:
-            if retrain:
-                info = c.retrain_forecaster()
-                err.print(f"forecaster retrained on {info['devices']} devices")
-            rows = [c.forecast(c.resolve_device(device)["id"])] if device else c.forecast(simulated=simulated)
-        except ClientError as exc:
-            _fail(exc)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        console.print(forecast_table(rows))
-        if rows:
-            console.print(escape(forecast_method(rows[0]["model"])), soft_wrap=True)
-    if plot is not None:
-        try:
-            plot_forecast(rows[0], plot)
-        except OSError as exc:
-            _fail(exc)
-        err.print(f"wrote {escape(str(plot))}")
-
-
-@trace_app.command("import")
-def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name prefix of the simulated devices."),
-                 replace: bool = typer.Option(False, "--replace", help="Replace the devices of an earlier import "
-                                                                     "with the same prefix (else it is refused)."),
-                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """Load an availability trace (client_id,event_type,event_start,event_end) as simulated devices' history."""
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        _fail(exc)
-    out = _ask(server, token, lambda c: c.import_trace(data, prefix, replace), timeout=600.0)
-    console.print(f"imported {out['devices']} simulated devices ({out['days']:.1f} days of history, "
-                  f"ending {datetime.datetime.fromtimestamp(out['history_end']):%Y-%m-%d %H:%M})")
-
-
-@trace_app.command("ls")
-def trace_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """The traces you imported: prefix, simulated devices, end of their history."""
-    rows = _ask(server, token, lambda c: c.traces())
-    for r in rows:
-        end = datetime.datetime.fromtimestamp(r["history_end"]) if r["history_end"] else None
-        print(f"{r['prefix']}\t{r['devices']} devices\thistory ends {end:%Y-%m-%d %H:%M}" if end else
-              f"{r['prefix']}\t{r['devices']} devices")
-    if not rows:
-        err.print("no traces imported")
-
-
-@trace_app.command("rm")
-def trace_rm(prefix: str = typer.Argument(..., help="The prefix the trace was imported with."),
-             server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
-    """Remove the simulated devices of an imported trace, with their history."""
-    out = _ask(server, token, lambda c: c.remove_trace(prefix))
-    console.print(f"removed {out['removed']} simulated devices of {out['prefix']}", markup=False)
-
-
-@app.command()
 def demo(mib: int = typer.Option(96, help="MiB sent over each of the three links."),
          keep: bool = typer.Option(False, help="Keep the demo's data directory.")) -> None:
     """Start a server and three agents locally and move tensors around the ring."""
@@ -589,6 +507,7 @@ def demo(mib: int = typer.Option(96, help="MiB sent over each of the three links
 
 
 from neuranet.files_cli import files_app  # noqa: E402  (its commands use the helpers above)
+from neuranet import forecast_cli  # noqa: E402,F401  (registers forecast and trace commands)
 from neuranet import identity_cli  # noqa: E402,F401  (registers token, devices and users commands)
 
 app.add_typer(files_app, name="files")

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from neuranet.cli import ServerOpt, TokenOpt, _ask, _client, _fail, app, console, err, token_app, users_app
+from neuranet.cli import ServerOpt, TokenOpt, _ask, _fail, app, console, err, token_app, users_app
 from neuranet.client import Client, ClientError
 from neuranet.protocol.messages import DEVICE_NAME_MAX
 
@@ -161,6 +161,14 @@ def devices_remove(device: str = typer.Argument(..., help="Device name, id or id
 
 
 # --- users ------------------------------------------------------------------------------
+
+
+@users_app.command("create")
+def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
+                 server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Create a user and print its first API token."""
+    u = _ask(server, token, lambda c: c.create_user(name, admin))
+    console.print(f"user {escape(u['name'])} ({u['user_id']}) token: {u['token']}")
 
 
 @users_app.command("ls")

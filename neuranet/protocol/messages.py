@@ -1,24 +1,21 @@
 """Typed messages of the control and data planes, each validating its own body.
 
-Every message is a pydantic model with a wire ``TYPE``. ``parse`` turns an
-:class:`Envelope` into the right model or raises a typed error; ``envelope``
-goes the other way. Bodies hold only msgpack-native values: no pickle anywhere.
+The base class, the registry and ``parse`` are in `message_base`, the file chunk messages in
+`file_messages`; both are re-exported here, so ``messages`` names every message.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neuranet.protocol.envelope import MAX_HEADER_BYTES, Buffer, Envelope
-from neuranet.protocol.errors import MAX_ERROR_CHARS, MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
+from neuranet.protocol.file_messages import (  # noqa: F401  (re-exported: every message is reachable here)
+    MAX_CHUNK_NAMES, ChunkCopy, ChunkDelete, ChunkFetch, ChunkInventory, ChunkLost, ChunkName, ChunkPlace, ChunkPlaced,
+    ChunkPut, ChunkReply, ChunkStored, chunk_batches)
 from neuranet.protocol.json_values import JsonBounds, check_json_value
+from neuranet.protocol.message_base import INT64_MAX, MESSAGE_TYPES, Message, Text, parse  # noqa: F401
 
-MESSAGE_TYPES: dict[str, type["Message"]] = {}
-
-# Errors and reasons a peer reports are repeated to users and in logs: kept to a readable length.
-Text = Annotated[str, AfterValidator(lambda text: text[:MAX_ERROR_CHARS])]
 MAX_ID_CHARS = 128  # of a device, link, run or test id
 _Id = Field(min_length=1, max_length=MAX_ID_CHARS)
 MAX_CERT_BYTES = 1024  # a device's direct-link certificate (neuranet.net.tls) is about 300 bytes
@@ -26,36 +23,6 @@ MAX_CERT_BYTES = 1024  # a device's direct-link certificate (neuranet.net.tls) i
 # are 32 hex digits), so it can be looked up and logged safely.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 DEVICE_NAME_MAX = 100
-
-
-class Message(BaseModel):
-    """Base of all wire messages; subclasses set ``TYPE`` and are registered."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    TYPE: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.TYPE:
-            if cls.TYPE in MESSAGE_TYPES:
-                raise TypeError(f"message type {cls.TYPE!r} registered twice")
-            MESSAGE_TYPES[cls.TYPE] = cls
-
-    def envelope(self, *, id: int = 0, src: str = "", dst: str = "", payload: Buffer = b"") -> Envelope:
-        return Envelope(type=self.TYPE, body=self.model_dump(mode="python"), id=id, src=src, dst=dst, payload=payload)
-
-
-def parse(env: Envelope) -> Message:
-    """Validate an envelope's body against its registered message type."""
-    cls = MESSAGE_TYPES.get(env.type)
-    if cls is None:
-        raise UnknownMessageType(f"unknown message type {shown(env.type)}")
-    try:
-        return cls.model_validate(env.body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])[:MAX_SHOWN_CHARS] or "body"  # keys come from the peer
-        raise InvalidMessage(f"{env.type}: {where}: {first['msg'][:MAX_SHOWN_CHARS * 4]}") from None
 
 
 # --- handshake -----------------------------------------------------------------
@@ -147,17 +114,14 @@ class Profile(Message):
         return check_json_value(profile, PROFILE_BOUNDS, "profile")
 
 
-_INT64_MAX = 2 ** 63 - 1  # what a database BIGINT holds
-
-
 class TelemetrySample(BaseModel):
     model_config = ConfigDict(frozen=True)
     ts: float = Field(allow_inf_nan=False)
     cpu_percent: float = Field(ge=0, le=100 * 1024)
     mem_percent: float = Field(ge=0, le=100)
-    mem_used: int = Field(ge=0, le=_INT64_MAX)
-    net_sent: int = Field(ge=0, le=_INT64_MAX)
-    net_recv: int = Field(ge=0, le=_INT64_MAX)
+    mem_used: int = Field(ge=0, le=INT64_MAX)
+    net_sent: int = Field(ge=0, le=INT64_MAX)
+    net_recv: int = Field(ge=0, le=INT64_MAX)
     battery_percent: float | None = Field(None, ge=0, le=100)
     power_plugged: bool | None = None
 
@@ -495,128 +459,3 @@ class ServeStop(Message):
     TYPE: ClassVar[str] = "serve_stop"
     run_id: str
     reason: Text = ""
-
-
-# --- file chunks -------------------------------------------------------------------
-
-_ChunkName = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class ChunkPut(Message):
-    """Server asks a device to keep a chunk (payload: its bytes, named by their SHA-256)."""
-
-    TYPE: ClassVar[str] = "chunk_put"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-
-
-class ChunkFetch(Message):
-    """Server asks a device for a chunk it holds; the reply carries the bytes."""
-
-    TYPE: ClassVar[str] = "chunk_fetch"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-
-
-ChunkName = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-# Lists of chunk names are sized by bytes: a name is 66 bytes of msgpack (a str8 header and 64 hex
-# digits), and a message carrying a list keeps this much of the header limit for everything else.
-_CHUNK_NAME_BYTES = 2 + 64
-_HEADER_ROOM = 4096
-MAX_CHUNK_NAMES = (MAX_HEADER_BYTES - _HEADER_ROOM) // _CHUNK_NAME_BYTES  # per message (3,909)
-
-
-def chunk_batches(names: list[str], per: int = MAX_CHUNK_NAMES) -> Iterator[list[str]]:
-    """``names`` in lists that each fit one message (at least one list, maybe empty)."""
-    yield names[:per]
-    for i in range(per, len(names), per):
-        yield names[i:i + per]
-
-
-class ChunkDelete(Message):
-    """Server tells a device to drop chunks (no reply needed: a later inventory shows what is left).
-    ``grace``: keep a copy written in the last that many seconds. The records do not know of copies
-    being deleted as stale (an inventory check, unfinished uploads), and a copy that just arrived over
-    a PeerLink may be one whose record is still on its way."""
-
-    TYPE: ClassVar[str] = "chunk_delete"
-    chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
-    grace: float = Field(0.0, ge=0.0, le=86400.0)
-
-
-class ChunkCopy(Message):
-    """Server asks a device to copy a chunk it holds to another of its owner's devices, over a
-    PeerLink on the ``chunks`` channel (direct or relayed); the reply says how it went."""
-
-    TYPE: ClassVar[str] = "chunk_copy"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-    target: str = Field(min_length=1, max_length=128)
-
-
-class ChunkReply(Message):
-    """A device answers a put or fetch (payload: the chunk's bytes for a fetch); ``held`` is False
-    when a fetched chunk is not (or, damaged, no longer) on the device; ``free_bytes`` is what its
-    quota has left."""
-
-    TYPE: ClassVar[str] = "chunk_reply"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-    ok: bool
-    error: Text = ""
-    held: bool = True
-    free_bytes: int = Field(0, ge=0, le=_INT64_MAX)
-    target_free_bytes: int = Field(-1, ge=-1, le=_INT64_MAX)  # for a copy: what the target's quota has left (-1: unknown)
-
-
-class ChunkPlace(Message):
-    """A device uploads a chunk for its owner (a program on its machine gave it the bytes): it asks
-    where the chunk should go. ``exclude``: devices that already failed to take it."""
-
-    TYPE: ClassVar[str] = "chunk_place"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-    size: int = Field(ge=0, le=16 << 20)
-    replicas: int = Field(ge=1, le=16)
-    exclude: list[str] = Field(default_factory=list, max_length=64)
-
-
-class ChunkStored(Message):
-    """The uploading device reports which devices now hold the chunk (it sent them the bytes over
-    PeerLinks, or kept them itself); the server records them and answers with `ChunkPlaced`."""
-
-    TYPE: ClassVar[str] = "chunk_stored"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-    size: int = Field(ge=0, le=16 << 20)
-    devices: list[str] = Field(max_length=64)
-
-
-class ChunkPlaced(Message):
-    """The server's answer to `ChunkPlace` (``holders``: who holds it already; ``targets``: where to send
-    it) and to `ChunkStored` (``holders``: the devices just recorded); ``error`` when it cannot be placed."""
-
-    TYPE: ClassVar[str] = "chunk_placed"
-    request: int = Field(ge=0)
-    chunk: str = _ChunkName
-    holders: list[str] = Field(default_factory=list, max_length=64)
-    targets: list[str] = Field(default_factory=list, max_length=64)
-    error: Text = ""
-
-
-class ChunkLost(Message):
-    """A device found chunks damaged on its disk (a read failed its hash) and dropped them."""
-
-    TYPE: ClassVar[str] = "chunk_lost"
-    chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
-
-
-class ChunkInventory(Message):
-    """A device's storage on connecting: its quota, bytes used, and the chunks it holds, in pages of
-    at most `MAX_CHUNK_NAMES` names (``last`` on the final one)."""
-
-    TYPE: ClassVar[str] = "chunk_inventory"
-    quota_bytes: int = Field(ge=0, le=_INT64_MAX)
-    used_bytes: int = Field(ge=0, le=_INT64_MAX)
-    chunks: list[ChunkName] = Field(max_length=MAX_CHUNK_NAMES)
-    last: bool = True
