@@ -273,14 +273,13 @@ def agent(
     file_worker.install(the_agent, chunks)
 
     async def main() -> None:
-        task = asyncio.ensure_future(the_agent.run())
+        # A signal sets an event rather than cancelling a task once: Python 3.11 can swallow a single
+        # cancellation inside wait_for, and Agent.stop cancels until the agent has really stopped.
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+            loop.add_signal_handler(sig, stop.set)
+        await the_agent.serve_until(stop)
 
     try:
         run_service(main())

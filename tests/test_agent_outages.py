@@ -121,3 +121,20 @@ async def test_a_failing_agent_task_is_logged_not_left_unretrieved(tmp_path: Pat
     gc.collect()
     loop.set_exception_handler(None)
     assert unretrieved == [] and "boom" in caplog.text and not agent._tasks
+
+
+async def test_a_failing_link_task_is_logged_not_left_unretrieved(tmp_path: Path, caplog) -> None:
+    agent = Agent(agent_config(tmp_path, "http://127.0.0.1:1"))
+    unretrieved: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+
+    async def boom() -> None:
+        raise ValueError("link boom")
+
+    agent.links._spawn(boom())
+    await asyncio.wait(set(agent.links._tasks))
+    await asyncio.sleep(0)  # one turn of the loop: the task's done callbacks run
+    gc.collect()
+    loop.set_exception_handler(None)
+    assert unretrieved == [] and "link boom" in caplog.text and not agent.links._tasks

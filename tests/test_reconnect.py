@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,23 @@ async def test_a_malformed_join_token_stops_the_agent_with_a_clear_error(tmp_pat
         agent = Agent(AgentConfig(**{**cfg.__dict__, "join_token": "short"}), clock=SteppedClock())
         with pytest.raises(EnrolmentError, match="not a join token"):
             await asyncio.wait_for(agent.run(), 30)
+
+
+async def test_the_agent_command_stops_cleanly_on_sigterm_while_retrying(tmp_path: Path) -> None:
+    requests: list[bytes] = []
+    server = await _http_server("503 Service Unavailable", requests)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "neuranet", "agent", "--server", url, "--data-dir", str(tmp_path / "agent"),
+            "--join-token", JOIN_TOKEN, "--no-measure", "--listen-host", "127.0.0.1",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(1200):  # bounded: the agent is up and retrying once the server saw a request
+            if requests or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert requests, "the agent never reached the server"
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (out, err)
+    assert b"Traceback" not in err, err

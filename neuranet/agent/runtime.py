@@ -140,6 +140,19 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (a signal handler sets it), then stop for sure (see ``stop``);
+        raises ServerRefused if the agent gave up first."""
+        async with self:
+            assert self._runner is not None
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({stopper, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+            if self._runner.done() and not self._runner.cancelled():
+                self._runner.result()
+
     async def wait_connected(self, timeout: float = 30.0) -> None:
         waiter = asyncio.ensure_future(self.connected.wait())
         pending = {waiter} | ({self._runner} if self._runner else set())
