@@ -11,6 +11,7 @@ import asyncio
 import gc
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cuttable_proxy import cuttable_proxy
@@ -106,35 +107,30 @@ async def test_a_stage_failure_while_disconnected_is_reported_when_the_agent_is_
     assert done.run_id == "r1" and not done.ok and "no-such-model" in done.error
 
 
-async def test_a_failing_agent_task_is_logged_not_left_unretrieved(tmp_path: Path, caplog) -> None:
-    agent = Agent(agent_config(tmp_path, "http://127.0.0.1:1"))
+async def _unretrieved_after(spawn: Callable[[Awaitable[None]], object], tasks: set, message: str) -> list[dict]:
+    """Spawn a task that fails with ``message`` and wait for it; what the loop reported as never retrieved."""
     unretrieved: list[dict] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: unretrieved.append(context))
 
     async def boom() -> None:
-        raise ValueError("boom")
+        raise ValueError(message)
 
-    task = agent.spawn(boom())
-    await asyncio.wait({task})
-    del task
+    spawn(boom())
+    await asyncio.wait(set(tasks))
+    await asyncio.sleep(0)  # one turn of the loop: the task's done callbacks run
     gc.collect()
     loop.set_exception_handler(None)
-    assert unretrieved == [] and "boom" in caplog.text and not agent._tasks
+    return unretrieved
+
+
+async def test_a_failing_agent_task_is_logged_not_left_unretrieved(tmp_path: Path, caplog) -> None:
+    agent = Agent(agent_config(tmp_path, "http://127.0.0.1:1"))
+    assert await _unretrieved_after(agent.spawn, agent._tasks, "boom") == []
+    assert "boom" in caplog.text and not agent._tasks
 
 
 async def test_a_failing_link_task_is_logged_not_left_unretrieved(tmp_path: Path, caplog) -> None:
     agent = Agent(agent_config(tmp_path, "http://127.0.0.1:1"))
-    unretrieved: list[dict] = []
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
-
-    async def boom() -> None:
-        raise ValueError("link boom")
-
-    agent.links._spawn(boom())
-    await asyncio.wait(set(agent.links._tasks))
-    await asyncio.sleep(0)  # one turn of the loop: the task's done callbacks run
-    gc.collect()
-    loop.set_exception_handler(None)
-    assert unretrieved == [] and "link boom" in caplog.text and not agent.links._tasks
+    assert await _unretrieved_after(agent.links._spawn, agent.links._tasks, "link boom") == []
+    assert "link boom" in caplog.text and not agent.links._tasks

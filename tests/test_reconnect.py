@@ -177,15 +177,20 @@ async def test_an_agent_keeps_retrying_a_server_that_is_unavailable(tmp_path: Pa
     assert len(requests) >= 4 and agent.connections == 0 and clock.t > 0
 
 
+async def _agent_command(url: str, tmp_path: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """``neuranet agent`` as a user starts it, pointed at ``url``, its output captured."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "neuranet", "agent", "--server", url, "--data-dir", str(tmp_path / "agent"),
+        "--join-token", JOIN_TOKEN, "--no-measure", "--listen-host", "127.0.0.1",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
 async def test_the_agent_command_exits_with_one_line_on_a_wrong_url(tmp_path: Path) -> None:
     requests: list[bytes] = []
     server = await _http_server("403 Forbidden", requests)
     async with server:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "neuranet", "agent", "--server", url, "--data-dir", str(tmp_path / "agent"),
-            "--join-token", JOIN_TOKEN, "--no-measure", "--listen-host", "127.0.0.1",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "60"})
+        proc = await _agent_command(url, tmp_path, env={**os.environ, "COLUMNS": "60"})
         out, err = await asyncio.wait_for(proc.communicate(), 120)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 1, (out, err)
@@ -209,10 +214,7 @@ async def test_the_agent_command_stops_cleanly_on_sigterm_while_retrying(tmp_pat
     server = await _http_server("503 Service Unavailable", requests)
     async with server:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "neuranet", "agent", "--server", url, "--data-dir", str(tmp_path / "agent"),
-            "--join-token", JOIN_TOKEN, "--no-measure", "--listen-host", "127.0.0.1",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = await _agent_command(url, tmp_path)
         for _ in range(1200):  # bounded: the agent is up and retrying once the server saw a request
             if requests or proc.returncode is not None:
                 break
