@@ -488,3 +488,30 @@ def test_error_survives_an_error_message_round_trip(cls: type[ProtocolError]) ->
     assert isinstance(reply, messages.Error)
     again = error_from_code(reply.code, reply.message)
     assert type(again) is cls and str(again) == "went wrong" and again.fatal == cls.fatal
+
+
+@pytest.mark.parametrize("body", [
+    {"seq": -1, "off": 0, "end": True, "meta": None},
+    {"seq": 0, "off": "0", "end": True, "meta": None},
+    {"seq": 0, "off": 0, "end": 1, "meta": None},
+    {"seq": 0, "off": 0, "end": True, "meta": [1]},
+])
+def test_link_data_fast_path_refuses_a_bad_body_with_a_typed_error(body):
+    # The data plane's hand-written codec raised a NameError here before the plane split.
+    with pytest.raises(InvalidMessage, match="link_data"):
+        messages.LinkData.read(body)
+
+
+def test_link_ack_fast_path_refuses_a_bad_body_with_a_typed_error():
+    with pytest.raises(InvalidMessage, match="link_ack"):
+        messages.LinkAck.read({"seq": -2, "consumed": 0})
+
+
+def test_every_plane_module_registers_its_messages_and_messages_re_exports_them():
+    from neuranet.protocol import chunks, control, links, runs, serving
+
+    planes = (control, links, runs, serving, chunks)
+    types = {cls.TYPE: cls for plane in planes for cls in vars(plane).values()
+             if isinstance(cls, type) and issubclass(cls, Message) and cls.TYPE}
+    assert types == MESSAGE_TYPES
+    assert all(getattr(messages, cls.__name__) is cls for cls in types.values())

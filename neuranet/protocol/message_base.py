@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from neuranet.protocol.envelope import Buffer, Envelope
 from neuranet.protocol.errors import MAX_ERROR_CHARS, MAX_SHOWN_CHARS, InvalidMessage, UnknownMessageType, shown
@@ -19,6 +19,8 @@ MESSAGE_TYPES: dict[str, type["Message"]] = {}
 # Errors and reasons a peer reports are repeated to users and in logs: kept to a readable length.
 Text = Annotated[str, AfterValidator(lambda text: text[:MAX_ERROR_CHARS])]
 INT64_MAX = 2 ** 63 - 1  # what a database BIGINT holds
+MAX_ID_CHARS = 128  # of a device, link, run or test id
+ID_FIELD = Field(min_length=1, max_length=MAX_ID_CHARS)  # a bounded, non-empty id
 
 
 class Message(BaseModel):

@@ -1,4 +1,4 @@
-"""File chunk messages: a device keeps, fetches, copies, deletes and reports chunks for its owner.
+"""Chunk-plane messages: a device keeps, fetches, copies, deletes and reports chunks for its owner.
 
 Registered like every message (`message_base`); `messages` re-exports them.
 """
