@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field
 
@@ -13,7 +13,8 @@ from neuranet.protocol.json_values import JsonValueError, check_json_value
 from neuranet.protocol.messages import PROFILE_BOUNDS
 from neuranet.server.edge import ApiModel
 from neuranet.server.hub import Hub
-from neuranet.server.store import API_TOKEN_TTL, Principal, Store, StoreError
+from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized
+from neuranet.server.store import API_TOKEN_TTL, Principal, Store
 
 router = APIRouter(prefix="/api/v1")
 _bearer = HTTPBearer(auto_error=False)
@@ -32,12 +33,12 @@ async def read_body(request: Request, limit: int, too_big: str) -> bytes:
     """The request body, refused with 413 (``too_big``) as soon as it passes ``limit`` bytes, declared or sent."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, too_big)
+        raise TooLarge(too_big)
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
-            raise HTTPException(413, too_big)
+            raise TooLarge(too_big)
     return bytes(body)
 
 
@@ -45,10 +46,10 @@ async def principal(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     if creds is None:
-        raise HTTPException(401, "missing bearer token: pass `Authorization: Bearer <token>`")
+        raise Unauthorized("missing bearer token: pass `Authorization: Bearer <token>`")
     who = await get_store(request).authenticate(creds.credentials)
     if who is None:
-        raise HTTPException(401, "invalid API token: unknown, expired or revoked")
+        raise Unauthorized("invalid API token: unknown, expired or revoked")
     return who
 
 
@@ -103,12 +104,9 @@ async def create_join_token(user: User, store: StoreDep, body: JoinTokenRequest 
 @router.post("/users")
 async def create_user(body: UserRequest, user: User, store: StoreDep) -> dict[str, Any]:
     if not user.is_admin:
-        raise HTTPException(403, "only an admin can create users")
-    try:
-        created, token = await store.create_user(body.name, is_admin=body.is_admin,
-                                                 token_expires_in=body.token_expires_in_seconds)
-    except StoreError as exc:
-        raise HTTPException(409, str(exc)) from None
+        raise Forbidden("only an admin can create users")
+    created, token = await store.create_user(body.name, is_admin=body.is_admin,
+                                             token_expires_in=body.token_expires_in_seconds)
     return {"user_id": created.user_id, "name": created.name, "token": token}
 
 
@@ -136,7 +134,7 @@ def shown_profile(profile: Any) -> dict[str, Any]:
 async def owned_device(device_id: str, user: Principal, store: Store) -> Any:
     device = await store.get_device(device_id)
     if device is None or device.user_id != user.user_id:
-        raise HTTPException(404, f"no device {device_id} among your devices")
+        raise NotFound(f"no device {device_id} among your devices")
     return device
 
 
@@ -169,10 +167,10 @@ async def start_linktest(body: LinkTestRequest, user: User, store: StoreDep, hub
     await owned_device(body.src, user, store)
     await owned_device(body.dst, user, store)
     if body.src == body.dst:
-        raise HTTPException(422, "src and dst must be different devices")
+        raise Invalid("src and dst must be different devices")
     for d in (body.src, body.dst):
         if d not in hub.conns:
-            raise HTTPException(409, f"device {d} is offline")
+            raise Conflict(f"device {d} is offline")
     test = hub.start_linktest(user.user_id, body.src, body.dst, body.total_bytes, body.message_bytes)
     return linktest_view(test)
 
@@ -181,7 +179,7 @@ async def start_linktest(body: LinkTestRequest, user: User, store: StoreDep, hub
 async def get_linktest(test_id: str, user: User, hub: HubDep) -> dict[str, Any]:
     test = hub.linktests.get(test_id)
     if test is None or test.user_id != user.user_id:
-        raise HTTPException(404, f"no link test {test_id}")
+        raise NotFound(f"no link test {test_id}")
     return linktest_view(test)
 
 

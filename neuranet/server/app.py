@@ -18,7 +18,8 @@ from neuranet import __version__
 from neuranet.config import Limits, ServerConfig
 from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
-from neuranet.server.edge import BodyLimit, validation_error
+from neuranet.errors import NeuraNetError
+from neuranet.server.edge import BodyLimit, domain_error, validation_error
 from neuranet.server.runs_api import router as runs_router
 from neuranet.server.runs_api import serve_router
 from neuranet.server.files_api import router as files_router
@@ -88,6 +89,7 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     app.add_middleware(BodyLimit, limit_for=body_limit(config.limits),
                        buffer_limit=config.limits.max_json_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(NeuraNetError, domain_error)
     app.include_router(router)
     app.include_router(runs_router)
     app.include_router(serve_router)

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationInfo, field_validator
 
+from neuranet import errors
+from neuranet.errors import NeuraNetError
 from neuranet.protocol.json_values import JsonBounds, JsonValueError, check_json_value
 
 # Free-form values inside a request body: the body limit bounds their size; depth is what breaks.
@@ -115,3 +117,23 @@ async def _too_large(send: Send, limit: int) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+# The one place a domain error becomes an HTTP status; a subclass takes its nearest kind's status.
+HTTP_STATUS: dict[type[NeuraNetError], int] = {
+    errors.Invalid: 422, errors.NotFound: 404, errors.Conflict: 409, errors.Gone: 410, errors.TooLarge: 413,
+    errors.Unauthorized: 401, errors.Forbidden: 403, errors.Unavailable: 503, errors.TimedOut: 504,
+    errors.BadUpstream: 502, errors.NoSpace: 507, NeuraNetError: 400,
+}
+
+
+def http_status(exc: NeuraNetError) -> int:
+    """The status of ``exc``'s nearest kind in HTTP_STATUS (its first one in method resolution order)."""
+    return next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
+
+
+async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    """A book's refusal as ``{"detail": message}`` with the status of its kind."""
+    assert isinstance(exc, NeuraNetError)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
+    return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)

@@ -16,11 +16,16 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from neuranet.errors import Conflict, NotFound
 from neuranet.server.models import ChunkReplica, FileChunk, StoredFile
 
 
-class FileRecordError(Exception):
-    """A file operation the records refuse (name taken, chunks missing, no such file)."""
+class FileRecordError(Conflict):
+    """A file operation the records refuse (name taken, chunks missing)."""
+
+
+class UnknownFile(FileRecordError, NotFound):
+    """The user has no file of that name."""
 
 
 class FileRecords:
@@ -115,7 +120,7 @@ class FileRecords:
             row = (await s.execute(select(StoredFile).where(StoredFile.user_id == user_id,
                                                             StoredFile.name == name))).scalar_one_or_none()
             if row is None:
-                raise FileRecordError(f"no file named {name!r}")
+                raise UnknownFile(f"no file named {name!r}")
             chunks = await _chunks_of(s, row.id)
             await s.delete(row)
             await s.flush()

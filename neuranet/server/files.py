@@ -24,6 +24,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from neuranet.errors import Conflict, Gone, NeuraNetError, NoSpace, TimedOut, Unavailable
 from neuranet.forecast.features import HORIZONS
 from neuranet.config import Limits
 from neuranet.protocol import messages as m
@@ -41,16 +42,35 @@ VIEW_TTL = 10.0  # seconds a user's device views (forecasts) are reused between 
 STALE_GRACE = 600.0  # devices keep copies this recent despite a stale delete (their record may be on its way)
 
 
-class FileError(Exception):
-    """A file request that cannot be served; ``status`` is the HTTP status to answer with."""
+class FileError(NeuraNetError):
+    """A file request that cannot be served; the subclass says which kind of failure it is."""
 
-    def __init__(self, message: str, status: int = 400, copy_gone: bool = False) -> None:
+    def __init__(self, message: str, copy_gone: bool = False) -> None:
         super().__init__(message)
-        self.status = status
         self.copy_gone = copy_gone  # the device no longer holds the chunk it was asked for
 
 
-class _ConnectionLost(FileError):
+class FileUnavailable(FileError, Unavailable):
+    """The devices holding or meant to hold the chunk are offline or failed."""
+
+
+class FileTimedOut(FileError, TimedOut):
+    """A device did not answer a chunk request in time."""
+
+
+class ChunkGone(FileError, Gone):
+    """No replica of the chunk is left."""
+
+
+class NoStorage(FileError, Conflict):
+    """None of the user's devices offers storage."""
+
+
+class StorageFull(FileError, NoSpace):
+    """No device has room for the chunk."""
+
+
+class _ConnectionLost(FileUnavailable):
     """The connection a request went out on is gone, so its answer will never come."""
 
 
@@ -134,14 +154,14 @@ class FileBook:
     def on_device_lost(self, device_id: str) -> None:
         for dev, _, fut in self._pending.values():
             if dev == device_id and not fut.done():
-                fut.set_exception(FileError(f"device {device_id} went offline", 503))
+                fut.set_exception(FileUnavailable(f"device {device_id} went offline"))
 
     def on_connection_lost(self, conn: "AgentConnection") -> None:
         """A device's connection was replaced by a newer one: what was asked on the old one is asked again
         (`_request`) instead of waiting out `CHUNK_TIMEOUT` for answers that went with it."""
         for _, sent_on, fut in self._pending.values():
             if sent_on is conn and not fut.done():
-                fut.set_exception(_ConnectionLost(f"the connection to device {conn.device_id} was lost", 503))
+                fut.set_exception(_ConnectionLost(f"the connection to device {conn.device_id} was lost"))
 
     def forget_device(self, device_id: str) -> None:
         """A device was removed (its replica records went with it): stop offering it for placement and
@@ -199,7 +219,7 @@ class FileBook:
         while True:
             conn = self.hub.conns.get(device_id)
             if conn is None:
-                raise FileError(f"device {device_id} is offline", 503)
+                raise FileUnavailable(f"device {device_id} is offline")
             fut: asyncio.Future[tuple[m.ChunkReply, bytes]] = loop.create_future()
             self._pending[msg.request] = (device_id, conn, fut)  # type: ignore[attr-defined]
             try:
@@ -209,7 +229,7 @@ class FileBook:
                 if self.hub.conns.get(device_id) is conn:  # no newer connection to ask on
                     raise
             except asyncio.TimeoutError:
-                raise FileError(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s", 504) from None
+                raise FileTimedOut(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s") from None
             finally:
                 self._pending.pop(msg.request, None)  # type: ignore[attr-defined]
 
@@ -271,10 +291,10 @@ class FileBook:
                 if isinstance(exc, ChunkError) or (isinstance(exc, FileError) and exc.copy_gone):
                     await self.hub.store.remove_replica(user_id, chunk_id, device_id)
         if not holders:
-            raise FileError(f"chunk {chunk_id[:12]} has no replica left", 410)
+            raise ChunkGone(f"chunk {chunk_id[:12]} has no replica left")
         if not online:
-            raise FileError(f"chunk {chunk_id[:12]}: all {len(holders)} devices holding it are offline", 503)
-        raise FileError(f"chunk {chunk_id[:12]}: no device returned it intact ({'; '.join(errors)})", 503)
+            raise FileUnavailable(f"chunk {chunk_id[:12]}: all {len(holders)} devices holding it are offline")
+        raise FileUnavailable(f"chunk {chunk_id[:12]}: no device returned it intact ({'; '.join(errors)})")
 
     def _free(self, device_id: str) -> int:
         space = self.space.get(device_id)
@@ -332,7 +352,7 @@ class FileBook:
             holders = []  # collected as an orphan just now: store it anew
         views = await self.views(user_id)
         if not views:
-            raise FileError("none of your devices offers storage: start an agent with --storage (e.g. 20G)", 409)
+            raise NoStorage("none of your devices offers storage: start an agent with --storage (e.g. 20G)")
         return holders, views
 
     def _place(self, chunk_id: str, size: int, replicas: int, holders: list[str], views: list[DeviceView],
@@ -348,7 +368,7 @@ class FileBook:
             if holders:
                 return []  # fewer replicas than asked for now; repair adds the rest later
             why = "; ".join(refusals) if refusals else str(exc)
-            raise FileError(f"cannot store chunk {chunk_id[:12]}: {why}", 507) from None
+            raise StorageFull(f"cannot store chunk {chunk_id[:12]}: {why}") from None
 
     async def plan_upload(self, user_id: str, chunk_id: str, size: int, replicas: int,
                           exclude: list[str]) -> tuple[list[str], list[str]]:

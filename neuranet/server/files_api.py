@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field, model_validator
 
 from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
 from neuranet.server.edge import ApiModel
-from neuranet.server.file_records import FileRecordError
-from neuranet.server.files import FileError
+from neuranet.errors import Invalid, NotFound
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
 from neuranet.storage.sealing import SEALING_OVERHEAD, parse_description
 
@@ -60,7 +59,7 @@ class FileIn(ApiModel):
 
 def _chunk_name(chunk_id: str) -> str:
     if not is_chunk_id(chunk_id):
-        raise HTTPException(422, f"not a chunk name (64 lowercase hex digits): {chunk_id[:80]!r}")
+        raise Invalid(f"not a chunk name (64 lowercase hex digits): {chunk_id[:80]!r}")
     return chunk_id
 
 
@@ -72,9 +71,7 @@ async def put_chunk(chunk_id: str, request: Request, user: User, hub: HubDep,
     try:
         return await hub.files.put_chunk(user.user_id, chunk_id, body, replicas)
     except ChunkError as exc:
-        raise HTTPException(422, str(exc)) from None
-    except FileError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+        raise Invalid(str(exc)) from None
 
 
 @router.get("/chunks/{chunk_id}")
@@ -82,21 +79,15 @@ async def get_chunk(chunk_id: str, user: User, store: StoreDep, hub: HubDep) -> 
     _chunk_name(chunk_id)
     holders = (await store.replicas_of(user.user_id, [chunk_id])).get(chunk_id)
     if holders is None:
-        raise HTTPException(404, f"you store no chunk {chunk_id[:12]}")
-    try:
-        data = await hub.files.fetch(user.user_id, chunk_id, holders)
-    except FileError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+        raise NotFound(f"you store no chunk {chunk_id[:12]}")
+    data = await hub.files.fetch(user.user_id, chunk_id, holders)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.post("/files")
 async def commit_file(req: FileIn, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    try:
-        row, freed = await store.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
-                                             [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
-    except FileRecordError as exc:
-        raise HTTPException(409, str(exc)) from None
+    row, freed = await store.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
+                                         [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
     await hub.files.delete_replicas(freed)
     ids = [c.id for c in req.chunks]
     holders = await store.replicas_of(user.user_id, sorted(set(ids)))
@@ -118,7 +109,7 @@ async def list_files(user: User, store: StoreDep) -> list[dict[str, Any]]:
 async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     found = await store.get_file(user.user_id, name)
     if found is None:
-        raise HTTPException(404, f"no file named {name!r}")
+        raise NotFound(f"no file named {name!r}")
     row, chunks = found
     ids = [c.chunk_id for c in chunks]
     holders = await store.replicas_of(user.user_id, sorted(set(ids)))
@@ -136,10 +127,7 @@ async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict
 
 @router.delete("/files/{name:path}")
 async def delete_file(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    try:
-        freed = await store.delete_file(user.user_id, name)
-    except FileRecordError as exc:
-        raise HTTPException(404, str(exc)) from None
+    freed = await store.delete_file(user.user_id, name)
     await hub.files.delete_replicas(freed)
     return {"deleted": name, "replicas_freed": sum(len(c) for c in freed.values())}
 

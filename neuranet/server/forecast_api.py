@@ -6,10 +6,10 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
-from neuranet.server.store import StoreError
+from neuranet.errors import Conflict, Forbidden, Invalid, NotFound
 
 router = APIRouter(prefix="/api/v1")
 MAX_TRACE_BYTES = 64 * 1024 * 1024
@@ -21,7 +21,7 @@ async def _forecast(device: Any, store: Any, hub: Any) -> dict[str, Any]:
     try:
         return await hub.forecasts.forecast(device, await store.presence_history(device.id))
     except ForecastError as exc:
-        raise HTTPException(422, f"cannot forecast {device.name}: {exc}") from None
+        raise Invalid(f"cannot forecast {device.name}: {exc}") from None
 
 
 @router.get("/devices/{device_id}/forecast")
@@ -43,11 +43,11 @@ async def retrain(user: User, hub: HubDep) -> dict[str, Any]:
     from neuranet.forecast.errors import ForecastError
 
     if not user.is_admin:
-        raise HTTPException(403, "only an admin can retrain the forecaster")
+        raise Forbidden("only an admin can retrain the forecaster")
     try:
         return await hub.forecasts.retrain()
     except ForecastError as exc:
-        raise HTTPException(409, str(exc)) from None
+        raise Conflict(str(exc)) from None
 
 
 TracePrefixQuery = Query("trace", min_length=1, max_length=40, description="Name prefix of the simulated devices.")
@@ -70,20 +70,17 @@ async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDe
         text = body.decode()
         trace = await asyncio.to_thread(parse_trace, text, "uploaded trace")
     except UnicodeDecodeError:
-        raise HTTPException(422, "the trace must be UTF-8 CSV text") from None
+        raise Invalid("the trace must be UTF-8 CSV text") from None
     except ForecastError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise Invalid(str(exc)) from None
     if not len(trace):
-        raise HTTPException(422, "the trace has no rows")
+        raise Invalid("the trace has no rows")
     limit = hub.config.limits.max_trace_devices_per_user
     if len(trace) > limit:
-        raise HTTPException(422, f"the trace has {len(trace)} hosts; a user may have at most {limit} simulated devices")
+        raise Invalid(f"the trace has {len(trace)} hosts; a user may have at most {limit} simulated devices")
     devices = import_trace_devices(trace, time.time(), UNIX_CLOCK_OFFSET, prefix)
-    try:
-        ids = await store.add_simulated_devices(user.user_id, devices, prefix_of=trace_prefix_of, prefix=prefix,
-                                                replace=replace, limit=limit)
-    except StoreError as exc:
-        raise HTTPException(409, str(exc)) from None
+    ids = await store.add_simulated_devices(user.user_id, devices, prefix_of=trace_prefix_of, prefix=prefix,
+                                            replace=replace, limit=limit)
     return {"devices": len(ids), "ids": ids, "history_end": devices[0][1]["history_end"],
             "days": (trace.end - trace.start) / 86400, "prefix": prefix}
 
@@ -110,5 +107,5 @@ async def remove_trace(prefix: str, user: User, store: StoreDep) -> dict[str, An
 
     removed = await store.remove_simulated_devices(user.user_id, prefix, trace_prefix_of)
     if not removed:
-        raise HTTPException(404, f"no trace imported as {prefix!r} among your devices")
+        raise NotFound(f"no trace imported as {prefix!r} among your devices")
     return {"prefix": prefix, "removed": removed}

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 
 from neuranet.server.api import HubDep, StoreDep, User
-from neuranet.server.identity_records import UnknownRecord
-from neuranet.server.store import StoreError
+from neuranet.errors import Conflict, Forbidden
 
 router = APIRouter(prefix="/api/v1")
 
@@ -22,10 +21,7 @@ async def list_tokens(user: User, store: StoreDep) -> list[dict[str, Any]]:
 
 @router.delete("/tokens/{token_id}")
 async def revoke_token(token_id: str, user: User, store: StoreDep) -> dict[str, Any]:
-    try:
-        row = await store.revoke_token(user.user_id, token_id)
-    except StoreError as exc:
-        raise HTTPException(404, str(exc)) from None
+    row = await store.revoke_token(user.user_id, token_id)
     return {"revoked": row.id, "name": row.name}
 
 
@@ -33,10 +29,7 @@ async def revoke_token(token_id: str, user: User, store: StoreDep) -> dict[str, 
 async def remove_device(device_id: str, user: User, store: StoreDep, hub: HubDep, force: bool = False) -> dict[str, Any]:
     """Forget one of your devices: its key is refused from now on, its connection is closed, and the
     chunks it held are copied to your other devices (409 while it holds the only copy, unless ``force``)."""
-    try:
-        removed = await store.remove_device(user.user_id, device_id, force)
-    except StoreError as exc:
-        raise HTTPException(404 if isinstance(exc, UnknownRecord) else 409, str(exc)) from None
+    removed = await store.remove_device(user.user_id, device_id, force)
     await hub.disconnect_device(device_id, "this device was removed by its owner")
     return {"removed": removed.device_id, "name": removed.name, "replicas": removed.replicas,
             "sole_copies": removed.sole_copies}
@@ -54,7 +47,7 @@ async def disable_user(name: str, user: User, store: StoreDep, hub: HubDep) -> d
     """Refuse a user's tokens and devices from now on, and close its devices' connections."""
     _admin(user)
     if name == user.name:
-        raise HTTPException(409, "you cannot disable yourself; ask another admin")
+        raise Conflict("you cannot disable yourself; ask another admin")
     target = await _set_disabled(store, name, True)
     await hub.disconnect_user(target.id, "the owner of this device was disabled on this coordinator")
     return {"name": target.name, "disabled": True}
@@ -69,11 +62,8 @@ async def enable_user(name: str, user: User, store: StoreDep) -> dict[str, Any]:
 
 def _admin(user: Any) -> None:
     if not user.is_admin:
-        raise HTTPException(403, "only an admin can manage users")
+        raise Forbidden("only an admin can manage users")
 
 
 async def _set_disabled(store: Any, name: str, disabled: bool) -> Any:
-    try:
-        return await store.set_user_disabled(name, disabled)
-    except StoreError as exc:
-        raise HTTPException(404, str(exc)) from None
+    return await store.set_user_disabled(name, disabled)

@@ -18,14 +18,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from neuranet.errors import Conflict, NotFound
 from neuranet.server.models import ApiToken, ChunkReplica, Device, JoinToken, User
 
 
-class StoreError(Exception):
-    """A request the store refuses; the message says what to change."""
+class StoreError(Conflict):
+    """A request the store refuses (it clashes with what is stored); the message says what to change."""
 
 
-class UnknownRecord(StoreError):
+class UnknownRecord(StoreError, NotFound):
     """The request names a token, device or user that is not there (or not the caller's)."""
 
 

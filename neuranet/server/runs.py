@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
+from neuranet.errors import Invalid
 from neuranet.pipeline.schedules import OPTIMIZER_NAMES, SCHEDULES, UnknownSchedule
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
@@ -103,7 +104,7 @@ class RunRequest(ApiModel):
         return name.lower()
 
 
-class RunError(Exception):
+class RunError(Invalid):
     """A run cannot start as requested; the message says what to change."""
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from neuranet.server.api import HubDep, StoreDep, User, device_view
-from neuranet.server.runs import RunError, RunRequest
+from neuranet.errors import Conflict, NotFound
+from neuranet.server.runs import RunRequest
 from neuranet.server.serving import DeployRequest, GenerateRequest, InferRequest, ServeError
 
 router = APIRouter(prefix="/api/v1/runs")
@@ -23,28 +24,25 @@ async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, h
         for want in req.devices:
             match = [d for d in mine if want in (d["id"], d["name"])]
             if not match:
-                raise HTTPException(404, f"no device {want!r} among your devices")
+                raise NotFound(f"no device {want!r} among your devices")
             if not match[0]["online"]:
-                raise HTTPException(409, f"device {match[0]['name']} is offline")
+                raise Conflict(f"device {match[0]['name']} is offline")
             chosen.append(match[0])
         return chosen
     fastest = sorted(online, key=lambda d: -(d["profile"].get("cpu_gflops") or 0))
     if isinstance(req.devices, int):
         if req.devices > len(online):
-            raise HTTPException(409, f"{req.devices} devices asked for, but only {len(online)} of yours are online")
+            raise Conflict(f"{req.devices} devices asked for, but only {len(online)} of yours are online")
         return fastest[: req.devices]
     if not online:
-        raise HTTPException(409, "none of your devices is online")
+        raise Conflict("none of your devices is online")
     return fastest
 
 
 @router.post("")
 async def start_run(req: RunRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     devices = await _devices_for(req, user, store, hub)
-    try:
-        run = await hub.runs.start(user.user_id, req, devices)
-    except RunError as exc:
-        raise HTTPException(422, str(exc)) from None
+    run = await hub.runs.start(user.user_id, req, devices)
     return run.view()
 
 
@@ -76,7 +74,7 @@ async def list_runs(user: User, store: StoreDep, hub: HubDep,
 def _run_of(run_id: str, user: Any, hub: Any) -> Any:
     run = hub.runs.runs.get(run_id)
     if run is None or run.user_id != user.user_id:
-        raise HTTPException(404, f"no run {run_id}")
+        raise NotFound(f"no run {run_id}")
     return run
 
 
@@ -89,24 +87,21 @@ async def get_run(run_id: str, user: User, hub: HubDep) -> dict[str, Any]:
 async def get_weights(run_id: str, user: User, hub: HubDep) -> Response:
     run = _run_of(run_id, user, hub)
     if run.status != "finished":
-        raise HTTPException(409, f"run {run_id} is {run.status}; weights are ready when it has finished")
+        raise Conflict(f"run {run_id} is {run.status}; weights are ready when it has finished")
     return Response(hub.runs.merged_weights(run_id), media_type="application/octet-stream")
 
 
 @serve_router.post("")
 async def deploy(req: DeployRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     devices = await _devices_for(req, user, store, hub)
-    try:
-        dep = await hub.serving.start(user.user_id, req, devices)
-    except ServeError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+    dep = await hub.serving.start(user.user_id, req, devices)
     return dep.view()
 
 
 def _deployment_of(dep_id: str, user: Any, hub: Any) -> Any:
     dep = hub.serving.deployments.get(dep_id)
     if dep is None or dep.user_id != user.user_id:
-        raise HTTPException(404, f"no deployment {dep_id}")
+        raise NotFound(f"no deployment {dep_id}")
     return dep
 
 
@@ -125,19 +120,13 @@ async def get_deployment(dep_id: str, user: User, hub: HubDep, wait: float = 0.0
 @serve_router.post("/{dep_id}/infer")
 async def infer(dep_id: str, req: InferRequest, user: User, hub: HubDep) -> dict[str, Any]:
     dep = _deployment_of(dep_id, user, hub)
-    try:
-        return {"outputs": await hub.serving.infer(dep, req.inputs)}
-    except ServeError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+    return {"outputs": await hub.serving.infer(dep, req.inputs)}
 
 
 @serve_router.post("/{dep_id}/generate")
 async def generate(dep_id: str, req: GenerateRequest, user: User, hub: HubDep) -> dict[str, Any]:
     dep = _deployment_of(dep_id, user, hub)
-    try:
-        return {"text": await hub.serving.generate(dep, req)}
-    except ServeError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+    return {"text": await hub.serving.generate(dep, req)}
 
 
 @serve_router.delete("/{dep_id}")

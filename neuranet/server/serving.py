@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from neuranet.errors import BadUpstream, Conflict, Invalid, NeuraNetError, NotFound, TimedOut, TooLarge, Unavailable
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX
 from neuranet.server.edge import ApiModel
@@ -54,12 +55,36 @@ class GenerateRequest(ApiModel):
     seed: int = Field(0, ge=0, le=INT64_MAX)
 
 
-class ServeError(Exception):
-    """A request to a deployment failed; ``status`` is the HTTP status that fits."""
+class ServeError(NeuraNetError):
+    """A request to a deployment failed; the subclass says which kind of failure it is."""
 
-    def __init__(self, message: str, status: int = 409) -> None:
-        super().__init__(message)
-        self.status = status
+
+class ServeInvalid(ServeError, Invalid):
+    """The deployment or request asks for what cannot be served (a model, inputs, options)."""
+
+
+class ServeNotFound(ServeError, NotFound):
+    """The deployment names a run that is not there."""
+
+
+class ServeConflict(ServeError, Conflict):
+    """The deployment names a run that has not finished."""
+
+
+class ServeTooLarge(ServeError, TooLarge):
+    """The request's input is too large to send through the stages."""
+
+
+class ServeUnavailable(ServeError, Unavailable):
+    """The deployment failed, stopped, or lost a device."""
+
+
+class ServeTimedOut(ServeError, TimedOut):
+    """The deployment did not load, or a request did not finish, in time."""
+
+
+class ServeBadOutput(ServeError, BadUpstream):
+    """The last stage returned an output that cannot be decoded."""
 
 
 @dataclass
@@ -108,7 +133,7 @@ class Deployment:
         self.became_ready.set()
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(ServeError(why, 503))
+                future.set_exception(ServeUnavailable(why))
         self.pending.clear()
 
 
@@ -126,27 +151,27 @@ class ServeBook:
         if req.run is not None:
             run = self.hub.runs.runs.get(req.run)
             if run is None or run.user_id != user_id:
-                raise ServeError(f"no run {req.run}", 404)
+                raise ServeNotFound(f"no run {req.run}")
             if run.status != "finished":
-                raise ServeError(f"run {req.run} is {run.status}; it can be served once it has finished")
+                raise ServeConflict(f"run {req.run} is {run.status}; it can be served once it has finished")
             if run.request.user_model is not None:
-                raise ServeError(f"run {req.run} trained a model file of yours; only built-in models are served", 422)
+                raise ServeInvalid(f"run {req.run} trained a model file of yours; only built-in models are served")
             if model not in (None, run.request.model):
-                raise ServeError(f"run {req.run} trained {run.request.model}, not {model}", 422)
+                raise ServeInvalid(f"run {req.run} trained {run.request.model}, not {model}")
             model, seed, options = run.request.model, run.request.seed, run.request.model_options
             weights = self.hub.runs.merged_weights(req.run)
         if model is None:
-            raise ServeError("name a model or a finished training run to serve", 422)
+            raise ServeInvalid("name a model or a finished training run to serve")
         if model not in MODELS:
-            raise ServeError(f"unknown model {model!r}; built-in models are: {', '.join(sorted(MODELS))}", 422)
+            raise ServeInvalid(f"unknown model {model!r}; built-in models are: {', '.join(sorted(MODELS))}")
         try:
             layers, built = await asyncio.to_thread(build_and_profile, model, seed, options, req.batch_size)
             stages, plan_text, _, _ = await asyncio.to_thread(
                 plan_layers, layers, devices, "latency", req.batch_size, 1, req.use_all_devices)
         except RunError as exc:
-            raise ServeError(str(exc), 422) from None
+            raise ServeInvalid(str(exc)) from None
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise ServeError(f"cannot plan {model}: {exc}", 422) from None
+            raise ServeInvalid(f"cannot plan {model}: {exc}") from None
         block_size = built.data_options.get("block_size") if built.dataset == "stdlib-chars" else None
         dep_id = await self.hub.store.create_run(user_id, "serve", [s["device"] for s in stages])
         dep = Deployment(dep_id, user_id, model, seed, options, stages, plan_text, built.encode, block_size,
@@ -171,16 +196,16 @@ class ServeBook:
         try:
             await asyncio.wait_for(dep.became_ready.wait(), timeout)
         except TimeoutError:
-            raise ServeError(f"deployment {dep.id} is still loading after {timeout:.0f} s", 504) from None
+            raise ServeTimedOut(f"deployment {dep.id} is still loading after {timeout:.0f} s") from None
         if dep.status in ("failed", "stopped"):
-            raise ServeError(f"deployment {dep.id} is {dep.status}" + (f": {dep.error}" if dep.error else ""), 503)
+            raise ServeUnavailable(f"deployment {dep.id} is {dep.status}" + (f": {dep.error}" if dep.error else ""))
 
     async def infer(self, dep: Deployment, inputs: list[Any]) -> list[Any]:
         """Run a batch of inputs (JSON values the model's encoder takes) through the pipeline."""
         try:
             x = await asyncio.to_thread(dep.encode, inputs)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise ServeError(f"{dep.model} cannot take these inputs: {exc}", 422) from None
+            raise ServeInvalid(f"{dep.model} cannot take these inputs: {exc}") from None
         return (await self.forward(dep, x)).tolist()
 
     async def forward(self, dep: Deployment, x: Any) -> Any:
@@ -192,7 +217,7 @@ class ServeBook:
         try:
             pieces = split_batch(x, SERVE_PART_BYTES)
         except BatchTooLarge as exc:
-            raise ServeError(str(exc), 413) from None
+            raise ServeTooLarge(str(exc)) from None
         if dep.joiner is None:
             dep.joiner = PartJoiner()
         async with dep.slots:
@@ -209,7 +234,7 @@ class ServeBook:
             try:
                 out = await asyncio.wait_for(future, REQUEST_TIMEOUT)
             except TimeoutError:
-                raise ServeError(f"request {request} of deployment {dep.id} timed out", 504) from None
+                raise ServeTimedOut(f"request {request} of deployment {dep.id} timed out") from None
             finally:
                 dep.pending.pop(request, None)
                 dep.joiner.drop(request)
@@ -220,7 +245,7 @@ class ServeBook:
         from neuranet.pipeline.inference import generate
 
         if dep.block_size is None:
-            raise ServeError(f"{dep.model} does not generate text; gpt-char does", 422)
+            raise ServeInvalid(f"{dep.model} does not generate text; gpt-char does")
         return await generate(lambda ids: self.forward(dep, ids), req.prompt, req.max_new_tokens, dep.block_size,
                               req.temperature, req.seed)
 
@@ -251,7 +276,7 @@ class ServeBook:
         if future is None or future.done():
             return  # a request that timed out or already failed
         if msg.error:
-            future.set_exception(ServeError(f"stage {msg.stage} on {conn.device_id}: {msg.error}", 422))
+            future.set_exception(ServeInvalid(f"stage {msg.stage} on {conn.device_id}: {msg.error}"))
             return
         if msg.stage != len(dep.stages) - 1:
             return  # only the last stage returns outputs
@@ -264,7 +289,7 @@ class ServeBook:
         try:
             out = dep.joiner.add(msg.request, msg.part, msg.parts, decode_tensor(msg.tensor, payload))
         except Exception as exc:
-            future.set_exception(ServeError(f"the last stage returned a bad output: {exc}", 502))
+            future.set_exception(ServeBadOutput(f"the last stage returned a bad output: {exc}"))
             return
         if out is not None:
             future.set_result(out)
