@@ -24,7 +24,7 @@ class FileRecordError(Conflict):
     """A file operation the records refuse (name taken, chunks missing)."""
 
 
-class UnknownFile(FileRecordError, NotFound):
+class UnknownFile(NotFound, FileRecordError):
     """The user has no file of that name."""
 
 

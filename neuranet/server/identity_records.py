@@ -26,7 +26,7 @@ class StoreError(Conflict):
     """A request the store refuses (it clashes with what is stored); the message says what to change."""
 
 
-class UnknownRecord(StoreError, NotFound):
+class UnknownRecord(NotFound, StoreError):
     """The request names a token, device or user that is not there (or not the caller's)."""
 
 
