@@ -69,7 +69,7 @@ SAMPLES: dict[str, list[Message]] = {
         messages.LinkGrant(link_id="l-1", peer="dev-2", initiator=False, secret=bytes(16), peer_key=_KEY,
                            peer_cert=b"0\x82" + bytes(300)),
     ],
-    "link_refused": [messages.LinkRefusedMsg(link_id="l-1", peer="dev-2", reason="offline")],
+    "link_refused": [messages.LinkRefusedMsg(link_id="l-1", peer="dev-2", code="offline", reason="the peer is not connected")],
     "peer_down": [messages.PeerDown(peer="dev-2")],
     "link_data": [
         messages.LinkData(link="l-1", seq=0, off=0, end=False, meta={"kind": "tensor", "shape": [2, 3]}),

@@ -515,3 +515,11 @@ def test_every_plane_module_registers_its_messages_and_messages_re_exports_them(
              if isinstance(cls, type) and issubclass(cls, Message) and cls.TYPE}
     assert types == MESSAGE_TYPES
     assert all(getattr(messages, cls.__name__) is cls for cls in types.values())
+
+
+def test_a_link_refusal_carries_one_of_the_known_codes():
+    env = messages.LinkRefusedMsg(link_id="l-1", peer="dev-2", code="limit", reason="too many peers").envelope()
+    assert parse(env).code == "limit"
+    env.body["code"] = "nope"
+    with pytest.raises(InvalidMessage, match="code"):
+        parse(env)

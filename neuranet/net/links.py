@@ -99,7 +99,7 @@ class LinkManager:
         elif isinstance(msg, m.LinkRefusedMsg):
             link = self.links.get(msg.link_id)
             if link is not None:
-                link.on_refused(msg.reason)
+                link.on_refused(msg.code, msg.reason)
         elif isinstance(msg, m.PeerDown):
             for link in self.links.values():
                 if link.peer == msg.peer:

@@ -185,17 +185,18 @@ class PeerLink:
         if renewal and self.initiator and self.direct is None:
             self.manager.try_direct(self)  # the first attempt is made by LinkManager.open
 
-    def on_refused(self, reason: str) -> None:
+    def on_refused(self, code: m.LinkRefusalCode, reason: str) -> None:
         """The server would not relay: wait for the peer if it is away (or the link is being
         renewed after a reconnect), give up if the link is not allowed at all, or if it was never
         granted and the peer is offline (nothing would grant it later: the opener hears at once)."""
-        if reason.startswith("offline") and not self.granted.is_set():
-            self._shutdown(PeerUnavailable(f"link to {self.peer} refused: {reason}"))
-        elif reason.startswith("offline") or (reason.startswith("ungranted") and self.granted.is_set()):
+        granted = self.granted.is_set()
+        if code == "offline" and not granted:
+            self._shutdown(PeerUnavailable(f"link to {self.peer} refused ({code}): {reason}"))
+        elif code == "offline" or (code == "ungranted" and granted):
             self.peer_down_since = self.peer_down_since or time.monotonic()
             self.relay_ready = False
         else:
-            self._shutdown(LinkRefused(f"link to {self.peer} refused: {reason}"))
+            self._shutdown(LinkRefused(f"link to {self.peer} refused ({code}): {reason}"))
 
     def on_relay_lost(self) -> None:
         self.relay_ready = False

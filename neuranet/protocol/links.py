@@ -6,7 +6,7 @@ Registered like every message (`message_base`); `messages` re-exports them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -44,10 +44,19 @@ class LinkGrant(Message):
     peer_cert: bytes = Field(b"", max_length=MAX_CERT_BYTES)
 
 
+# Why the coordinator refused a link, which the agent decides on: ``forbidden`` (never allowed: the
+# opener gives up), ``offline`` (the peer is away: a granted link waits for it), ``limit`` (too many
+# peers at once), ``ungranted`` (relayed data on a link not granted, or not yet renewed after a reconnect).
+LinkRefusalCode = Literal["forbidden", "offline", "limit", "ungranted"]
+
+
 class LinkRefusedMsg(Message):
+    """The coordinator will not grant or relay a link: ``code`` for the agent, ``reason`` for people."""
+
     TYPE: ClassVar[str] = "link_refused"
     link_id: str
     peer: str
+    code: LinkRefusalCode
     reason: Text
 
 

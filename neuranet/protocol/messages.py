@@ -13,7 +13,7 @@ from neuranet.protocol.control import (  # noqa: F401
     MAX_CERT_BYTES, DEVICE_ID_PATTERN, DEVICE_NAME_MAX, Enrolment, Hello, Challenge, Auth, Welcome, Error,
     Heartbeat, HeartbeatAck, PROFILE_BOUNDS, Profile, TelemetrySample, Telemetry, Echo)
 from neuranet.protocol.links import (  # noqa: F401
-    LinkOpen, LinkGrant, LinkRefusedMsg, PeerDown, LinkData, LinkAck, LinkClose, DirectStartTls, DirectHello,
+    LinkOpen, LinkGrant, LinkRefusalCode, LinkRefusedMsg, PeerDown, LinkData, LinkAck, LinkClose, DirectStartTls, DirectHello,
     DirectOk, Ping, Pong, LinkTestStart, LinkTestProgress, LinkTestDone)
 from neuranet.protocol.runs import (  # noqa: F401
     StageAssign, StageProgress, StageWeights, STATE_PART_BYTES, state_parts, StageState, StageDone,

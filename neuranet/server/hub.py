@@ -354,21 +354,21 @@ class Hub:
 
     async def open_link(self, conn: AgentConnection, req: m.LinkOpen) -> None:
         if req.peer == conn.device_id or not await self.store.may_link(conn.device_id, req.peer):
-            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="forbidden: the device is not yours and shares no run with you"))
+            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, code="forbidden", reason="the device is not yours and shares no run with you"))
             return
         peer = self.conns.get(req.peer)
         if peer is None:
-            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, reason="offline: the peer is not connected"))
+            conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, code="offline", reason="the peer is not connected"))
             return
         if req.channel in OWNER_CHANNELS and peer.user_id != conn.user_id:
             conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
-                                       reason=f"forbidden: channel {req.channel!r} links only one user's devices"))
+                                       code="forbidden", reason=f"channel {req.channel!r} links only one user's devices"))
             return
         if req.peer not in self._peers[conn.device_id]:
             limit = self.config.limits.max_peers_per_device
             if len(self._peers[conn.device_id]) >= limit or len(self._peers[req.peer]) >= limit:
                 conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer,
-                                           reason=f"limit: a device may link with at most {limit} peers at once"))
+                                           code="limit", reason=f"a device may link with at most {limit} peers at once"))
                 return
             self._peers[conn.device_id].add(req.peer)
             self._peers[req.peer].add(conn.device_id)
@@ -406,7 +406,7 @@ class Hub:
             # Also what a live link sees for a moment after its peer reconnected and before the link is
             # renewed; PeerLink waits for the renewal then, since the link was granted before.
             conn.reply(m.LinkRefusedMsg(link_id=str(env.body.get("link", ""))[:MAX_ID_CHARS], peer=env.dst,
-                                       reason="ungranted: no link was granted to that device"))
+                                       code="ungranted", reason="no link was granted to that device"))
             return
         await peer.relay_from(conn.device_id, frame)
 
