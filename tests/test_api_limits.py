@@ -180,7 +180,7 @@ def test_a_deep_profile_is_refused_on_the_socket_and_bad_stored_ones_do_not_brea
         assert devices.status_code == 200 and devices.json()[0]["profile"] == {"cpu_gflops": 7.0}
         store = c.app.state.store  # type: ignore[attr-defined]
         # rows stored before profiles were bounded: one too deep to encode, one too deep to even decode
-        c.portal.call(store.set_profile, device_id, nested(900))  # type: ignore[union-attr]
+        c.portal.call(store.devices.set_profile, device_id, nested(900))  # type: ignore[union-attr]
         assert c.get("/api/v1/devices").status_code == 200
         assert c.get(f"/api/v1/devices/{device_id}").json()["profile"] == {}
 

@@ -203,7 +203,7 @@ async def test_inventory_pages_are_reconciled_whole_and_bounded(tmp_path) -> Non
     async def device_chunks(device_id):
         return {names[0]: 10}
 
-    hub = SimpleNamespace(store=SimpleNamespace(device_chunks=device_chunks))
+    hub = SimpleNamespace(store=SimpleNamespace(files=SimpleNamespace(device_chunks=device_chunks)))
     told: list = []
 
     class Conn:  # a connection as FileBook sees it (weakly referenced, like the hub's)

@@ -541,8 +541,8 @@ async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
 async def online(hub: Hub, user_id: str, tmp_path: Path, name: str, remote_ip: str, machine: str,
                  port: int) -> tuple[AgentConnection, Sink, DeviceCredentials]:
     key, creds = credentials(tmp_path, name)
-    token, _ = await hub.store.create_join_token(user_id)
-    device = await hub.store.enrol_device(token, raw_public_key(key.public_key()), name)
+    token, _ = await hub.store.identity.create_join_token(user_id)
+    device = await hub.store.identity.enrol_device(token, raw_public_key(key.public_key()), name)
     sink = Sink()
     conn = AgentConnection(device.id, user_id, sink.send_bytes, sink.close, 1 << 20)
     conn.remote_ip, conn.public_key = remote_ip, device.public_key
@@ -567,7 +567,7 @@ async def grants_between(hub: Hub, a: tuple[AgentConnection, Sink, DeviceCredent
 
 
 async def test_grants_pin_each_peer_and_give_loopback_only_to_a_peer_on_the_same_host(hub: Hub, tmp_path: Path) -> None:
-    user, _ = await hub.store.create_user("u")
+    user, _ = await hub.store.users.create_user("u")
     a = await online(hub, user.user_id, tmp_path, "a", "203.0.113.7", "machine-1", 7001)
     b = await online(hub, user.user_id, tmp_path, "b", "198.51.100.2", "machine-2", 7002)
     ga, gb = await grants_between(hub, a, b)
@@ -586,7 +586,7 @@ async def test_grants_pin_each_peer_and_give_loopback_only_to_a_peer_on_the_same
 
 
 async def test_a_certificate_that_does_not_carry_the_devices_key_is_refused(hub: Hub, tmp_path: Path) -> None:
-    user, _ = await hub.store.create_user("u")
+    user, _ = await hub.store.users.create_user("u")
     conn, _, _ = await online(hub, user.user_id, tmp_path, "a", "203.0.113.7", "m", 7001)
     _, other = credentials(tmp_path, "mallory")
     with pytest.raises(InvalidMessage, match="enrolled key"):

@@ -366,9 +366,9 @@ async def store_with_a_device(tmp_path):
 
     store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
     await store.migrate()
-    user, _ = await store.create_user("u")
-    token, _ = await store.create_join_token(user.user_id)
-    return store, user, await store.enrol_device(token, bytes(32), "box")
+    user, _ = await store.users.create_user("u")
+    token, _ = await store.identity.create_join_token(user.user_id)
+    return store, user, await store.identity.enrol_device(token, bytes(32), "box")
 
 
 async def test_a_server_stall_drops_nobody_and_a_dead_agent_goes_after_one_unanswered_probe(tmp_path) -> None:
@@ -403,7 +403,7 @@ async def test_a_server_stall_drops_nobody_and_a_dead_agent_goes_after_one_unans
         clock.now += 0.1
         await hub.sweep()  # unanswered for 12 s: offline
         assert device.id not in hub.conns and conn.closed and sock.closes[0][0] == 4001
-        assert [end is not None for _, end in await store.presence_history(device.id)] == [True]
+        assert [end is not None for _, end in await store.presence.presence_history(device.id)] == [True]
     finally:
         await conn.close()
         await asyncio.wait_for(writer, 5)
@@ -449,18 +449,18 @@ async def test_telemetry_older_than_the_retention_is_deleted_in_bounded_batches(
         return {"device_id": device.id, "ts": ts, "cpu_percent": 1.0, "mem_percent": 1.0, "mem_used": 1,
                 "net_sent": 1, "net_recv": 1, "battery_percent": None, "power_plugged": None}
 
-    await store.add_telemetry([row(now - 100 * 86400 + i) for i in range(7)] + [row(now - 10.0), row(now)])
+    await store.telemetry.add_telemetry([row(now - 100 * 86400 + i) for i in range(7)] + [row(now - 10.0), row(now)])
     clock = Clock()
     hub = Hub(ServerConfig(data_dir=tmp_path, telemetry_retention=30 * 86400.0), store, clock)
     try:
         assert [await hub.prune(batch=3) for _ in range(3)] == [3, 3, 1]  # full batches go on at once
         assert await hub.prune(batch=3) == 0  # the last was not full: the next round a minute later
-        assert [r["ts"] for r in await store.telemetry(device.id, 100)] == [now - 10.0, now]
-        await store.add_telemetry([row(now - 50 * 86400)])
+        assert [r["ts"] for r in await store.telemetry.telemetry(device.id, 100)] == [now - 10.0, now]
+        await store.telemetry.add_telemetry([row(now - 50 * 86400)])
         assert await hub.prune(batch=3) == 0  # within the minute
         clock.now += 60.0
         assert await hub.prune(batch=3) == 1
-        assert [r["ts"] for r in await store.telemetry(device.id, 100)] == [now - 10.0, now]
+        assert [r["ts"] for r in await store.telemetry.telemetry(device.id, 100)] == [now - 10.0, now]
     finally:
         await store.close()
 
@@ -475,12 +475,12 @@ async def test_removing_a_device_or_disabling_a_user_closes_their_connections_no
 
     store = Store(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
     await store.migrate()
-    alice, _ = await store.create_user("alice")
-    bob, _ = await store.create_user("bob")
+    alice, _ = await store.users.create_user("alice")
+    bob, _ = await store.users.create_user("bob")
     devices = []
     for owner, name in ((alice, "a1"), (alice, "a2"), (bob, "b1"), (bob, "b2")):
-        token, _ = await store.create_join_token(owner.user_id)
-        devices.append(await store.enrol_device(token, random.randbytes(32), name))
+        token, _ = await store.identity.create_join_token(owner.user_id)
+        devices.append(await store.identity.enrol_device(token, random.randbytes(32), name))
     hub = Hub(ServerConfig(data_dir=tmp_path), store)
     socks = {d.name: FakeSocket() for d in devices}
     conns = {d.name: AgentConnection(d.id, d.user_id, socks[d.name].send_bytes, socks[d.name].close, 1 << 20)
@@ -491,7 +491,7 @@ async def test_removing_a_device_or_disabling_a_user_closes_their_connections_no
             await hub.register(c)
         hub.add_telemetry(conns["a1"], [m.TelemetrySample(ts=0.0, cpu_percent=1.0, mem_percent=1.0, mem_used=1,
                                                           net_sent=0, net_recv=0)])
-        await store.remove_device(alice.user_id, devices[0].id)
+        await store.identity.remove_device(alice.user_id, devices[0].id)
         await hub.disconnect_device(devices[0].id, "this device was removed by its owner")
         # Told why, then closed and forgotten; its waiting telemetry went too, so the flush still works.
         assert conns["a1"].closed and socks["a1"].closes[0][0] == 4003
@@ -500,7 +500,7 @@ async def test_removing_a_device_or_disabling_a_user_closes_their_connections_no
         assert devices[0].id not in hub.conns and not conns["a2"].closed
         await hub.flush()
         # A user disabled: every device of theirs goes, nobody else's.
-        await store.set_user_disabled("bob", True)
+        await store.users.set_user_disabled("bob", True)
         await hub.disconnect_user(bob.user_id, "the owner of this device was disabled on this coordinator")
         assert conns["b1"].closed and conns["b2"].closed and not conns["a2"].closed
         assert set(hub.conns) == {devices[1].id} and hub.connections_of(bob.user_id) == 0

@@ -123,7 +123,7 @@ async def test_devices_put_in_one_run_may_link_across_owners(fabric: LocalFabric
         await theirs.wait_connected()
         store = Store(f"sqlite+aiosqlite:///{fabric.server_dir / 'neuranet.db'}")
         try:
-            await store.create_run(me["user_id"], "pipeline", [mine.device_id, theirs.device_id])
+            await store.runs.create_run(me["user_id"], "pipeline", [mine.device_id, theirs.device_id])
         finally:
             await store.close()
         link = await theirs.links.open(mine.device_id)

@@ -62,10 +62,10 @@ class _Handshake:
                 key = Ed25519PublicKey.from_public_bytes(hello.enrol.public_key)
             except ValueError:
                 raise AuthenticationFailed("enrolment public_key is not an Ed25519 public key") from None
-            offer = await store.check_enrolment(hello.enrol.join_token, hello.enrol.public_key, hello.enrol.name)
+            offer = await store.identity.check_enrolment(hello.enrol.join_token, hello.enrol.public_key, hello.enrol.name)
             return key, offer.device_id, offer.user_id
         if hello.device_id:
-            device = await store.device_for_login(hello.device_id)
+            device = await store.identity.device_for_login(hello.device_id)
             return Ed25519PublicKey.from_public_bytes(device.public_key), device.id, device.user_id
         raise AuthenticationFailed("hello needs a device_id or an enrolment")
 
@@ -108,12 +108,12 @@ class _Handshake:
             if self.hub.connections_of(user_id) >= limits.max_connections_per_user and device_id not in self.hub.conns:
                 raise QueueLimitExceeded(f"user already has {limits.max_connections_per_user} devices connected")
             if hello.enrol is None:
-                device = await store.device_for_login(device_id)
+                device = await store.identity.device_for_login(device_id)
             else:
                 # Only now, with the key proven: spend the join token and create the device, in one
                 # transaction (a hello that never answers the challenge leaves nothing behind).
                 e = hello.enrol
-                device = await store.enrol_device(e.join_token, e.public_key, e.name, device_id)
+                device = await store.identity.enrol_device(e.join_token, e.public_key, e.name, device_id)
         except StoreError as exc:
             raise AuthenticationFailed(str(exc)) from None
         self.public_key = device.public_key
@@ -213,7 +213,7 @@ async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
             if msg.tls_cert and msg.tls_cert != conn.tls_cert:
                 hub.set_direct_cert(conn, msg.tls_cert)
         finally:
-            await hub.store.set_profile(conn.device_id, msg.profile)
+            await hub.store.devices.set_profile(conn.device_id, msg.profile)
     elif isinstance(msg, m.Echo):
         # Counted against the agent's own bytes: an agent that sends echoes and never reads them
         # is cut off with queue_limit instead of growing the server's memory without bound.

@@ -47,7 +47,7 @@ async def principal(
 ) -> Principal:
     if creds is None:
         raise Unauthorized("missing bearer token: pass `Authorization: Bearer <token>`")
-    who = await get_store(request).authenticate(creds.credentials)
+    who = await get_store(request).users.authenticate(creds.credentials)
     if who is None:
         raise Unauthorized("invalid API token: unknown, expired or revoked")
     return who
@@ -92,12 +92,12 @@ async def me(user: User) -> dict[str, Any]:
 
 @router.post("/tokens")
 async def create_token(body: TokenRequest, user: User, store: StoreDep) -> dict[str, str]:
-    return {"token": await store.create_api_token(user.user_id, body.name, body.expires_in_seconds)}
+    return {"token": await store.users.create_api_token(user.user_id, body.name, body.expires_in_seconds)}
 
 
 @router.post("/join-tokens")
 async def create_join_token(user: User, store: StoreDep, body: JoinTokenRequest | None = None) -> dict[str, Any]:
-    token, expires = await store.create_join_token(user.user_id, (body or JoinTokenRequest()).ttl_seconds)
+    token, expires = await store.identity.create_join_token(user.user_id, (body or JoinTokenRequest()).ttl_seconds)
     return {"join_token": token, "expires_at": expires}
 
 
@@ -105,7 +105,7 @@ async def create_join_token(user: User, store: StoreDep, body: JoinTokenRequest 
 async def create_user(body: UserRequest, user: User, store: StoreDep) -> dict[str, Any]:
     if not user.is_admin:
         raise Forbidden("only an admin can create users")
-    created, token = await store.create_user(body.name, is_admin=body.is_admin,
+    created, token = await store.users.create_user(body.name, is_admin=body.is_admin,
                                              token_expires_in=body.token_expires_in_seconds)
     return {"user_id": created.user_id, "name": created.name, "token": token}
 
@@ -132,7 +132,7 @@ def shown_profile(profile: Any) -> dict[str, Any]:
 
 
 async def owned_device(device_id: str, user: Principal, store: Store) -> Any:
-    device = await store.get_device(device_id)
+    device = await store.devices.get_device(device_id)
     if device is None or device.user_id != user.user_id:
         raise NotFound(f"no device {device_id} among your devices")
     return device
@@ -140,7 +140,7 @@ async def owned_device(device_id: str, user: Principal, store: Store) -> Any:
 
 @router.get("/devices")
 async def list_devices(user: User, store: StoreDep, hub: HubDep) -> list[dict[str, Any]]:
-    return [device_view(d, hub) for d in await store.list_devices(user.user_id)]
+    return [device_view(d, hub) for d in await store.devices.list_devices(user.user_id)]
 
 
 @router.get("/devices/{device_id}")
@@ -151,14 +151,14 @@ async def get_device(device_id: str, user: User, store: StoreDep, hub: HubDep) -
 @router.get("/devices/{device_id}/history")
 async def device_history(device_id: str, user: User, store: StoreDep, since: float = 0.0) -> dict[str, Any]:
     await owned_device(device_id, user, store)
-    intervals = await store.presence_history(device_id, since)
+    intervals = await store.presence.presence_history(device_id, since)
     return {"device_id": device_id, "now": time.time(), "intervals": [{"start": s, "end": e} for s, e in intervals]}
 
 
 @router.get("/devices/{device_id}/telemetry")
 async def device_telemetry(device_id: str, user: User, store: StoreDep, limit: int = 100) -> list[dict[str, Any]]:
     await owned_device(device_id, user, store)
-    return await store.telemetry(device_id, max(1, min(limit, 10_000)))
+    return await store.telemetry.telemetry(device_id, max(1, min(limit, 10_000)))
 
 
 @router.post("/linktests")

@@ -62,11 +62,11 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal store
         store = store or await open_store(config)
-        closed = await store.close_stale_presence()
+        closed = await store.presence.close_stale_presence()
         if closed:
             log.info("closed %d presence intervals left open by the last run", closed)
-        if await store.user_count() == 0:
-            _, token = await store.create_user("admin", is_admin=True)
+        if await store.users.user_count() == 0:
+            _, token = await store.users.create_user("admin", is_admin=True)
             if on_first_admin:
                 on_first_admin("admin", token)
         hub = Hub(config, store)

@@ -1,6 +1,6 @@
 """The coordinator's records of files: which chunks make a file, and which devices hold each chunk.
 
-Mixed into `Store`. A chunk is kept once per user however many files use it; it is freed when the
+`Store.files`. A chunk is kept once per user however many files use it; it is freed when the
 last file that uses it is deleted. Nothing here talks to devices (see `server/files.py`).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuranet.errors import Conflict, NotFound
 from neuranet.server.models import ChunkReplica, FileChunk, StoredFile
+from neuranet.server.records import Repository
 
 
 class FileRecordError(Conflict):
@@ -28,10 +29,7 @@ class UnknownFile(NotFound, FileRecordError):
     """The user has no file of that name."""
 
 
-class FileRecords:
-    session: Callable[[], Any]
-    _tx: Callable[[], Any]
-
+class FileRecords(Repository):
     async def replicas_of(self, user_id: str, chunk_ids: list[str]) -> dict[str, list[str]]:
         """Holders of each of a user's chunks (chunks nobody holds are absent)."""
         out: dict[str, list[str]] = defaultdict(list)

@@ -192,7 +192,7 @@ class FileBook:
         """A device dropped damaged copies: forget them (the repair loop makes new ones)."""
         try:
             for chunk in chunks:
-                await self.hub.store.remove_replica(conn.user_id, chunk, conn.device_id)
+                await self.hub.store.files.remove_replica(conn.user_id, chunk, conn.device_id)
         except Exception:
             log.exception("forgetting the lost chunks of %s failed", conn.device_id)
 
@@ -200,12 +200,12 @@ class FileBook:
         """A device just reported what it holds: drop what no file needs (deleted while it was away),
         and forget records of chunks it no longer has (lost or damaged on its disk)."""
         try:
-            recorded = await self.hub.store.device_chunks(conn.device_id)
+            recorded = await self.hub.store.files.device_chunks(conn.device_id)
             stale = sorted(held - set(recorded))
             for batch in m.chunk_batches(stale) if stale else ():
                 conn.send(m.ChunkDelete(chunks=batch, grace=STALE_GRACE))
             for chunk in set(recorded) - held:
-                await self.hub.store.remove_replica(conn.user_id, chunk, conn.device_id)
+                await self.hub.store.files.remove_replica(conn.user_id, chunk, conn.device_id)
         except Exception:
             log.exception("reconciling the chunks of %s failed", conn.device_id)
 
@@ -247,7 +247,7 @@ class FileBook:
         if not reply.ok:
             log.info("%s refused chunk %s: %s", device_id, chunk_id[:12], reply.error)
             return f"device {device_id}: {reply.error}"
-        await self.hub.store.add_replica(user_id, chunk_id, len(data), device_id)
+        await self.hub.store.files.add_replica(user_id, chunk_id, len(data), device_id)
         return None
 
     async def _copy(self, user_id: str, source: str, target: str, chunk_id: str, size: int) -> str | None:
@@ -263,9 +263,9 @@ class FileBook:
         if not reply.ok:
             log.info("copying %s from %s failed: %s", chunk_id[:12], source, reply.error)
             if not reply.held:
-                await self.hub.store.remove_replica(user_id, chunk_id, source)
+                await self.hub.store.files.remove_replica(user_id, chunk_id, source)
             return f"device {source}: {reply.error}"
-        await self.hub.store.add_replica(user_id, chunk_id, size, target)
+        await self.hub.store.files.add_replica(user_id, chunk_id, size, target)
         return None
 
     async def _copy_or_put(self, user_id: str, source: str, target: str, chunk_id: str, data: bytes) -> str | None:
@@ -289,7 +289,7 @@ class FileBook:
             except (FileError, ChunkError) as exc:
                 errors.append(f"{device_id}: {exc}")
                 if isinstance(exc, ChunkError) or (isinstance(exc, FileError) and exc.copy_gone):
-                    await self.hub.store.remove_replica(user_id, chunk_id, device_id)
+                    await self.hub.store.files.remove_replica(user_id, chunk_id, device_id)
         if not holders:
             raise ChunkGone(f"chunk {chunk_id[:12]} has no replica left")
         if not online:
@@ -309,7 +309,7 @@ class FileBook:
             return [DeviceView(v.device_id, v.device_id in self.hub.conns, v.p_online, self._free(v.device_id))
                     for v in cached[2]]
         offers = self._offers
-        devices = [d for d in await self.hub.store.list_devices(user_id) if d.id in self.space
+        devices = [d for d in await self.hub.store.devices.list_devices(user_id) if d.id in self.space
                    and self.space[d.id].quota > 0]
         probabilities = await self._forecasts([d.id for d in devices])
         views = [DeviceView(d.id, d.id in self.hub.conns, probabilities.get(d.id, self._persistence(d.id)),
@@ -347,8 +347,8 @@ class FileBook:
     async def _holders_and_views(self, user_id: str, chunk_id: str) -> tuple[list[str], list[DeviceView]]:
         """A chunk being uploaded (under its lock): who holds it already (those records touched, so no
         orphan collection takes them now) and the user's devices that offer storage."""
-        holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
-        if holders and not await self.hub.store.touch_replicas(user_id, chunk_id):
+        holders = (await self.hub.store.files.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+        if holders and not await self.hub.store.files.touch_replicas(user_id, chunk_id):
             holders = []  # collected as an orphan just now: store it anew
         views = await self.views(user_id)
         if not views:
@@ -383,7 +383,7 @@ class FileBook:
         mine = {v.device_id for v in await self.views(user_id)}
         recorded = [d for d in dict.fromkeys(devices) if d in mine]
         async with self._lock(user_id, chunk_id):
-            await self.hub.store.add_replicas(user_id, chunk_id, size, recorded)
+            await self.hub.store.files.add_replicas(user_id, chunk_id, size, recorded)
         return recorded
 
     async def put_chunk(self, user_id: str, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
@@ -409,7 +409,7 @@ class FileBook:
                 if len(refusals) == 0:
                     holders += chosen
                 else:  # a failed copy may have shown that its source lost the chunk: ask the records
-                    holders = (await self.hub.store.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+                    holders = (await self.hub.store.files.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
         # Fewer holders than asked when no more devices can take it now (the repair loop adds the rest).
         return {"chunk": chunk_id, "holders": holders, "replicas": replicas}
 
@@ -455,7 +455,7 @@ class FileBook:
     async def repair_round(self) -> int:
         """One round over every user's chunks; returns the copies made."""
         copies = 0
-        for user_id in await self.hub.store.users_with_storage():
+        for user_id in await self.hub.store.files.users_with_storage():
             await self._collect_orphans(user_id)
             copies += await self._repair_user(user_id)
         return copies
@@ -463,7 +463,7 @@ class FileBook:
     async def _collect_orphans(self, user_id: str) -> None:
         """Delete chunks uploaded more than `orphan_after` ago that no file uses (an upload that never
         finished); devices offline now drop them when they return."""
-        freed = await self.hub.store.remove_orphans(user_id, time.time() - self.orphan_after)
+        freed = await self.hub.store.files.remove_orphans(user_id, time.time() - self.orphan_after)
         if freed:
             log.info("files of %s: %d chunks of unfinished uploads deleted", user_id,
                      len({c for chunks in freed.values() for c in chunks}))
@@ -474,7 +474,7 @@ class FileBook:
         views = await self.views(user_id, fresh=True)
         if not views:
             return 0
-        chunks = [ChunkState(c, size, tuple(h), replicas=k) for c, size, k, h in await self.hub.store.stored_chunks(user_id)]
+        chunks = [ChunkState(c, size, tuple(h), replicas=k) for c, size, k, h in await self.hub.store.files.stored_chunks(user_id)]
         lost = await self._lost_devices(user_id, {h for c in chunks for h in c.holders})
         copies = 0
         for move in plan_moves(chunks, views, self.bytes_per_round, lost=lost):
@@ -482,7 +482,7 @@ class FileBook:
                 if await self._copy(user_id, move.source, move.target, move.chunk, move.size) is None:
                     copies += 1
                     if move.drop is not None:
-                        await self.hub.store.remove_replica(user_id, move.chunk, move.drop)
+                        await self.hub.store.files.remove_replica(user_id, move.chunk, move.drop)
                         await self.delete_replicas({move.drop: [move.chunk]})
         if copies:
             log.info("files of %s: %d chunk copies made (repair and migration)", user_id, copies)
@@ -491,7 +491,7 @@ class FileBook:
     async def _lost_devices(self, user_id: str, holders: set[str]) -> set[str]:
         """Holders whose replicas should be replaced: deleted, or offline longer than `lost_after`."""
         now = time.time()
-        devices = {d.id: d for d in await self.hub.store.list_devices(user_id)}
+        devices = {d.id: d for d in await self.hub.store.devices.list_devices(user_id)}
         lost = set()
         for holder in holders:
             d = devices.get(holder)

@@ -77,7 +77,7 @@ async def put_chunk(chunk_id: str, request: Request, user: User, hub: HubDep,
 @router.get("/chunks/{chunk_id}")
 async def get_chunk(chunk_id: str, user: User, store: StoreDep, hub: HubDep) -> Response:
     _chunk_name(chunk_id)
-    holders = (await store.replicas_of(user.user_id, [chunk_id])).get(chunk_id)
+    holders = (await store.files.replicas_of(user.user_id, [chunk_id])).get(chunk_id)
     if holders is None:
         raise NotFound(f"you store no chunk {chunk_id[:12]}")
     data = await hub.files.fetch(user.user_id, chunk_id, holders)
@@ -86,11 +86,11 @@ async def get_chunk(chunk_id: str, user: User, store: StoreDep, hub: HubDep) -> 
 
 @router.post("/files")
 async def commit_file(req: FileIn, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    row, freed = await store.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
+    row, freed = await store.files.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
                                          [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
     await hub.files.delete_replicas(freed)
     ids = [c.id for c in req.chunks]
-    holders = await store.replicas_of(user.user_id, sorted(set(ids)))
+    holders = await store.files.replicas_of(user.user_id, sorted(set(ids)))
     return {**_file_view(row, len(req.chunks)), **hub.files.replication_view(ids, holders, row.replicas)}
 
 
@@ -102,18 +102,18 @@ def _file_view(row: Any, chunks: int) -> dict[str, Any]:
 @router.get("/files")
 async def list_files(user: User, store: StoreDep) -> list[dict[str, Any]]:
     return [{"name": f.name, "size": f.size, "sha256": f.sha256, "replicas": f.replicas,
-             "encrypted": f.sealing is not None, "created_at": f.created_at} for f in await store.list_files(user.user_id)]
+             "encrypted": f.sealing is not None, "created_at": f.created_at} for f in await store.files.list_files(user.user_id)]
 
 
 @router.get("/files/{name:path}")
 async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    found = await store.get_file(user.user_id, name)
+    found = await store.files.get_file(user.user_id, name)
     if found is None:
         raise NotFound(f"no file named {name!r}")
     row, chunks = found
     ids = [c.chunk_id for c in chunks]
-    holders = await store.replicas_of(user.user_id, sorted(set(ids)))
-    names = {d.id: d.name for d in await store.list_devices(user.user_id)}
+    holders = await store.files.replicas_of(user.user_id, sorted(set(ids)))
+    names = {d.id: d.name for d in await store.devices.list_devices(user.user_id)}
     view = {**_file_view(row, len(chunks)), **hub.files.replication_view(ids, holders, row.replicas)}
     view["sealing"] = row.sealing
     view["chunk_list"] = [{"id": c.chunk_id, "size": c.size,
@@ -127,7 +127,7 @@ async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict
 
 @router.delete("/files/{name:path}")
 async def delete_file(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    freed = await store.delete_file(user.user_id, name)
+    freed = await store.files.delete_file(user.user_id, name)
     await hub.files.delete_replicas(freed)
     return {"deleted": name, "replicas_freed": sum(len(c) for c in freed.values())}
 
@@ -135,7 +135,7 @@ async def delete_file(name: str, user: User, store: StoreDep, hub: HubDep) -> di
 @router.get("/devices/{device_id}/chunks")
 async def device_chunks(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     device = await owned_device(device_id, user, store)
-    chunks = await store.device_chunks(device_id)
+    chunks = await store.files.device_chunks(device_id)
     space = hub.files.space.get(device_id)
     return {"device": device_id, "name": device.name, "chunks": len(chunks), "bytes": sum(chunks.values()),
             "quota_bytes": space.quota if space else None, "free_bytes": space.free if space else None,

@@ -19,7 +19,7 @@ async def _forecast(device: Any, store: Any, hub: Any) -> dict[str, Any]:
     from neuranet.forecast.errors import ForecastError
 
     try:
-        return await hub.forecasts.forecast(device, await store.presence_history(device.id))
+        return await hub.forecasts.forecast(device, await store.presence.presence_history(device.id))
     except ForecastError as exc:
         raise Invalid(f"cannot forecast {device.name}: {exc}") from None
 
@@ -32,7 +32,7 @@ async def device_forecast(device_id: str, user: User, store: StoreDep, hub: HubD
 
 @router.get("/forecast")
 async def all_forecasts(user: User, store: StoreDep, hub: HubDep, simulated: bool = True) -> list[dict[str, Any]]:
-    devices = await store.list_devices(user.user_id)
+    devices = await store.devices.list_devices(user.user_id)
     return [await _forecast(d, store, hub) for d in devices
             if simulated or not (d.profile or {}).get("simulated")]
 
@@ -79,7 +79,7 @@ async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDe
     if len(trace) > limit:
         raise Invalid(f"the trace has {len(trace)} hosts; a user may have at most {limit} simulated devices")
     devices = import_trace_devices(trace, time.time(), UNIX_CLOCK_OFFSET, prefix)
-    ids = await store.add_simulated_devices(user.user_id, devices, prefix_of=trace_prefix_of, prefix=prefix,
+    ids = await store.traces.add_simulated_devices(user.user_id, devices, prefix_of=trace_prefix_of, prefix=prefix,
                                             replace=replace, limit=limit)
     return {"devices": len(ids), "ids": ids, "history_end": devices[0][1]["history_end"],
             "days": (trace.end - trace.start) / 86400, "prefix": prefix}
@@ -91,7 +91,7 @@ async def list_traces(user: User, store: StoreDep) -> list[dict[str, Any]]:
     from neuranet.server.forecasting import trace_prefix_of
 
     found: dict[str, dict[str, Any]] = {}
-    for d in await store.list_devices(user.user_id):
+    for d in await store.devices.list_devices(user.user_id):
         prefix = trace_prefix_of(d.name, d.profile)
         if prefix is not None:
             entry = found.setdefault(prefix, {"prefix": prefix, "devices": 0, "history_end": d.last_seen})
@@ -105,7 +105,7 @@ async def remove_trace(prefix: str, user: User, store: StoreDep) -> dict[str, An
     """Remove the simulated devices (and their history) of the trace imported as ``prefix``."""
     from neuranet.server.forecasting import trace_prefix_of
 
-    removed = await store.remove_simulated_devices(user.user_id, prefix, trace_prefix_of)
+    removed = await store.traces.remove_simulated_devices(user.user_id, prefix, trace_prefix_of)
     if not removed:
         raise NotFound(f"no trace imported as {prefix!r} among your devices")
     return {"prefix": prefix, "removed": removed}

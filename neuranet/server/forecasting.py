@@ -97,7 +97,7 @@ class ForecastService:
 
         now = time.time()
         out = {}
-        for device_id, (device, online) in (await self.store.all_presence(device_ids)).items():
+        for device_id, (device, online) in (await self.store.presence.all_presence(device_ids)).items():
             end = (device.profile or {}).get("history_end") or now
             if end <= device.created_at:
                 continue

@@ -276,7 +276,7 @@ class Hub:
             self._user_left(old.user_id)
             self.files.on_connection_lost(old)
             await old.close(4000, "replaced by a newer connection")
-        await self.store.open_presence(conn.device_id, conn.connected_at)
+        await self.store.presence.open_presence(conn.device_id, conn.connected_at)
         self.runs.on_device_back(conn.device_id)
 
     async def unregister(self, conn: AgentConnection) -> None:
@@ -284,7 +284,7 @@ class Hub:
             return  # a newer connection took over; its presence stays open
         del self.conns[conn.device_id]
         self._user_left(conn.user_id)
-        await self.store.close_presence(conn.device_id, conn.last_seen)
+        await self.store.presence.close_presence(conn.device_id, conn.last_seen)
         # Peers stop relaying to it now; when it returns it re-opens its links and they are granted anew.
         for other in self._peers.pop(conn.device_id, set()):
             self._peers[other].discard(conn.device_id)
@@ -312,7 +312,7 @@ class Hub:
     async def login_revoked(self, conn: AgentConnection) -> bool:
         """Was this device removed, or its owner disabled, while it was shaking hands? Then close it."""
         try:
-            await self.store.device_for_login(conn.device_id)
+            await self.store.identity.device_for_login(conn.device_id)
         except StoreError as exc:
             await self._refuse(conn, str(exc))
             return True
@@ -340,7 +340,7 @@ class Hub:
         conns, self.conns = list(self.conns.values()), {}
         self._per_user.clear()
         self._peers.clear()
-        await self.store.close_presences({c.device_id: c.last_seen for c in conns})
+        await self.store.presence.close_presences({c.device_id: c.last_seen for c in conns})
         for conn in conns:
             await conn.close(1001, "server shutting down")
         await self.flush()
@@ -353,7 +353,7 @@ class Hub:
     # --- links ----------------------------------------------------------------
 
     async def open_link(self, conn: AgentConnection, req: m.LinkOpen) -> None:
-        if req.peer == conn.device_id or not await self.store.may_link(conn.device_id, req.peer):
+        if req.peer == conn.device_id or not await self.store.devices.may_link(conn.device_id, req.peer):
             conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, code="forbidden", reason="the device is not yours and shares no run with you"))
             return
         peer = self.conns.get(req.peer)
@@ -447,8 +447,8 @@ class Hub:
 
     async def flush(self) -> None:
         seen, self._dirty_seen = self._dirty_seen, {}
-        await self.store.touch_devices(seen)
-        await self.store.add_telemetry(self.telemetry.take_rows())
+        await self.store.devices.touch_devices(seen)
+        await self.store.telemetry.add_telemetry(self.telemetry.take_rows())
 
     async def prune(self, batch: int = PRUNE_BATCH) -> int:
         """Delete telemetry older than the retention, a bounded batch at a time: rounds go on while
@@ -457,7 +457,7 @@ class Hub:
         if now < self._next_prune:
             return 0
         before = time.time() - self.config.telemetry_retention
-        deleted = await self.store.prune_telemetry(before, batch)
+        deleted = await self.store.telemetry.prune_telemetry(before, batch)
         self._next_prune = now if deleted >= batch else now + 60.0
         return deleted
 

@@ -16,12 +16,12 @@ router = APIRouter(prefix="/api/v1")
 async def list_tokens(user: User, store: StoreDep) -> list[dict[str, Any]]:
     """Your API tokens (never their secrets); ``current`` marks the one this request came with."""
     return [{"id": t.id, "name": t.name, "created_at": t.created_at, "expires_at": t.expires_at,
-             "current": t.id == user.token_id} for t in await store.list_tokens(user.user_id)]
+             "current": t.id == user.token_id} for t in await store.users.list_tokens(user.user_id)]
 
 
 @router.delete("/tokens/{token_id}")
 async def revoke_token(token_id: str, user: User, store: StoreDep) -> dict[str, Any]:
-    row = await store.revoke_token(user.user_id, token_id)
+    row = await store.users.revoke_token(user.user_id, token_id)
     return {"revoked": row.id, "name": row.name}
 
 
@@ -29,7 +29,7 @@ async def revoke_token(token_id: str, user: User, store: StoreDep) -> dict[str, 
 async def remove_device(device_id: str, user: User, store: StoreDep, hub: HubDep, force: bool = False) -> dict[str, Any]:
     """Forget one of your devices: its key is refused from now on, its connection is closed, and the
     chunks it held are copied to your other devices (409 while it holds the only copy, unless ``force``)."""
-    removed = await store.remove_device(user.user_id, device_id, force)
+    removed = await store.identity.remove_device(user.user_id, device_id, force)
     await hub.disconnect_device(device_id, "this device was removed by its owner")
     return {"removed": removed.device_id, "name": removed.name, "replicas": removed.replicas,
             "sole_copies": removed.sole_copies}
@@ -39,7 +39,7 @@ async def remove_device(device_id: str, user: User, store: StoreDep, hub: HubDep
 async def list_users(user: User, store: StoreDep) -> list[dict[str, Any]]:
     _admin(user)
     return [{"id": u.id, "name": u.name, "is_admin": u.is_admin, "disabled": u.disabled, "created_at": u.created_at}
-            for u in await store.list_users()]
+            for u in await store.users.list_users()]
 
 
 @router.post("/users/{name}/disable")
@@ -66,4 +66,4 @@ def _admin(user: Any) -> None:
 
 
 async def _set_disabled(store: Any, name: str, disabled: bool) -> Any:
-    return await store.set_user_disabled(name, disabled)
+    return await store.users.set_user_disabled(name, disabled)

@@ -1,33 +1,30 @@
-"""The coordinator's records of who may act: enrolment, API tokens, device removal, disabled users.
+"""The coordinator's records of which devices may act: join tokens, enrolment, device login and removal.
 
-Mixed into `Store`. Enrolment is two steps so that nothing is written before the agent proves it
+`Store.identity`. Enrolment is two steps so that nothing is written before the agent proves it
 holds its key: `check_enrolment` (read only) says which device id the key will get, the handshake
 has the agent sign a challenge for it, and only then `enrol_device` spends the join token and
-creates the device, in one transaction that checks everything again. Revoking a token, removing a
-device or disabling a user also forgets the store's cached logins at once (`forget_logins`).
+creates the device, in one transaction that checks everything again. Users and API tokens are
+`Store.users` (`user_records.py`).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from neuranet.errors import Conflict, NotFound
-from neuranet.server.models import ApiToken, ChunkReplica, Device, JoinToken, User
+from neuranet.server.models import ChunkReplica, Device, JoinToken, User
+from neuranet.server.records import Repository, StoreError, UnknownRecord, hash_secret, new_id
 
+__all__ = ["EnrolmentOffer", "IdentityRecords", "JOIN_TOKEN_TTL", "RemovedDevice", "StoreError", "UnknownRecord",
+           "duplicate_name_message"]
 
-class StoreError(Conflict):
-    """A request the store refuses (it clashes with what is stored); the message says what to change."""
-
-
-class UnknownRecord(NotFound, StoreError):
-    """The request names a token, device or user that is not there (or not the caller's)."""
+JOIN_TOKEN_TTL = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -51,12 +48,15 @@ def duplicate_name_message(name: str) -> str:
             f"the old device first with `neuranet devices remove {name}`")
 
 
-class IdentityRecords:
-    session: Callable[[], Any]
-    _tx: Callable[[], Any]
-    _auth_cache: dict[str, Any]
-
-    # --- enrolment ----------------------------------------------------------------
+class IdentityRecords(Repository):
+    async def create_join_token(self, user_id: str, ttl: float = JOIN_TOKEN_TTL) -> tuple[str, float]:
+        """A one-time join token of the user, valid ``ttl`` seconds; in clear, once, with its expiry."""
+        token = "nj_" + secrets.token_urlsafe(24)
+        now = time.time()
+        async with self._tx() as s:
+            s.add(JoinToken(id=new_id(), user_id=user_id, token_hash=hash_secret(token), created_at=now,
+                            expires_at=now + ttl))
+        return token, now + ttl
 
     async def check_enrolment(self, join_token: str, public_key: bytes, name: str) -> EnrolmentOffer:
         """Would this enrolment be accepted? Writes nothing; raises `StoreError` saying why not."""
@@ -97,26 +97,6 @@ class IdentityRecords:
             raise StoreError("the owner of this device is disabled on this coordinator")
         return row[0]
 
-    # --- API tokens -----------------------------------------------------------------
-
-    async def list_tokens(self, user_id: str) -> list[ApiToken]:
-        async with self.session() as s:
-            rows = await s.execute(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at))
-            return list(rows.scalars())
-
-    async def revoke_token(self, user_id: str, token_id: str) -> ApiToken:
-        """Delete one of the user's API tokens; it is refused from now on (cache included)."""
-        async with self._tx() as s:
-            row = (await s.execute(select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user_id))
-                   ).scalar_one_or_none()
-            if row is None:
-                raise UnknownRecord(f"no token {token_id} among yours (see `neuranet token ls`)")
-            await s.delete(row)
-        self._auth_cache.pop(row.token_hash, None)
-        return row
-
-    # --- devices and users ------------------------------------------------------------
-
     async def remove_device(self, user_id: str, device_id: str, force: bool = False) -> RemovedDevice:
         """Forget a device: its key is refused from now on and its chunk copies are dropped from the
         records (history, telemetry and replicas go with it), so repair copies them elsewhere. Refused
@@ -140,29 +120,8 @@ class IdentityRecords:
             await s.delete(device)  # cascades to its presence, telemetry, run membership and replicas
         return RemovedDevice(device_id, device.name, int(replicas), sole)
 
-    async def list_users(self) -> list[User]:
-        async with self.session() as s:
-            return list((await s.execute(select(User).order_by(User.created_at))).scalars())
-
-    async def set_user_disabled(self, name: str, disabled: bool) -> User:
-        """Disable (or enable again) a user: a disabled user's tokens and devices are refused."""
-        async with self._tx() as s:
-            user = (await s.execute(select(User).where(User.name == name))).scalar_one_or_none()
-            if user is None:
-                raise UnknownRecord(f"no user named {name!r}")
-            user.disabled = disabled
-        self.forget_logins(user.id)
-        return user
-
-    def forget_logins(self, user_id: str) -> None:
-        """Drop the cached logins of a user, so a change to its rights holds from the next request."""
-        for key in [k for k, (_, who, _) in self._auth_cache.items() if who.user_id == user_id]:
-            self._auth_cache.pop(key, None)
-
 
 async def _join_token(s: AsyncSession, join_token: str, for_update: bool = False) -> JoinToken:
-    from neuranet.server.store import hash_secret
-
     q = select(JoinToken).where(JoinToken.token_hash == hash_secret(join_token))
     jt = (await s.execute(q.with_for_update() if for_update else q)).scalar_one_or_none()
     if jt is None:

@@ -299,7 +299,7 @@ class RunBook:
         offline = [s["device"] for s in split.stages if s["device"] not in self.hub.conns]
         if offline:  # nothing is recorded for a run that could not start
             raise RunError(f"device {offline[0]} went offline while the run was planned; start it again")
-        run_id = await self.hub.store.create_run(user_id, "train", [s["device"] for s in split.stages])
+        run_id = await self.hub.store.runs.create_run(user_id, "train", [s["device"] for s in split.stages])
         run = RunState(run_id, user_id, req, split.stages, split.text, checkpoint_every=every,
                        checkpoint_reason=reason, devices=[{k: d.get(k) for k in ("id", "name", "profile")} for d in devices])
         self.runs[run_id] = run

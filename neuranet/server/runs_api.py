@@ -17,7 +17,7 @@ serve_router = APIRouter(prefix="/api/v1/deployments")
 
 
 async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, hub: Any) -> list[dict[str, Any]]:
-    mine = [device_view(d, hub) for d in await store.list_devices(user.user_id)]
+    mine = [device_view(d, hub) for d in await store.devices.list_devices(user.user_id)]
     online = [d for d in mine if d["online"]]
     if isinstance(req.devices, list):
         chosen = []
@@ -54,9 +54,9 @@ async def list_runs(user: User, store: StoreDep, hub: HubDep,
                     limit: int = Query(100, ge=1, le=MAX_RUNS_LISTED)) -> list[dict[str, Any]]:
     """Your runs and deployments, newest first: id, kind, model, state, devices, step, created (state
     "unknown": the coordinator restarted since, and what it knew of the run in memory is gone)."""
-    names = {d.id: d.name for d in await store.list_devices(user.user_id)}
+    names = {d.id: d.name for d in await store.devices.list_devices(user.user_id)}
     out = []
-    for row, device_ids in await store.list_runs(user.user_id, limit):
+    for row, device_ids in await store.runs.list_runs(user.user_id, limit):
         live = (hub.runs.runs if row.kind == "train" else hub.serving.deployments).get(row.id)
         entry: dict[str, Any] = {"id": row.id, "kind": row.kind, "created": row.created_at, "model": None,
                                  "state": "unknown", "step": None, "steps": None,

@@ -173,7 +173,7 @@ class ServeBook:
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ServeInvalid(f"cannot plan {model}: {exc}") from None
         block_size = built.data_options.get("block_size") if built.dataset == "stdlib-chars" else None
-        dep_id = await self.hub.store.create_run(user_id, "serve", [s["device"] for s in stages])
+        dep_id = await self.hub.store.runs.create_run(user_id, "serve", [s["device"] for s in stages])
         dep = Deployment(dep_id, user_id, model, seed, options, stages, plan_text, built.encode, block_size,
                          source_run=req.run)
         self.deployments[dep_id] = dep
