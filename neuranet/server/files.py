@@ -29,7 +29,7 @@ from neuranet.forecast.features import HORIZONS
 from neuranet.config import Limits
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import MessageTooLarge
-from neuranet.server.tasks import OwnedTasks
+from neuranet.tasks import OwnedTasks
 from neuranet.storage.chunks import ChunkError, verify
 from neuranet.storage.placement import ChunkState, DeviceView, PlacementError, availability, place, plan_moves
 
@@ -115,7 +115,7 @@ class FileBook:
         self._offers = 0
         # Locks only while someone holds them: one per chunk forever would grow without bound.
         self._chunk_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
-        self._tasks = OwnedTasks()  # inventory reconciliations
+        self._tasks = OwnedTasks("files")  # inventory reconciliations
         # Inventory pages received so far, per connection (dropped with the connection).
         self._inventories: weakref.WeakKeyDictionary[AgentConnection, set[str]] = weakref.WeakKeyDictionary()
         self._repair_wanted = asyncio.Event()
@@ -142,11 +142,11 @@ class FileBook:
             pages.update(msg.chunks)
             if msg.last:
                 del self._inventories[conn]
-                self._tasks.spawn(self._reconcile(conn, pages))
+                self._tasks.spawn(self._reconcile(conn, pages), name=f"reconcile-{conn.device_id}")
         elif isinstance(msg, m.ChunkLost):
-            self._tasks.spawn(self._forget(conn, msg.chunks))
+            self._tasks.spawn(self._forget(conn, msg.chunks), name=f"forget-{conn.device_id}")
         elif isinstance(msg, (m.ChunkPlace, m.ChunkStored)):
-            self._tasks.spawn(self._upload_step(conn, msg))
+            self._tasks.spawn(self._upload_step(conn, msg), name=f"upload-step-{conn.device_id}")
 
     async def close(self) -> None:
         await self._tasks.close()

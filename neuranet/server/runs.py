@@ -21,7 +21,7 @@ from neuranet.pipeline.schedules import OPTIMIZER_NAMES, SCHEDULES, UnknownSched
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
 from neuranet.server.edge import ApiModel
-from neuranet.server.tasks import OwnedTasks
+from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
     from neuranet.server.hub import AgentConnection, Hub
@@ -284,7 +284,7 @@ class RunBook:
         self.blob_dir = blob_dir
         self.rejoin_grace = rejoin_grace  # how long a recovery waits for lost devices to come back
         self.runs: dict[str, RunState] = {}
-        self._tasks = OwnedTasks()  # recoveries in progress
+        self._tasks = OwnedTasks("runs")  # recoveries in progress
 
     def weights_dir(self, run_id: str) -> Path:
         return self.blob_dir / "runs" / run_id
