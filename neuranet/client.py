@@ -147,14 +147,17 @@ def pin_server_certificate(server_url: str, expected: str, home: Path | None = N
 
 
 class Client:
-    def __init__(self, cfg: ClientConfig, timeout: float = 30.0) -> None:
+    def __init__(self, cfg: ClientConfig, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        """``transport``: an httpx transport to speak through instead of the network (tests pass one that
+        runs the app in-process; see tests/inprocess.py)."""
         verify: Any = True
         if cfg.ca_cert:
             verify = ssl.create_default_context(cafile=str(cfg.ca_cert))
             # Pinned: the only certificate trusted is the server's own, so its names need not match.
             verify.check_hostname = not cfg.pinned
         self._http = httpx.Client(base_url=cfg.server_url, headers={"Authorization": f"Bearer {cfg.token}"},
-                                  timeout=timeout, verify=verify)
+                                  timeout=timeout, verify=verify, transport=transport)
 
     def close(self) -> None:
         self._http.close()

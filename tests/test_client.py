@@ -61,3 +61,21 @@ def test_validation_errors_read_as_one_line_naming_the_field_or_flag() -> None:
     assert validation_message(errors) == ("steps: Input should be greater than or equal to 1; "
                                           "schedule: unknown pipeline schedule 'bogus'")
     assert validation_message(errors, {"steps": "--steps"}).startswith("--steps: Input")
+
+
+def test_client_speaks_through_a_given_transport() -> None:
+    """Client(transport=) sends through that transport, not the network (#14: routers tested in-process)."""
+    import httpx as _httpx
+
+    from neuranet.client import Client as _Client
+    from neuranet.config import ClientConfig as _ClientConfig
+
+    seen: list[_httpx.Request] = []
+
+    def answer(request: _httpx.Request) -> _httpx.Response:
+        seen.append(request)
+        return _httpx.Response(200, json={"ok": True})
+
+    with _Client(_ClientConfig("http://coordinator.invalid", "tok"), transport=_httpx.MockTransport(answer)) as client:
+        assert client.health() == {"ok": True}
+    assert [(r.method, r.url.path, r.headers["authorization"]) for r in seen] == [("GET", "/healthz", "Bearer tok")]
