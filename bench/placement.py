@@ -278,7 +278,7 @@ def transfer(mib: int, direct: bool) -> None:
     import statistics
     import tempfile
 
-    from neuranet.agent.local_api import LocalAgent
+    from neuranet.net.local_api import LocalAgent
     from neuranet.fabric import LocalFabric
     from neuranet.storage.transfer import download, upload
 

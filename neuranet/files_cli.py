@@ -143,7 +143,7 @@ def _ways(paths: dict[str, int]) -> str:
 def _local_agent(c: Any, agent_dir: Optional[Path]) -> Any:
     """This machine's agent, when it runs and is one of the user's devices; else None (an explicit
     ``--agent-dir`` that does not answer is an error)."""
-    from neuranet.agent.local_api import LocalAgent
+    from neuranet.net.local_api import LocalAgent
 
     agent = LocalAgent.find(agent_dir or default_home() / "agent")
     if agent is None:

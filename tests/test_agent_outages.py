@@ -18,7 +18,7 @@ from cuttable_proxy import cuttable_proxy
 from fabric_helpers import async_wait_for
 from neuranet.agent import file_worker, stage_worker
 from neuranet.agent.chunk_store import ChunkStore
-from neuranet.agent.local_api import LocalAgent
+from neuranet.net.local_api import LocalAgent
 from neuranet.agent.runtime import Agent
 from neuranet.config import AgentConfig
 from neuranet.protocol import messages as m

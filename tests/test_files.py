@@ -18,7 +18,7 @@ from neuranet.cli import app
 from neuranet.client import ClientError
 from neuranet.fabric import LocalFabric
 from neuranet.storage.chunks import chunk_id
-from neuranet.agent.local_api import LocalAgent, LocalRequestError
+from neuranet.net.local_api import LocalAgent, LocalRequestError
 from neuranet.storage.transfer import download, upload
 
 pytestmark = pytest.mark.slow

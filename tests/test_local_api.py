@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from neuranet.agent.local_api import MAX_PAYLOAD, SOCKET_NAME, LocalAgent, LocalApi, LocalRequestError
+from neuranet.net.local_api import MAX_PAYLOAD, SOCKET_NAME, LocalAgent, LocalApi, LocalRequestError
 
 
 async def echo(request: dict, payload: bytes) -> tuple[dict, bytes]:

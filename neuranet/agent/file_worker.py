@@ -7,7 +7,7 @@ to device over PeerLinks on the ``chunks`` channel, direct when a direct path wo
 through the coordinator otherwise:
 - copies (the other replicas of an upload, repair, migration): the coordinator sends ``chunk_copy``
   to a holder, which sends the chunk to the target (``op: put``);
-- downloads through this agent (`neuranet.agent.local_api`, op ``chunk``): the chunk comes from this
+- downloads through this agent (`neuranet.net.local_api`, op ``chunk``): the chunk comes from this
   device's store when it holds it, else from a holder (``op: get``), holders tried in random order
   until one returns it intact.
 The coordinator grants links on that channel only between one owner's devices, so each side serves
@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
-from neuranet.agent.local_api import LocalRequestError
+from neuranet.net.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink, RelayUnavailable
 from neuranet.protocol import messages as m

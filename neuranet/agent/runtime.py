@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from neuranet import __version__
 from neuranet.agent import coordinator_trust as trust
 from neuranet.agent.identity import Identity
-from neuranet.agent.local_api import LocalApi
+from neuranet.net.local_api import LocalApi
 from neuranet.agent.profile import collect_profile
 from neuranet.agent.reconnect import (  # noqa: F401  (EnrolmentError, backoff_delay: public here too)
     Clock,

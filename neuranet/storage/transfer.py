@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from neuranet.agent.local_api import LocalAgent, LocalRequestError
+from neuranet.net.local_api import LocalAgent, LocalRequestError
 from neuranet.storage.chunks import CHUNK_SIZE, ChunkRef, Manifest, split, verify
 from neuranet.storage.sealing import SEALING_OVERHEAD, SealedFacts, Sealer
 
