@@ -44,11 +44,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[AsyncSession]:
         """A session in a transaction, committed on exit (rolled back on an exception)."""
-        if self._write_lock is None:
-            async with self.session.begin() as s:
-                yield s
-            return
-        async with self._write_lock:
+        async with self._write_lock or contextlib.nullcontext():
             async with self.session.begin() as s:
                 yield s
 
