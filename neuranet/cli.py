@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from neuranet.client import Client, ClientError, load_client_config, save_client_config
-from neuranet.config import AgentConfig, ClientConfig, ServerConfig, default_home
+from neuranet.config import ClientConfig, ServerConfig, default_home
 from neuranet.runner import run_service
 
 app = typer.Typer(help="NeuraNet: one fabric of the computers you own.", no_args_is_help=True,
@@ -236,41 +236,22 @@ def agent(
 ) -> None:
     """Run this device's agent: one outbound connection to the coordinator, reconnecting until the
     server answers something no retry can change (wrong URL, refused device, other version)."""
-    from neuranet.agent import file_worker, linktest, serve_worker, stage_worker
-    from neuranet.agent.chunk_store import ChunkStore, parse_size
-    from neuranet.agent.runtime import Agent, ServerRefused
-    from neuranet.identity_cli import check_device_name, read_join_token
+    from neuranet.agent.build import build_agent
+    from neuranet.agent.chunk_store import parse_size
+    from neuranet.agent.runtime import ServerRefused
+    from neuranet.errors import Invalid
+    from neuranet.identity_cli import read_join_token
 
     _logging(verbose)
     try:
         storage_bytes = parse_size(storage)
         join_token = read_join_token(join_token, join_token_file, sys.stdin)
-        if name is not None:
-            check_device_name(name)
-    except ValueError as exc:
-        _fail(exc)
-    home = data_dir or default_home() / "agent"
-    if server_fingerprint is not None:
-        from neuranet.protocol.auth import parse_fingerprint
-
-        try:
-            server_fingerprint = parse_fingerprint(server_fingerprint)
-        except ValueError as exc:
-            _fail(ValueError(f"--server-fingerprint: {exc}"))
-    cfg = AgentConfig(server_url=server, data_dir=home, name=name, join_token=join_token, ca_cert=ca_cert,
-                      server_fingerprint=server_fingerprint, listen_host=listen_host, listen_port=listen_port,
-                      measure=measure, advertise=None if direct else (), user_models=allow_owner_code,
-                      storage_bytes=storage_bytes)
-    try:
-        cfg.ws_url
-        the_agent = Agent(cfg)
-        chunks = ChunkStore(home / "chunks", storage_bytes)
-    except (ValueError, PermissionError) as exc:
-        _fail(exc)
-    linktest.install(the_agent)
-    stage_worker.install(the_agent)
-    serve_worker.install(the_agent)
-    file_worker.install(the_agent, chunks)
+        the_agent = build_agent(server, data_dir, name=name, join_token=join_token, ca_cert=ca_cert,
+                                server_fingerprint=server_fingerprint, listen_host=listen_host,
+                                listen_port=listen_port, measure=measure, direct=direct,
+                                allow_owner_code=allow_owner_code, storage_bytes=storage_bytes)
+    except (ValueError, Invalid) as exc:
+        _fail(ValueError(_as_flag(exc)))
 
     async def main() -> None:
         # A signal sets an event rather than cancelling a task once: Python 3.11 can swallow a single
@@ -286,6 +267,14 @@ def agent(
     except ServerRefused as exc:  # one line however wide the message (a log tail or a service manager reads it)
         err.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _as_flag(exc: Exception) -> str:
+    """The message, naming the command's flag where it names `build_agent`'s argument (``--name ...``)."""
+    text, argument = str(exc), getattr(exc, "argument", None)  # InvalidArgument names it
+    if argument and text.startswith(argument):
+        return "--" + argument.replace("_", "-") + text[len(argument):]
+    return text
 
 
 @links_app.command("test")

@@ -18,7 +18,6 @@ from rich.table import Table
 
 from neuranet.cli import ServerOpt, TokenOpt, _ask, _fail, app, console, err, token_app, users_app
 from neuranet.client import Client, ClientError
-from neuranet.protocol.messages import DEVICE_NAME_MAX
 
 devices_app = typer.Typer(help="Your devices: list them (the default) or remove one.")
 app.add_typer(devices_app, name="devices")
@@ -60,14 +59,6 @@ def read_join_token(value: str | None, file: Path | None, stdin: IO[str]) -> str
     if not token:
         raise ValueError(f"no join token in {file or 'stdin'}")
     return token
-
-
-def check_device_name(name: str) -> None:
-    """Refuse a ``--name`` the coordinator would refuse (it names the device in every listing)."""
-    if not 1 <= len(name) <= DEVICE_NAME_MAX or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise ValueError(f"--name {name!r}: a device name is 1 to {DEVICE_NAME_MAX} characters, "
-                         "without control characters")
-
 
 
 def _when(ts: float | None) -> str:
