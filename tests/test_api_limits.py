@@ -167,7 +167,7 @@ def test_a_run_refused_at_the_edge_leaves_no_record_and_no_running_run(tmp_path:
                 return (await s.execute(select(func.count()).select_from(Run))).scalar_one()
 
         assert c.portal.call(runs) == 0  # type: ignore[union-attr]
-        assert c.app.state.hub.runs.runs == {}  # type: ignore[attr-defined]
+        assert c.app.state.coordinator.runs.runs == {}  # type: ignore[attr-defined]
 
 
 def test_a_deep_profile_is_refused_on_the_socket_and_bad_stored_ones_do_not_break_devices(tmp_path: Path) -> None:

@@ -144,7 +144,9 @@ class _Book:
         async def nothing(*_args) -> None:
             return None
 
-        self.book = RunBook(hub=None, blob_dir=blob_dir)  # type: ignore[arg-type]  # routing needs no hub
+        from neuranet.server.fleet import Fleet
+
+        self.book = RunBook(Fleet({}), None, None, blob_dir)  # type: ignore[arg-type]  # routing needs no store
         stages = [{"device": "dev-a", "start": 0, "stop": 2, "param_bytes": 4000},
                   {"device": "dev-b", "start": 2, "stop": 4, "param_bytes": 4000}]
         self.run = RunState("run1", "user", RunRequest(model="mlp-digits", steps=steps), stages, "plan",

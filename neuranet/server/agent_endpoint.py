@@ -19,7 +19,6 @@ from neuranet.protocol.errors import (
     ProtocolError,
     MAX_SHOWN_CHARS,
     QueueLimitExceeded,
-    UnexpectedMessage,
     VersionMismatch,
     shown,
 )
@@ -189,7 +188,7 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
             if env.dst and env.dst != "server":
                 await hub.relay(conn, env, data)
             else:
-                await _handle(hub, conn, env)
+                await hub.dispatch(conn, env)
         except ProtocolError as exc:
             conn.send_error(exc, ref=env.id if env is not None else None)
             if exc.fatal:
@@ -197,36 +196,3 @@ async def _message_loop(ws: WebSocket, hub: Hub, conn: AgentConnection) -> None:
                 await conn.drained(timeout=1.0)  # let the error frame go out first
                 await conn.close(4002, f"{exc.code}: {exc}")
                 return
-
-
-async def _handle(hub: Hub, conn: AgentConnection, env: Envelope) -> None:
-    msg = m.parse(env)
-    if isinstance(msg, m.Heartbeat):
-        conn.reply(m.HeartbeatAck(seq=msg.seq))
-    elif isinstance(msg, m.HeartbeatAck):
-        pass  # the answer to the hub's probe (Hub.sweep); hearing anything was the point
-    elif isinstance(msg, m.Telemetry):
-        hub.add_telemetry(conn, msg.samples)
-    elif isinstance(msg, m.Profile):
-        conn.profile = msg.profile
-        try:  # before the write: a link granted meanwhile already pins the certificate
-            if msg.tls_cert and msg.tls_cert != conn.tls_cert:
-                hub.set_direct_cert(conn, msg.tls_cert)
-        finally:
-            await hub.store.devices.set_profile(conn.device_id, msg.profile)
-    elif isinstance(msg, m.Echo):
-        # Counted against the agent's own bytes: an agent that sends echoes and never reads them
-        # is cut off with queue_limit instead of growing the server's memory without bound.
-        conn.reply(m.Echo(reply=True), payload=bytes(env.payload))
-    elif isinstance(msg, m.LinkOpen):
-        await hub.open_link(conn, msg)
-    elif isinstance(msg, (m.LinkTestProgress, m.LinkTestDone)):
-        hub.linktest_update(conn, msg)
-    elif isinstance(msg, (m.StageProgress, m.StageWeights, m.StageDone)):
-        hub.runs.on_message(conn, msg, bytes(env.payload))
-    elif isinstance(msg, (m.ServeStatus, m.ServeOutput)):
-        hub.serving.on_message(conn, msg, bytes(env.payload))
-    elif isinstance(msg, (m.ChunkReply, m.ChunkInventory, m.ChunkLost, m.ChunkPlace, m.ChunkStored)):
-        hub.files.on_message(conn, msg, bytes(env.payload))
-    else:
-        raise UnexpectedMessage(f"{env.type} is not accepted from agents")

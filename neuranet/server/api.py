@@ -5,28 +5,19 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from neuranet.protocol.json_values import JsonValueError, check_json_value
 from neuranet.protocol.messages import PROFILE_BOUNDS
 from neuranet.server.edge import ApiModel
-from neuranet.server.hub import Hub
-from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized
+from neuranet.server.deps import FleetDep, HubDep, StoreDep, User
+from neuranet.server.fleet import Fleet
+from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
 from neuranet.server.store import API_TOKEN_TTL, Principal, Store
 
 router = APIRouter(prefix="/api/v1")
-_bearer = HTTPBearer(auto_error=False)
 MAX_LINKTEST_BYTES = 4 * 1024**3
-
-
-def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-def get_hub(request: Request) -> Hub:
-    return request.app.state.hub
 
 
 async def read_body(request: Request, limit: int, too_big: str) -> bytes:
@@ -40,22 +31,6 @@ async def read_body(request: Request, limit: int, too_big: str) -> bytes:
         if len(body) > limit:
             raise TooLarge(too_big)
     return bytes(body)
-
-
-async def principal(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    if creds is None:
-        raise Unauthorized("missing bearer token: pass `Authorization: Bearer <token>`")
-    who = await get_store(request).users.authenticate(creds.credentials)
-    if who is None:
-        raise Unauthorized("invalid API token: unknown, expired or revoked")
-    return who
-
-
-User = Annotated[Principal, Depends(principal)]
-StoreDep = Annotated[Store, Depends(get_store)]
-HubDep = Annotated[Hub, Depends(get_hub)]
 
 
 MAX_TOKEN_LIFE = 10 * 365 * 24 * 3600.0
@@ -110,8 +85,8 @@ async def create_user(body: UserRequest, user: User, store: StoreDep) -> dict[st
     return {"user_id": created.user_id, "name": created.name, "token": token}
 
 
-def device_view(device: Any, hub: Hub) -> dict[str, Any]:
-    conn = hub.conns.get(device.id)
+def device_view(device: Any, fleet: Fleet) -> dict[str, Any]:
+    conn = fleet.connection(device.id)
     return {
         "id": device.id,
         "name": device.name,
@@ -139,13 +114,13 @@ async def owned_device(device_id: str, user: Principal, store: Store) -> Any:
 
 
 @router.get("/devices")
-async def list_devices(user: User, store: StoreDep, hub: HubDep) -> list[dict[str, Any]]:
-    return [device_view(d, hub) for d in await store.devices.list_devices(user.user_id)]
+async def list_devices(user: User, store: StoreDep, fleet: FleetDep) -> list[dict[str, Any]]:
+    return [device_view(d, fleet) for d in await store.devices.list_devices(user.user_id)]
 
 
 @router.get("/devices/{device_id}")
-async def get_device(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    return device_view(await owned_device(device_id, user, store), hub)
+async def get_device(device_id: str, user: User, store: StoreDep, fleet: FleetDep) -> dict[str, Any]:
+    return device_view(await owned_device(device_id, user, store), fleet)
 
 
 @router.get("/devices/{device_id}/history")
@@ -169,7 +144,7 @@ async def start_linktest(body: LinkTestRequest, user: User, store: StoreDep, hub
     if body.src == body.dst:
         raise Invalid("src and dst must be different devices")
     for d in (body.src, body.dst):
-        if d not in hub.conns:
+        if not hub.fleet.online(d):
             raise Conflict(f"device {d} is offline")
     test = hub.start_linktest(user.user_id, body.src, body.dst, body.total_bytes, body.message_bytes)
     return linktest_view(test)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import AsyncIterator, Callable
@@ -26,7 +25,7 @@ from neuranet.server.files_api import router as files_router
 from neuranet.server.forecast_api import MAX_TRACE_BYTES
 from neuranet.server.forecast_api import router as forecast_router
 from neuranet.server.identity_api import router as identity_router
-from neuranet.server.hub import Hub
+from neuranet.server.coordinator import Coordinator
 from neuranet.server.identity import CoordinatorIdentity, agent_pin
 from neuranet.server.store import Store
 from neuranet.storage.chunks import MAX_CHUNK_SIZE
@@ -69,19 +68,13 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
             _, token = await store.users.create_user("admin", is_admin=True)
             if on_first_admin:
                 on_first_admin("admin", token)
-        hub = Hub(config, store)
-        app.state.store, app.state.hub = store, hub
-        maintain = asyncio.create_task(hub.maintain(), name="hub-maintain")
-        repair = asyncio.create_task(hub.files.maintain(), name="file-repair")
-        await hub.forecasts.start()
+        coordinator = Coordinator(config, store)
+        app.state.store, app.state.coordinator = store, coordinator
+        await coordinator.start()
         try:
             yield
         finally:
-            maintain.cancel()
-            repair.cancel()
-            await asyncio.gather(maintain, repair, return_exceptions=True)
-            await hub.forecasts.close()
-            await hub.shutdown()
+            await coordinator.close()
             await store.close()
 
     # /docs is served from the package, not a CDN, so it works offline (ReDoc has no packaged copy)
@@ -102,12 +95,12 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
         # fingerprint: what agents pass as --server-fingerprint (None: a CA vouches for the certificate).
-        return {"ok": True, "version": __version__, "online_devices": len(app.state.hub.conns),
+        return {"ok": True, "version": __version__, "online_devices": len(app.state.coordinator.fleet.online_ids()),
                 "fingerprint": pin, "coordinator_key": identity.fingerprint}
 
     @app.websocket("/agent")
     async def agent_socket(ws: WebSocket) -> None:
-        await serve_agent(ws, app.state.hub, identity)
+        await serve_agent(ws, app.state.coordinator.hub, identity)
 
     return app
 

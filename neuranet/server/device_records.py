@@ -1,17 +1,16 @@
-"""The coordinator's records of devices (profile, last sign of life, who may link) and of runs (who took part).
+"""The coordinator's records of devices (profile, last sign of life, who may link).
 
-`Store.devices` and `Store.runs`. Enrolment and removal are `Store.identity` (`identity_records.py`).
+`Store.devices`; runs are `Store.runs` (`run_records.py`). Enrolment and removal are `Store.identity` (`identity_records.py`).
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import bindparam, select, update
 
-from neuranet.server.models import Device, Run, RunDevice
-from neuranet.server.records import Repository, new_id
+from neuranet.server.models import Device, RunDevice
+from neuranet.server.records import Repository
 
 
 class DeviceRecords(Repository):
@@ -54,26 +53,3 @@ class DeviceRecords(Repository):
                 select(a.c.run_id).join(b, a.c.run_id == b.c.run_id).where(a.c.device_id == device_a, b.c.device_id == device_b)
             )
             return shared.first() is not None
-
-
-class RunRecords(Repository):
-    async def create_run(self, user_id: str, kind: str, device_ids: Iterable[str]) -> str:
-        run_id = new_id()
-        async with self._tx() as s:
-            s.add(Run(id=run_id, user_id=user_id, kind=kind, created_at=time.time()))
-            await s.flush()
-            for d in dict.fromkeys(device_ids):
-                s.add(RunDevice(run_id=run_id, device_id=d))
-        return run_id
-
-    async def list_runs(self, user_id: str, limit: int) -> list[tuple[Run, list[str]]]:
-        """The user's newest runs and deployments (at most ``limit``), each with the devices it was given."""
-        async with self.session() as s:
-            runs = list((await s.scalars(select(Run).where(Run.user_id == user_id)
-                                         .order_by(Run.created_at.desc()).limit(limit))).all())
-            rows = (await s.execute(select(RunDevice.run_id, RunDevice.device_id)
-                                    .where(RunDevice.run_id.in_([r.id for r in runs])))).all()
-        devices: dict[str, list[str]] = {}
-        for run_id, device_id in rows:
-            devices.setdefault(run_id, []).append(device_id)
-        return [(r, devices.get(r.id, [])) for r in runs]

@@ -34,7 +34,10 @@ from neuranet.storage.chunks import ChunkError, verify
 from neuranet.storage.placement import ChunkState, DeviceView, PlacementError, availability, place, plan_moves
 
 if TYPE_CHECKING:
-    from neuranet.server.hub import AgentConnection, Hub
+    from neuranet.server.fleet import Fleet
+    from neuranet.server.forecasting import ForecastService
+    from neuranet.server.hub import AgentConnection, Handler
+    from neuranet.server.store import Store
 
 log = logging.getLogger("neuranet.files")
 CHUNK_TIMEOUT = 60.0  # a device that does not answer a chunk request in this long is skipped
@@ -96,10 +99,12 @@ class Space:
 
 
 class FileBook:
-    def __init__(self, hub: "Hub", repair_interval: float = 60.0, lost_after: float = 24 * 3600.0,
+    def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService", repair_interval: float = 60.0, lost_after: float = 24 * 3600.0,
                  orphan_after: float = 24 * 3600.0, bytes_per_round: int = 256 * 2 ** 20,
                  max_inventory: int = Limits.max_inventory_chunks) -> None:
-        self.hub = hub
+        self.fleet = fleet
+        self.store = store
+        self.forecasts = forecasts
         self.repair_interval = repair_interval
         self.lost_after = lost_after
         self.orphan_after = orphan_after
@@ -119,6 +124,12 @@ class FileBook:
         # Inventory pages received so far, per connection (dropped with the connection).
         self._inventories: weakref.WeakKeyDictionary[AgentConnection, set[str]] = weakref.WeakKeyDictionary()
         self._repair_wanted = asyncio.Event()
+        fleet.on_lost(self.on_device_lost)
+        fleet.on_replaced(self.on_connection_lost)
+        fleet.on_removed(self.forget_device)
+
+    def handlers(self) -> dict[type[m.Message], "Handler"]:
+        return dict.fromkeys((m.ChunkReply, m.ChunkInventory, m.ChunkLost, m.ChunkPlace, m.ChunkStored), self.on_message)
 
     # --- messages from agents --------------------------------------------------------
 
@@ -192,7 +203,7 @@ class FileBook:
         """A device dropped damaged copies: forget them (the repair loop makes new ones)."""
         try:
             for chunk in chunks:
-                await self.hub.store.files.remove_replica(conn.user_id, chunk, conn.device_id)
+                await self.store.files.remove_replica(conn.user_id, chunk, conn.device_id)
         except Exception:
             log.exception("forgetting the lost chunks of %s failed", conn.device_id)
 
@@ -200,12 +211,12 @@ class FileBook:
         """A device just reported what it holds: drop what no file needs (deleted while it was away),
         and forget records of chunks it no longer has (lost or damaged on its disk)."""
         try:
-            recorded = await self.hub.store.files.device_chunks(conn.device_id)
+            recorded = await self.store.files.device_chunks(conn.device_id)
             stale = sorted(held - set(recorded))
             for batch in m.chunk_batches(stale) if stale else ():
                 conn.send(m.ChunkDelete(chunks=batch, grace=STALE_GRACE))
             for chunk in set(recorded) - held:
-                await self.hub.store.files.remove_replica(conn.user_id, chunk, conn.device_id)
+                await self.store.files.remove_replica(conn.user_id, chunk, conn.device_id)
         except Exception:
             log.exception("reconciling the chunks of %s failed", conn.device_id)
 
@@ -217,7 +228,7 @@ class FileBook:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CHUNK_TIMEOUT
         while True:
-            conn = self.hub.conns.get(device_id)
+            conn = self.fleet.connection(device_id)
             if conn is None:
                 raise FileUnavailable(f"device {device_id} is offline")
             fut: asyncio.Future[tuple[m.ChunkReply, bytes]] = loop.create_future()
@@ -226,7 +237,7 @@ class FileBook:
                 conn.send(msg, payload=payload)
                 return await asyncio.wait_for(fut, deadline - loop.time())
             except _ConnectionLost:
-                if self.hub.conns.get(device_id) is conn:  # no newer connection to ask on
+                if self.fleet.connection(device_id) is conn:  # no newer connection to ask on
                     raise
             except asyncio.TimeoutError:
                 raise FileTimedOut(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s") from None
@@ -247,7 +258,7 @@ class FileBook:
         if not reply.ok:
             log.info("%s refused chunk %s: %s", device_id, chunk_id[:12], reply.error)
             return f"device {device_id}: {reply.error}"
-        await self.hub.store.files.add_replica(user_id, chunk_id, len(data), device_id)
+        await self.store.files.add_replica(user_id, chunk_id, len(data), device_id)
         return None
 
     async def _copy(self, user_id: str, source: str, target: str, chunk_id: str, size: int) -> str | None:
@@ -263,9 +274,9 @@ class FileBook:
         if not reply.ok:
             log.info("copying %s from %s failed: %s", chunk_id[:12], source, reply.error)
             if not reply.held:
-                await self.hub.store.files.remove_replica(user_id, chunk_id, source)
+                await self.store.files.remove_replica(user_id, chunk_id, source)
             return f"device {source}: {reply.error}"
-        await self.hub.store.files.add_replica(user_id, chunk_id, size, target)
+        await self.store.files.add_replica(user_id, chunk_id, size, target)
         return None
 
     async def _copy_or_put(self, user_id: str, source: str, target: str, chunk_id: str, data: bytes) -> str | None:
@@ -278,7 +289,7 @@ class FileBook:
         """The chunk's bytes from the first online holder that returns them intact; a holder whose copy
         is damaged loses it (and the repair loop makes a new one)."""
         errors = []
-        online = [d for d in holders if d in self.hub.conns]
+        online = [d for d in holders if self.fleet.online(d)]
         random.shuffle(online)  # spread reads over the replicas (and every copy gets checked in time)
         for device_id in online:
             try:
@@ -289,7 +300,7 @@ class FileBook:
             except (FileError, ChunkError) as exc:
                 errors.append(f"{device_id}: {exc}")
                 if isinstance(exc, ChunkError) or (isinstance(exc, FileError) and exc.copy_gone):
-                    await self.hub.store.files.remove_replica(user_id, chunk_id, device_id)
+                    await self.store.files.remove_replica(user_id, chunk_id, device_id)
         if not holders:
             raise ChunkGone(f"chunk {chunk_id[:12]} has no replica left")
         if not online:
@@ -306,25 +317,25 @@ class FileBook:
         """The user's devices that offer storage, with their forecasts (cached for `VIEW_TTL`)."""
         cached = self._views.get(user_id)
         if cached and not fresh and time.monotonic() - cached[0] < VIEW_TTL and cached[1] == self._offers:
-            return [DeviceView(v.device_id, v.device_id in self.hub.conns, v.p_online, self._free(v.device_id))
+            return [DeviceView(v.device_id, self.fleet.online(v.device_id), v.p_online, self._free(v.device_id))
                     for v in cached[2]]
         offers = self._offers
-        devices = [d for d in await self.hub.store.devices.list_devices(user_id) if d.id in self.space
+        devices = [d for d in await self.store.devices.list_devices(user_id) if d.id in self.space
                    and self.space[d.id].quota > 0]
         probabilities = await self._forecasts([d.id for d in devices])
-        views = [DeviceView(d.id, d.id in self.hub.conns, probabilities.get(d.id, self._persistence(d.id)),
+        views = [DeviceView(d.id, self.fleet.online(d.id), probabilities.get(d.id, self._persistence(d.id)),
                             self._free(d.id)) for d in devices]
         self._views[user_id] = (time.monotonic(), offers, views)
         return views
 
     def _persistence(self, device_id: str) -> tuple[float, ...]:
-        return (1.0 if device_id in self.hub.conns else 0.0,) * len(HORIZONS)
+        return (1.0 if self.fleet.online(device_id) else 0.0,) * len(HORIZONS)
 
     async def _forecasts(self, device_ids: list[str]) -> dict[str, tuple[float, ...]]:
-        model = self.hub.forecasts.model
+        model = self.forecasts.model
         if model is None or not device_ids:
             return {}
-        histories = await self.hub.forecasts.histories(device_ids)
+        histories = await self.forecasts.histories(device_ids)
 
         def run() -> dict[str, tuple[float, ...]]:
             out = {}
@@ -347,8 +358,8 @@ class FileBook:
     async def _holders_and_views(self, user_id: str, chunk_id: str) -> tuple[list[str], list[DeviceView]]:
         """A chunk being uploaded (under its lock): who holds it already (those records touched, so no
         orphan collection takes them now) and the user's devices that offer storage."""
-        holders = (await self.hub.store.files.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
-        if holders and not await self.hub.store.files.touch_replicas(user_id, chunk_id):
+        holders = (await self.store.files.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+        if holders and not await self.store.files.touch_replicas(user_id, chunk_id):
             holders = []  # collected as an orphan just now: store it anew
         views = await self.views(user_id)
         if not views:
@@ -383,7 +394,7 @@ class FileBook:
         mine = {v.device_id for v in await self.views(user_id)}
         recorded = [d for d in dict.fromkeys(devices) if d in mine]
         async with self._lock(user_id, chunk_id):
-            await self.hub.store.files.add_replicas(user_id, chunk_id, size, recorded)
+            await self.store.files.add_replicas(user_id, chunk_id, size, recorded)
         return recorded
 
     async def put_chunk(self, user_id: str, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
@@ -397,7 +408,7 @@ class FileBook:
                 chosen = self._place(chunk_id, len(data), replicas, holders, views, tried, refusals)
                 if not chosen:
                     break
-                source = next((h for h in holders if h in self.hub.conns), None)
+                source = next((h for h in holders if self.fleet.online(h)), None)
                 if source is None:  # the bytes go to one device; it copies them on to the others
                     chosen = chosen[:1]
                     results = [await self._put_on(user_id, chosen[0], chunk_id, data)]
@@ -409,7 +420,7 @@ class FileBook:
                 if len(refusals) == 0:
                     holders += chosen
                 else:  # a failed copy may have shown that its source lost the chunk: ask the records
-                    holders = (await self.hub.store.files.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
+                    holders = (await self.store.files.replicas_of(user_id, [chunk_id])).get(chunk_id, [])
         # Fewer holders than asked when no more devices can take it now (the repair loop adds the rest).
         return {"chunk": chunk_id, "holders": holders, "replicas": replicas}
 
@@ -417,7 +428,7 @@ class FileBook:
         """Tell online devices to drop chunks (offline ones are told on their return); ``grace``: see
         `ChunkDelete`."""
         for device_id, chunks in freed.items():
-            conn = self.hub.conns.get(device_id)
+            conn = self.fleet.connection(device_id)
             for batch in m.chunk_batches(chunks) if conn is not None and chunks else ():
                 conn.send(m.ChunkDelete(chunks=batch, grace=grace))
 
@@ -455,7 +466,7 @@ class FileBook:
     async def repair_round(self) -> int:
         """One round over every user's chunks; returns the copies made."""
         copies = 0
-        for user_id in await self.hub.store.files.users_with_storage():
+        for user_id in await self.store.files.users_with_storage():
             await self._collect_orphans(user_id)
             copies += await self._repair_user(user_id)
         return copies
@@ -463,7 +474,7 @@ class FileBook:
     async def _collect_orphans(self, user_id: str) -> None:
         """Delete chunks uploaded more than `orphan_after` ago that no file uses (an upload that never
         finished); devices offline now drop them when they return."""
-        freed = await self.hub.store.files.remove_orphans(user_id, time.time() - self.orphan_after)
+        freed = await self.store.files.remove_orphans(user_id, time.time() - self.orphan_after)
         if freed:
             log.info("files of %s: %d chunks of unfinished uploads deleted", user_id,
                      len({c for chunks in freed.values() for c in chunks}))
@@ -474,7 +485,7 @@ class FileBook:
         views = await self.views(user_id, fresh=True)
         if not views:
             return 0
-        chunks = [ChunkState(c, size, tuple(h), replicas=k) for c, size, k, h in await self.hub.store.files.stored_chunks(user_id)]
+        chunks = [ChunkState(c, size, tuple(h), replicas=k) for c, size, k, h in await self.store.files.stored_chunks(user_id)]
         lost = await self._lost_devices(user_id, {h for c in chunks for h in c.holders})
         copies = 0
         for move in plan_moves(chunks, views, self.bytes_per_round, lost=lost):
@@ -482,7 +493,7 @@ class FileBook:
                 if await self._copy(user_id, move.source, move.target, move.chunk, move.size) is None:
                     copies += 1
                     if move.drop is not None:
-                        await self.hub.store.files.remove_replica(user_id, move.chunk, move.drop)
+                        await self.store.files.remove_replica(user_id, move.chunk, move.drop)
                         await self.delete_replicas({move.drop: [move.chunk]})
         if copies:
             log.info("files of %s: %d chunk copies made (repair and migration)", user_id, copies)
@@ -491,10 +502,10 @@ class FileBook:
     async def _lost_devices(self, user_id: str, holders: set[str]) -> set[str]:
         """Holders whose replicas should be replaced: deleted, or offline longer than `lost_after`."""
         now = time.time()
-        devices = {d.id: d for d in await self.hub.store.devices.list_devices(user_id)}
+        devices = {d.id: d for d in await self.store.devices.list_devices(user_id)}
         lost = set()
         for holder in holders:
             d = devices.get(holder)
-            if d is None or (holder not in self.hub.conns and now - (d.last_seen or d.created_at) > self.lost_after):
+            if d is None or (not self.fleet.online(holder) and now - (d.last_seen or d.created_at) > self.lost_after):
                 lost.add(holder)
         return lost

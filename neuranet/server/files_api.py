@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field, model_validator
 
-from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
+from neuranet.server.api import owned_device, read_body
+from neuranet.server.deps import FilesDep, StoreDep, User
 from neuranet.server.edge import ApiModel
 from neuranet.errors import Invalid, NotFound
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
@@ -64,34 +65,34 @@ def _chunk_name(chunk_id: str) -> str:
 
 
 @router.put("/chunks/{chunk_id}")
-async def put_chunk(chunk_id: str, request: Request, user: User, hub: HubDep,
+async def put_chunk(chunk_id: str, request: Request, user: User, files: FilesDep,
                     replicas: int = Query(3, ge=1, le=MAX_REPLICAS)) -> dict[str, Any]:
     _chunk_name(chunk_id)
     body = await read_body(request, MAX_CHUNK_SIZE, f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
     try:
-        return await hub.files.put_chunk(user.user_id, chunk_id, body, replicas)
+        return await files.put_chunk(user.user_id, chunk_id, body, replicas)
     except ChunkError as exc:
         raise Invalid(str(exc)) from None
 
 
 @router.get("/chunks/{chunk_id}")
-async def get_chunk(chunk_id: str, user: User, store: StoreDep, hub: HubDep) -> Response:
+async def get_chunk(chunk_id: str, user: User, store: StoreDep, files: FilesDep) -> Response:
     _chunk_name(chunk_id)
     holders = (await store.files.replicas_of(user.user_id, [chunk_id])).get(chunk_id)
     if holders is None:
         raise NotFound(f"you store no chunk {chunk_id[:12]}")
-    data = await hub.files.fetch(user.user_id, chunk_id, holders)
+    data = await files.fetch(user.user_id, chunk_id, holders)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.post("/files")
-async def commit_file(req: FileIn, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+async def commit_file(req: FileIn, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
     row, freed = await store.files.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
                                          [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
-    await hub.files.delete_replicas(freed)
+    await files.delete_replicas(freed)
     ids = [c.id for c in req.chunks]
     holders = await store.files.replicas_of(user.user_id, sorted(set(ids)))
-    return {**_file_view(row, len(req.chunks)), **hub.files.replication_view(ids, holders, row.replicas)}
+    return {**_file_view(row, len(req.chunks)), **files.replication_view(ids, holders, row.replicas)}
 
 
 def _file_view(row: Any, chunks: int) -> dict[str, Any]:
@@ -106,7 +107,7 @@ async def list_files(user: User, store: StoreDep) -> list[dict[str, Any]]:
 
 
 @router.get("/files/{name:path}")
-async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+async def file_info(name: str, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
     found = await store.files.get_file(user.user_id, name)
     if found is None:
         raise NotFound(f"no file named {name!r}")
@@ -114,29 +115,29 @@ async def file_info(name: str, user: User, store: StoreDep, hub: HubDep) -> dict
     ids = [c.chunk_id for c in chunks]
     holders = await store.files.replicas_of(user.user_id, sorted(set(ids)))
     names = {d.id: d.name for d in await store.devices.list_devices(user.user_id)}
-    view = {**_file_view(row, len(chunks)), **hub.files.replication_view(ids, holders, row.replicas)}
+    view = {**_file_view(row, len(chunks)), **files.replication_view(ids, holders, row.replicas)}
     view["sealing"] = row.sealing
     view["chunk_list"] = [{"id": c.chunk_id, "size": c.size,
-                           "holders": [{"device": d, "name": names.get(d, d), "online": d in hub.conns}
+                           "holders": [{"device": d, "name": names.get(d, d), "online": files.fleet.online(d)}
                                        for d in holders.get(c.chunk_id, [])]} for c in chunks]
-    view["retrievable_now"] = all(any(d in hub.conns for d in holders.get(c, [])) for c in ids)
-    view["p_retrievable_24h"] = await hub.files.file_availability(user.user_id, holders, ids)
+    view["retrievable_now"] = all(any(files.fleet.online(d) for d in holders.get(c, [])) for c in ids)
+    view["p_retrievable_24h"] = await files.file_availability(user.user_id, holders, ids)
     view["checked_at"] = time.time()
     return view
 
 
 @router.delete("/files/{name:path}")
-async def delete_file(name: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+async def delete_file(name: str, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
     freed = await store.files.delete_file(user.user_id, name)
-    await hub.files.delete_replicas(freed)
+    await files.delete_replicas(freed)
     return {"deleted": name, "replicas_freed": sum(len(c) for c in freed.values())}
 
 
 @router.get("/devices/{device_id}/chunks")
-async def device_chunks(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+async def device_chunks(device_id: str, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
     device = await owned_device(device_id, user, store)
     chunks = await store.files.device_chunks(device_id)
-    space = hub.files.space.get(device_id)
+    space = files.space.get(device_id)
     return {"device": device_id, "name": device.name, "chunks": len(chunks), "bytes": sum(chunks.values()),
             "quota_bytes": space.quota if space else None, "free_bytes": space.free if space else None,
             "chunk_ids": sorted(chunks)}

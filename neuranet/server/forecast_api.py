@@ -8,44 +8,45 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from neuranet.server.api import HubDep, StoreDep, User, owned_device, read_body
+from neuranet.server.api import owned_device, read_body
+from neuranet.server.deps import ConfigDep, ForecastsDep, StoreDep, User
 from neuranet.errors import Conflict, Forbidden, Invalid, NotFound
 
 router = APIRouter(prefix="/api/v1")
 MAX_TRACE_BYTES = 64 * 1024 * 1024
 
 
-async def _forecast(device: Any, store: Any, hub: Any) -> dict[str, Any]:
+async def _forecast(device: Any, store: Any, forecasts: Any) -> dict[str, Any]:
     from neuranet.forecast.errors import ForecastError
 
     try:
-        return await hub.forecasts.forecast(device, await store.presence.presence_history(device.id))
+        return await forecasts.forecast(device, await store.presence.presence_history(device.id))
     except ForecastError as exc:
         raise Invalid(f"cannot forecast {device.name}: {exc}") from None
 
 
 @router.get("/devices/{device_id}/forecast")
-async def device_forecast(device_id: str, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+async def device_forecast(device_id: str, user: User, store: StoreDep, forecasts: ForecastsDep) -> dict[str, Any]:
     """P(online) 15 min, 1 h, 6 h and 24 h ahead, expected remaining online time, recent history."""
-    return await _forecast(await owned_device(device_id, user, store), store, hub)
+    return await _forecast(await owned_device(device_id, user, store), store, forecasts)
 
 
 @router.get("/forecast")
-async def all_forecasts(user: User, store: StoreDep, hub: HubDep, simulated: bool = True) -> list[dict[str, Any]]:
+async def all_forecasts(user: User, store: StoreDep, forecasts: ForecastsDep, simulated: bool = True) -> list[dict[str, Any]]:
     devices = await store.devices.list_devices(user.user_id)
-    return [await _forecast(d, store, hub) for d in devices
+    return [await _forecast(d, store, forecasts) for d in devices
             if simulated or not (d.profile or {}).get("simulated")]
 
 
 @router.post("/forecast/retrain")
-async def retrain(user: User, hub: HubDep) -> dict[str, Any]:
+async def retrain(user: User, forecasts: ForecastsDep) -> dict[str, Any]:
     """Retrain the forecaster now on every device's history (admin; it also retrains on a schedule)."""
     from neuranet.forecast.errors import ForecastError
 
     if not user.is_admin:
         raise Forbidden("only an admin can retrain the forecaster")
     try:
-        return await hub.forecasts.retrain()
+        return await forecasts.retrain()
     except ForecastError as exc:
         raise Conflict(str(exc)) from None
 
@@ -54,7 +55,7 @@ TracePrefixQuery = Query("trace", min_length=1, max_length=40, description="Name
 
 
 @router.post("/traces")
-async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDep, prefix: str = TracePrefixQuery,
+async def import_trace(request: Request, user: User, store: StoreDep, config: ConfigDep, prefix: str = TracePrefixQuery,
                        replace: bool = False) -> dict[str, Any]:
     """Import an availability trace (CSV: client_id,event_type,event_start,event_end) as simulated devices.
 
@@ -75,7 +76,7 @@ async def import_trace(request: Request, user: User, store: StoreDep, hub: HubDe
         raise Invalid(str(exc)) from None
     if not len(trace):
         raise Invalid("the trace has no rows")
-    limit = hub.config.limits.max_trace_devices_per_user
+    limit = config.limits.max_trace_devices_per_user
     if len(trace) > limit:
         raise Invalid(f"the trace has {len(trace)} hosts; a user may have at most {limit} simulated devices")
     devices = import_trace_devices(trace, time.time(), UNIX_CLOCK_OFFSET, prefix)

@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Union
 
 from neuranet.config import Limits, ServerConfig
 from neuranet.net.addresses import same_host, usable_by_peer
@@ -23,14 +23,12 @@ from neuranet.net.tls import certificate_key
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.errors import (
-    MAX_ERROR_CHARS, AuthenticationFailed, InvalidMessage, PeerUnavailable, ProtocolError, QueueLimitExceeded, shown,
+    MAX_ERROR_CHARS, AuthenticationFailed, InvalidMessage, PeerUnavailable, ProtocolError, QueueLimitExceeded,
+    UnexpectedMessage, shown,
 )
 from neuranet.protocol.liveness import Liveness
 from neuranet.protocol.messages import MAX_ID_CHARS
-from neuranet.server.runs import RunBook
-from neuranet.server.files import FileBook
-from neuranet.server.forecasting import ForecastService
-from neuranet.server.serving import ServeBook
+from neuranet.server.fleet import Fleet
 from neuranet.server.store import Store, StoreError
 from neuranet.server.telemetry import PRUNE_BATCH, TelemetryIntake, TokenBucket
 
@@ -45,6 +43,8 @@ OWNER_CHANNELS = frozenset({"chunks"})
 
 SendBytes = Callable[[bytes], Awaitable[None]]
 CloseFn = Callable[[int, str], Awaitable[None]]
+# What the hub calls with each message an agent sends to the server: (its connection, the message, its payload).
+Handler = Callable[["AgentConnection", Any, bytes], Union[None, Awaitable[None]]]
 
 
 class AgentConnection:
@@ -238,7 +238,12 @@ class LinkTestState:
 
 
 class Hub:
-    """Registry of online agents; authorises links and relays frames between them."""
+    """Registry of online agents; authorises links and relays frames between them.
+
+    The hub knows no feature: runs, serving and files see devices through :attr:`fleet` (online
+    state, profiles, sending, lost/back events) and take their messages through :meth:`on`; the
+    composition root (`server/coordinator.py`) wires them.
+    """
 
     def __init__(self, config: ServerConfig, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -249,15 +254,51 @@ class Hub:
         # device -> devices it may exchange relayed frames with (granted links); dropped when it goes offline
         self._peers: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self.linktests: dict[str, LinkTestState] = {}
-        self.runs = RunBook(self, config.blob_dir, config.run_rejoin_grace)
-        self.serving = ServeBook(self)
-        self.files = FileBook(self, config.file_repair_interval, config.file_lost_after, config.file_orphan_after,
-                              max_inventory=config.limits.max_inventory_chunks)
-        self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
-                                         config.forecast_options)
+        self.fleet = Fleet(self.conns)
+        self._handlers: dict[str, Handler] = {}
         self._dirty_seen: dict[str, float] = {}
         self.telemetry = TelemetryIntake(config.limits.telemetry_samples_per_second, config.limits.telemetry_burst)
         self._next_prune = -math.inf
+        self.on(m.Heartbeat, lambda conn, msg, _: conn.reply(m.HeartbeatAck(seq=msg.seq)))
+        self.on(m.HeartbeatAck, lambda *_: None)  # the answer to the probe (`sweep`): hearing anything was the point
+        self.on(m.Telemetry, lambda conn, msg, _: self.add_telemetry(conn, msg.samples))
+        self.on(m.Profile, self._profile)
+        # Counted against the agent's own bytes: an agent that sends echoes and never reads them is cut
+        # off with queue_limit instead of growing the server's memory without bound.
+        self.on(m.Echo, lambda conn, _, payload: conn.reply(m.Echo(reply=True), payload=payload))
+        self.on(m.LinkOpen, self.open_link)
+        self.on(m.LinkTestProgress, self.linktest_update)
+        self.on(m.LinkTestDone, self.linktest_update)
+
+    # --- messages to the server ---------------------------------------------------
+
+    def on(self, msg_type: type[m.Message], handler: Handler) -> None:
+        """Have ``handler`` take every ``msg_type`` message agents send to the server (one handler per type)."""
+        if msg_type.TYPE in self._handlers:
+            raise ValueError(f"{msg_type.TYPE} already has a handler")
+        self._handlers[msg_type.TYPE] = handler
+
+    def handles(self, handlers: dict[type[m.Message], Handler]) -> None:
+        for msg_type, handler in handlers.items():
+            self.on(msg_type, handler)
+
+    async def dispatch(self, conn: AgentConnection, env: Envelope) -> None:
+        """Hand a message addressed to the server to its handler; a type no one takes is refused."""
+        msg = m.parse(env)
+        handler = self._handlers.get(msg.TYPE)
+        if handler is None:
+            raise UnexpectedMessage(f"{env.type} is not accepted from agents")
+        done = handler(conn, msg, bytes(env.payload))
+        if done is not None:
+            await done
+
+    async def _profile(self, conn: AgentConnection, msg: m.Profile, _: bytes) -> None:
+        conn.profile = msg.profile
+        try:  # before the write: a link granted meanwhile already pins the certificate
+            if msg.tls_cert and msg.tls_cert != conn.tls_cert:
+                self.set_direct_cert(conn, msg.tls_cert)
+        finally:
+            await self.store.devices.set_profile(conn.device_id, msg.profile)
 
     # --- membership -----------------------------------------------------------
 
@@ -274,10 +315,10 @@ class Hub:
         self._per_user[conn.user_id] += 1
         if old is not None:
             self._user_left(old.user_id)
-            self.files.on_connection_lost(old)
+            self.fleet.replaced(old)
             await old.close(4000, "replaced by a newer connection")
         await self.store.presence.open_presence(conn.device_id, conn.connected_at)
-        self.runs.on_device_back(conn.device_id)
+        self.fleet.back(conn.device_id)
 
     async def unregister(self, conn: AgentConnection) -> None:
         if self.conns.get(conn.device_id) is not conn:
@@ -290,9 +331,7 @@ class Hub:
             self._peers[other].discard(conn.device_id)
             if other in self.conns:
                 self.conns[other].send(m.PeerDown(peer=conn.device_id))
-        self.runs.on_device_lost(conn.device_id)
-        self.serving.on_device_lost(conn.device_id)
-        self.files.on_device_lost(conn.device_id)
+        self.fleet.lost(conn.device_id)
 
     # --- revocation ---------------------------------------------------------------
 
@@ -300,7 +339,7 @@ class Hub:
         """A device was removed: close its connection now and drop what is pending for it."""
         self.telemetry.forget(device_id)
         self._dirty_seen.pop(device_id, None)
-        self.files.forget_device(device_id)
+        self.fleet.removed(device_id)
         conn = self.conns.get(device_id)
         if conn is not None:
             await self._refuse(conn, reason)
@@ -333,11 +372,10 @@ class Hub:
             del self._per_user[user_id]
 
     async def shutdown(self) -> None:
-        """Server stopping: end every presence in one transaction, then drop the connections."""
-        await self.runs.close()
-        await self.serving.close()
-        await self.files.close()
-        conns, self.conns = list(self.conns.values()), {}
+        """Server stopping: end every presence in one transaction, then drop the connections (the books
+        were closed first, by the coordinator)."""
+        conns = list(self.conns.values())
+        self.conns.clear()  # in place: the fleet reads this mapping
         self._per_user.clear()
         self._peers.clear()
         await self.store.presence.close_presences({c.device_id: c.last_seen for c in conns})
@@ -352,7 +390,7 @@ class Hub:
 
     # --- links ----------------------------------------------------------------
 
-    async def open_link(self, conn: AgentConnection, req: m.LinkOpen) -> None:
+    async def open_link(self, conn: AgentConnection, req: m.LinkOpen, _: bytes = b"") -> None:
         if req.peer == conn.device_id or not await self.store.devices.may_link(conn.device_id, req.peer):
             conn.reply(m.LinkRefusedMsg(link_id=req.link_id, peer=req.peer, code="forbidden", reason="the device is not yours and shares no run with you"))
             return
@@ -424,7 +462,7 @@ class Hub:
         conn.send(m.LinkTestStart(test_id=test.test_id, peer=dst, total_bytes=total_bytes, message_bytes=message_bytes))
         return test
 
-    def linktest_update(self, conn: AgentConnection, msg: m.LinkTestProgress | m.LinkTestDone) -> None:
+    def linktest_update(self, conn: AgentConnection, msg: m.LinkTestProgress | m.LinkTestDone, _: bytes = b"") -> None:
         test = self.linktests.get(msg.test_id)
         if test is None or test.src != conn.device_id:
             return

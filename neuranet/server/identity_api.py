@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from neuranet.server.api import HubDep, StoreDep, User
+from neuranet.server.deps import HubDep, StoreDep, User
 from neuranet.errors import Conflict, Forbidden
 
 router = APIRouter(prefix="/api/v1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -88,12 +88,31 @@ class Run(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[float] = mapped_column(Double)
+    # Persisted work (None for runs recorded before it was): "running", "recovering", "finished", "failed" for
+    # training; "loading", "ready", "failed", "stopped" for deployments.
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # what restarts it (RunState.record)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class RunDevice(Base):
     __tablename__ = "run_devices"
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class RunCheckpoint(Base):
+    """One stage's state after ``step`` steps of a run, a blob named by its sha256 (`server/blobs.py`)."""
+
+    __tablename__ = "run_checkpoints"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
 
 
 class StoredFile(Base):

@@ -24,7 +24,10 @@ from neuranet.server.edge import ApiModel
 from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
-    from neuranet.server.hub import AgentConnection, Hub
+    from neuranet.server.fleet import Fleet
+    from neuranet.server.forecasting import ForecastService
+    from neuranet.server.hub import AgentConnection, Handler
+    from neuranet.server.store import Store
 
 DEFAULT_GFLOPS = 10.0
 DEFAULT_FREE_BYTES = 1 << 30
@@ -279,12 +282,20 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> Split:
 class RunBook:
     """The coordinator's live runs: start them, route their agents' reports, keep their weights."""
 
-    def __init__(self, hub: "Hub", blob_dir: Path, rejoin_grace: float = 5.0) -> None:
-        self.hub = hub
+    def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService", blob_dir: Path,
+                 rejoin_grace: float = 5.0) -> None:
+        self.fleet = fleet
+        self.store = store
+        self.forecasts = forecasts
         self.blob_dir = blob_dir
         self.rejoin_grace = rejoin_grace  # how long a recovery waits for lost devices to come back
         self.runs: dict[str, RunState] = {}
         self._tasks = OwnedTasks("runs")  # recoveries in progress
+        fleet.on_lost(self.on_device_lost)
+        fleet.on_back(self.on_device_back)
+
+    def handlers(self) -> dict[type[m.Message], "Handler"]:
+        return {m.StageProgress: self.on_message, m.StageWeights: self.on_message, m.StageDone: self.on_message}
 
     def weights_dir(self, run_id: str) -> Path:
         return self.blob_dir / "runs" / run_id
@@ -296,14 +307,14 @@ class RunBook:
             raise RunError(f"unknown model {req.model!r}; built-in models are: {', '.join(sorted(MODELS))}")
         split = await self._plan(req, devices)
         every, reason = await self._checkpoint_interval(req, split, devices)
-        offline = [s["device"] for s in split.stages if s["device"] not in self.hub.conns]
+        offline = [s["device"] for s in split.stages if not self.fleet.online(s["device"])]
         if offline:  # nothing is recorded for a run that could not start
             raise RunError(f"device {offline[0]} went offline while the run was planned; start it again")
-        run_id = await self.hub.store.runs.create_run(user_id, "train", [s["device"] for s in split.stages])
+        run_id = await self.store.runs.create_run(user_id, "train", [s["device"] for s in split.stages])
         run = RunState(run_id, user_id, req, split.stages, split.text, checkpoint_every=every,
                        checkpoint_reason=reason, devices=[{k: d.get(k) for k in ("id", "name", "profile")} for d in devices])
         self.runs[run_id] = run
-        lost = next((s["device"] for s in run.stages if s["device"] not in self.hub.conns), None)
+        lost = next((s["device"] for s in run.stages if not self.fleet.online(s["device"])), None)
         if lost is not None:  # it went away while the run was recorded: recover as from any loss
             self.on_device_lost(lost)
         else:
@@ -316,7 +327,7 @@ class RunBook:
 
         if req.checkpoint_every is not None:
             return req.checkpoint_every, "as requested"
-        expected = await self.hub.forecasts.expected_online([s["device"] for s in split.stages])
+        expected = await self.forecasts.expected_online([s["device"] for s in split.stages])
         if expected is None:
             return DEFAULT_CHECKPOINT_EVERY, "default (no availability forecast yet)"
         slots = 2 if req.optimizer.lower() == "adamw" else 0  # optimiser state per parameter, uploaded too
@@ -336,8 +347,7 @@ class RunBook:
         req, stages = run.request, run.stages
         state = self._checkpoint_blob(run, resume_step) if resume_step else b""
         for i, s in enumerate(stages):
-            conn = self.hub.conns[s["device"]]
-            conn.send(m.StageAssign(
+            self.fleet.send(s["device"], m.StageAssign(
                 run_id=run.id, stage=i, num_stages=len(stages), model=req.model, seed=req.seed,
                 model_options=req.model_options, start=s["start"], stop=s["stop"],
                 prev=stages[i - 1]["device"] if i else None,
@@ -348,7 +358,8 @@ class RunBook:
                 model_source=req.user_model.source if req.user_model else ""))
             parts = m.state_parts(state) if state else []
             for i, chunk in enumerate(parts):
-                conn.send(m.StageState(run_id=run.id, attempt=run.attempt, part=i, parts=len(parts)), payload=chunk)
+                self.fleet.send(s["device"], m.StageState(run_id=run.id, attempt=run.attempt, part=i, parts=len(parts)),
+                                chunk)
 
     def _state_path(self, run: RunState, attempt: int, step: int, stage: int) -> Path:
         return self.weights_dir(run.id) / f"attempt-{attempt}" / f"step-{step}" / f"stage-{stage}.safetensors"
@@ -414,7 +425,7 @@ class RunBook:
         """Wait up to the grace for every lost device to reconnect: a blip should not cost a device."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.rejoin_grace
-        while any(d not in self.hub.conns for d in run.lost) and (left := deadline - loop.time()) > 0:
+        while any(not self.fleet.online(d) for d in run.lost) and (left := deadline - loop.time()) > 0:
             run.rejoined.clear()
             try:
                 await asyncio.wait_for(run.rejoined.wait(), left)
@@ -437,28 +448,25 @@ class RunBook:
         (those that came back included) and resume every stage from the last whole checkpoint."""
         run.attempt += 1  # from now on, reports of the old attempt are ignored
         for s in run.stages:
-            if s["device"] in self.hub.conns:
-                reason = f"{self._names(run, run.lost)} went offline"
-                self.hub.conns[s["device"]].send(m.StageAbort(run_id=run.id, reason=reason))
+            self.fleet.send(s["device"], m.StageAbort(run_id=run.id, reason=f"{self._names(run, run.lost)} went offline"))
         resume = max((s for s in run.checkpoints if s < run.request.steps), default=0)
         await self._await_rejoin(run)
         while True:
-            online = [d for d in run.devices if d["id"] in self.hub.conns]
+            online = [d for d in run.devices if self.fleet.online(d["id"])]
             if not online:
                 run.errors[-1] = f"{self._names(run, run.lost)} went offline and no device of the run is online"
                 return
-            devices = [{**d, "profile": self.hub.conns[d["id"]].profile or d.get("profile") or {}} for d in online]
+            devices = [{**d, "profile": self.fleet.profile(d["id"]) or d.get("profile") or {}} for d in online]
             try:
                 split = await self._plan(run.request, devices)
             except RunError as exc:
                 run.errors[-1] = f"{self._names(run, run.lost)} went offline and the rest cannot hold it: {exc}"
                 return
-            if all(s["device"] in self.hub.conns for s in split.stages):
+            if all(self.fleet.online(s["device"]) for s in split.stages):
                 break  # else a device went while planning: plan again without it
-        back = self._names(run, [d for d in run.lost if d in self.hub.conns])
+        back = self._names(run, [d for d in run.lost if self.fleet.online(d)])
         for d in run.lost:  # a returned device may still run its stage of the old attempt
-            if d in self.hub.conns:
-                self.hub.conns[d].send(m.StageAbort(run_id=run.id, reason="re-planned while it was away"))
+            self.fleet.send(d, m.StageAbort(run_id=run.id, reason="re-planned while it was away"))
         run.recoveries.append(
             f"attempt {run.attempt}: lost {self._names(run, run.lost)}" + (f" ({back} came back)" if back else "")
             + f"; resumed from step {resume} on {len(split.stages)} devices")

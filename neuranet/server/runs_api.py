@@ -7,7 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Response
 
-from neuranet.server.api import HubDep, StoreDep, User, device_view
+from neuranet.server.api import device_view
+from neuranet.server.deps import FleetDep, RunsDep, ServingDep, StoreDep, User
 from neuranet.errors import Conflict, NotFound
 from neuranet.server.runs import RunRequest
 from neuranet.server.serving import DeployRequest, GenerateRequest, InferRequest, ServeError
@@ -16,8 +17,8 @@ router = APIRouter(prefix="/api/v1/runs")
 serve_router = APIRouter(prefix="/api/v1/deployments")
 
 
-async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, hub: Any) -> list[dict[str, Any]]:
-    mine = [device_view(d, hub) for d in await store.devices.list_devices(user.user_id)]
+async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, fleet: Any) -> list[dict[str, Any]]:
+    mine = [device_view(d, fleet) for d in await store.devices.list_devices(user.user_id)]
     online = [d for d in mine if d["online"]]
     if isinstance(req.devices, list):
         chosen = []
@@ -40,9 +41,9 @@ async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, h
 
 
 @router.post("")
-async def start_run(req: RunRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    devices = await _devices_for(req, user, store, hub)
-    run = await hub.runs.start(user.user_id, req, devices)
+async def start_run(req: RunRequest, user: User, store: StoreDep, fleet: FleetDep, runs: RunsDep) -> dict[str, Any]:
+    devices = await _devices_for(req, user, store, fleet)
+    run = await runs.start(user.user_id, req, devices)
     return run.view()
 
 
@@ -50,14 +51,14 @@ MAX_RUNS_LISTED = 1000
 
 
 @router.get("")
-async def list_runs(user: User, store: StoreDep, hub: HubDep,
+async def list_runs(user: User, store: StoreDep, runs: RunsDep, serving: ServingDep,
                     limit: int = Query(100, ge=1, le=MAX_RUNS_LISTED)) -> list[dict[str, Any]]:
     """Your runs and deployments, newest first: id, kind, model, state, devices, step, created (state
     "unknown": the coordinator restarted since, and what it knew of the run in memory is gone)."""
     names = {d.id: d.name for d in await store.devices.list_devices(user.user_id)}
     out = []
     for row, device_ids in await store.runs.list_runs(user.user_id, limit):
-        live = (hub.runs.runs if row.kind == "train" else hub.serving.deployments).get(row.id)
+        live = (runs.runs if row.kind == "train" else serving.deployments).get(row.id)
         entry: dict[str, Any] = {"id": row.id, "kind": row.kind, "created": row.created_at, "model": None,
                                  "state": "unknown", "step": None, "steps": None,
                                  "devices": [names.get(d, d) for d in device_ids]}
@@ -71,66 +72,66 @@ async def list_runs(user: User, store: StoreDep, hub: HubDep,
     return out
 
 
-def _run_of(run_id: str, user: Any, hub: Any) -> Any:
-    run = hub.runs.runs.get(run_id)
+def _run_of(run_id: str, user: Any, runs: Any) -> Any:
+    run = runs.runs.get(run_id)
     if run is None or run.user_id != user.user_id:
         raise NotFound(f"no run {run_id}")
     return run
 
 
 @router.get("/{run_id}")
-async def get_run(run_id: str, user: User, hub: HubDep) -> dict[str, Any]:
-    return _run_of(run_id, user, hub).view()
+async def get_run(run_id: str, user: User, runs: RunsDep) -> dict[str, Any]:
+    return _run_of(run_id, user, runs).view()
 
 
 @router.get("/{run_id}/weights")
-async def get_weights(run_id: str, user: User, hub: HubDep) -> Response:
-    run = _run_of(run_id, user, hub)
+async def get_weights(run_id: str, user: User, runs: RunsDep) -> Response:
+    run = _run_of(run_id, user, runs)
     if run.status != "finished":
         raise Conflict(f"run {run_id} is {run.status}; weights are ready when it has finished")
-    return Response(hub.runs.merged_weights(run_id), media_type="application/octet-stream")
+    return Response(runs.merged_weights(run_id), media_type="application/octet-stream")
 
 
 @serve_router.post("")
-async def deploy(req: DeployRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
-    devices = await _devices_for(req, user, store, hub)
-    dep = await hub.serving.start(user.user_id, req, devices)
+async def deploy(req: DeployRequest, user: User, store: StoreDep, fleet: FleetDep, serving: ServingDep) -> dict[str, Any]:
+    devices = await _devices_for(req, user, store, fleet)
+    dep = await serving.start(user.user_id, req, devices)
     return dep.view()
 
 
-def _deployment_of(dep_id: str, user: Any, hub: Any) -> Any:
-    dep = hub.serving.deployments.get(dep_id)
+def _deployment_of(dep_id: str, user: Any, serving: Any) -> Any:
+    dep = serving.deployments.get(dep_id)
     if dep is None or dep.user_id != user.user_id:
         raise NotFound(f"no deployment {dep_id}")
     return dep
 
 
 @serve_router.get("/{dep_id}")
-async def get_deployment(dep_id: str, user: User, hub: HubDep, wait: float = 0.0) -> dict[str, Any]:
+async def get_deployment(dep_id: str, user: User, serving: ServingDep, wait: float = 0.0) -> dict[str, Any]:
     """The deployment; ``wait`` > 0 waits up to that many seconds (at most 60) for it to finish loading."""
-    dep = _deployment_of(dep_id, user, hub)
+    dep = _deployment_of(dep_id, user, serving)
     if wait > 0 and dep.status == "loading":
         try:
-            await hub.serving.wait_ready(dep, min(wait, 60.0))
+            await serving.wait_ready(dep, min(wait, 60.0))
         except ServeError:
             pass  # the view says why
     return dep.view()
 
 
 @serve_router.post("/{dep_id}/infer")
-async def infer(dep_id: str, req: InferRequest, user: User, hub: HubDep) -> dict[str, Any]:
-    dep = _deployment_of(dep_id, user, hub)
-    return {"outputs": await hub.serving.infer(dep, req.inputs)}
+async def infer(dep_id: str, req: InferRequest, user: User, serving: ServingDep) -> dict[str, Any]:
+    dep = _deployment_of(dep_id, user, serving)
+    return {"outputs": await serving.infer(dep, req.inputs)}
 
 
 @serve_router.post("/{dep_id}/generate")
-async def generate(dep_id: str, req: GenerateRequest, user: User, hub: HubDep) -> dict[str, Any]:
-    dep = _deployment_of(dep_id, user, hub)
-    return {"text": await hub.serving.generate(dep, req)}
+async def generate(dep_id: str, req: GenerateRequest, user: User, serving: ServingDep) -> dict[str, Any]:
+    dep = _deployment_of(dep_id, user, serving)
+    return {"text": await serving.generate(dep, req)}
 
 
 @serve_router.delete("/{dep_id}")
-async def stop_deployment(dep_id: str, user: User, hub: HubDep) -> dict[str, Any]:
-    dep = _deployment_of(dep_id, user, hub)
-    hub.serving.stop(dep)
+async def stop_deployment(dep_id: str, user: User, serving: ServingDep) -> dict[str, Any]:
+    dep = _deployment_of(dep_id, user, serving)
+    serving.stop(dep)
     return dep.view()

@@ -26,7 +26,10 @@ from neuranet.server.runs import RunError, build_and_profile, plan_layers
 if TYPE_CHECKING:
     from neuranet.pipeline.inference import PartJoiner
     from neuranet.pipeline.models import Encoder
-    from neuranet.server.hub import AgentConnection, Hub
+    from neuranet.server.fleet import Fleet
+    from neuranet.server.hub import AgentConnection, Handler
+    from neuranet.server.runs import RunBook
+    from neuranet.server.store import Store
 
 SERVE_PART_BYTES = m.STATE_PART_BYTES
 MAX_INFLIGHT = 8  # requests of one deployment in the pipeline at once
@@ -140,16 +143,22 @@ class Deployment:
 class ServeBook:
     """The coordinator's deployments: start them, route their agents' reports, answer requests."""
 
-    def __init__(self, hub: "Hub") -> None:
-        self.hub = hub
+    def __init__(self, fleet: "Fleet", store: "Store", runs: "RunBook") -> None:
+        self.fleet = fleet
+        self.store = store
+        self.runs = runs
         self.deployments: dict[str, Deployment] = {}
+        fleet.on_lost(self.on_device_lost)
+
+    def handlers(self) -> dict[type[m.Message], "Handler"]:
+        return {m.ServeStatus: self.on_message, m.ServeOutput: self.on_message}
 
     async def start(self, user_id: str, req: DeployRequest, devices: list[dict[str, Any]]) -> Deployment:
         from neuranet.pipeline.models import MODELS
 
         model, seed, options, weights = req.model, req.seed, req.model_options, b""
         if req.run is not None:
-            run = self.hub.runs.runs.get(req.run)
+            run = self.runs.runs.get(req.run)
             if run is None or run.user_id != user_id:
                 raise ServeNotFound(f"no run {req.run}")
             if run.status != "finished":
@@ -159,7 +168,7 @@ class ServeBook:
             if model not in (None, run.request.model):
                 raise ServeInvalid(f"run {req.run} trained {run.request.model}, not {model}")
             model, seed, options = run.request.model, run.request.seed, run.request.model_options
-            weights = self.hub.runs.merged_weights(req.run)
+            weights = self.runs.merged_weights(req.run)
         if model is None:
             raise ServeInvalid("name a model or a finished training run to serve")
         if model not in MODELS:
@@ -173,7 +182,7 @@ class ServeBook:
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ServeInvalid(f"cannot plan {model}: {exc}") from None
         block_size = built.data_options.get("block_size") if built.dataset == "stdlib-chars" else None
-        dep_id = await self.hub.store.runs.create_run(user_id, "serve", [s["device"] for s in stages])
+        dep_id = await self.store.runs.create_run(user_id, "serve", [s["device"] for s in stages])
         dep = Deployment(dep_id, user_id, model, seed, options, stages, plan_text, built.encode, block_size,
                          source_run=req.run)
         self.deployments[dep_id] = dep
@@ -183,14 +192,13 @@ class ServeBook:
     def _assign(self, dep: Deployment, weights: bytes) -> None:
         parts = m.state_parts(weights) if weights else []
         for i, s in enumerate(dep.stages):
-            conn = self.hub.conns[s["device"]]
-            conn.send(m.ServeAssign(
+            self.fleet.send(s["device"], m.ServeAssign(
                 run_id=dep.id, stage=i, num_stages=len(dep.stages), model=dep.model, seed=dep.seed,
                 model_options=dep.model_options, start=s["start"], stop=s["stop"],
                 prev=dep.stages[i - 1]["device"] if i else None,
                 next=dep.stages[i + 1]["device"] if i + 1 < len(dep.stages) else None, weights_parts=len(parts)))
             for j, chunk in enumerate(parts):
-                conn.send(m.ServeWeights(run_id=dep.id, part=j, parts=len(parts)), payload=chunk)
+                self.fleet.send(s["device"], m.ServeWeights(run_id=dep.id, part=j, parts=len(parts)), chunk)
 
     async def wait_ready(self, dep: Deployment, timeout: float) -> None:
         try:
@@ -223,7 +231,7 @@ class ServeBook:
         async with dep.slots:
             request = next(dep.numbers)
             future = dep.pending[request] = asyncio.get_running_loop().create_future()
-            first = self.hub.conns.get(dep.stages[0]["device"])
+            first = self.fleet.connection(dep.stages[0]["device"])
             if first is None:
                 dep.fail(f"device {dep.stages[0]['device']} is offline")
             else:
@@ -255,9 +263,7 @@ class ServeBook:
         dep.stopped = True
         dep.end(f"deployment {dep.id} was stopped: {reason}")
         for s in dep.stages:
-            conn = self.hub.conns.get(s["device"])
-            if conn is not None:
-                conn.send(m.ServeStop(run_id=dep.id, reason=reason))
+            self.fleet.send(s["device"], m.ServeStop(run_id=dep.id, reason=reason))
 
     def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
         dep = self.deployments.get(msg.run_id)

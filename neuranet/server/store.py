@@ -18,7 +18,8 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from neuranet.server.device_records import DeviceRecords, RunRecords
+from neuranet.server.device_records import DeviceRecords
+from neuranet.server.run_records import RunRecords
 from neuranet.server.file_records import FileRecords
 from neuranet.server.identity_records import JOIN_TOKEN_TTL, IdentityRecords
 from neuranet.server.presence_records import PresenceRecords

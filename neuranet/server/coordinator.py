@@ -1,0 +1,54 @@
+"""The composition root: the one place that builds the coordinator's parts and wires them together.
+
+The hub keeps connections, membership, link grants and relaying; each feature book gets only what it
+uses (the :class:`~neuranet.server.fleet.Fleet` view of the devices, the store, forecasts, other
+books) and hands the hub the messages it takes. A new feature adds its own files and a line here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from neuranet.config import ServerConfig
+from neuranet.server.files import FileBook
+from neuranet.server.forecasting import ForecastService
+from neuranet.server.hub import Hub
+from neuranet.server.runs import RunBook
+from neuranet.server.serving import ServeBook
+from neuranet.server.store import Store
+from neuranet.tasks import OwnedTasks
+
+
+class Coordinator:
+    """Store, hub, forecasts and the feature books of one coordinator, started and closed together."""
+
+    def __init__(self, config: ServerConfig, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.store = store
+        self.hub = Hub(config, store, clock)
+        self.fleet = self.hub.fleet
+        self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
+                                         config.forecast_options)
+        self.runs = RunBook(self.fleet, store, self.forecasts, config.blob_dir, config.run_rejoin_grace)
+        self.serving = ServeBook(self.fleet, store, self.runs)
+        self.files = FileBook(self.fleet, store, self.forecasts, config.file_repair_interval, config.file_lost_after,
+                              config.file_orphan_after, max_inventory=config.limits.max_inventory_chunks)
+        for book in (self.runs, self.serving, self.files):
+            self.hub.handles(book.handlers())
+        self._loops = OwnedTasks("coordinator")
+
+    async def start(self) -> None:
+        """Start the background loops: hub maintenance (liveness, history), file repair, forecast retraining."""
+        self._loops.spawn(self.hub.maintain(), name="hub-maintain")
+        self._loops.spawn(self.files.maintain(), name="file-repair")
+        await self.forecasts.start()
+
+    async def close(self) -> None:
+        """Stop the loops and the books, then the connections (ending their presence); the store stays open."""
+        await self._loops.close()
+        await self.forecasts.close()
+        await self.runs.close()
+        await self.serving.close()
+        await self.files.close()
+        await self.hub.shutdown()
