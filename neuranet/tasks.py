@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,19 @@ class OwnerClosed(RuntimeError):
     """``spawn`` on an owner whose ``close()`` has begun."""
 
 
-def _report(owner: str, task: asyncio.Task[Any], on_error: OnError | None) -> None:
-    """Log a failed task with its traceback and tell its ``on_error``; a cancelled task is no failure."""
+def _report(owner: str, task: asyncio.Task[Any], on_error: OnError | None,
+            expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Log a failed task with its traceback and tell its ``on_error``; a cancelled task is no failure.
+    A failure of an ``expected`` type is logged at INFO in one line, without the traceback."""
     if task.cancelled():
         return
     exc = task.exception()  # retrieved here, so asyncio never warns "exception was never retrieved"
     if exc is None:
         return
-    log.error("%s: task %s failed", owner, task.get_name(), exc_info=exc)
+    if isinstance(exc, expected):
+        log.info("%s: task %s ended: %s", owner, task.get_name(), exc or type(exc).__name__)
+    else:
+        log.error("%s: task %s failed", owner, task.get_name(), exc_info=exc)
     if on_error is not None:
         try:
             on_error(exc)
@@ -55,14 +60,18 @@ class OwnedTasks:
     """Tasks that belong to one owner: each failure is logged and reported, none outlives ``close()``.
 
     ``name`` prefixes the log lines. ``limit`` (optional) bounds the tasks running at once: ``spawn``
-    raises ``TooManyTasks`` past it; check ``full`` first to refuse work cleanly instead.
+    raises ``TooManyTasks`` past it; check ``full`` first to refuse work cleanly instead. Failures of
+    an ``expected`` type (say, "not connected" for an agent's sends) are logged at INFO without the
+    traceback; they still reach ``on_error``. Iterating gives a snapshot of the tasks running now.
     """
 
-    def __init__(self, name: str = "tasks", *, limit: int | None = None) -> None:
+    def __init__(self, name: str = "tasks", *, limit: int | None = None,
+                 expected: tuple[type[BaseException], ...] = ()) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         self.name = name
         self.limit = limit
+        self.expected = expected
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -86,7 +95,7 @@ class OwnedTasks:
 
         def done(t: asyncio.Task[Any]) -> None:
             self._tasks.discard(t)
-            _report(self.name, t, on_error)
+            _report(self.name, t, on_error, self.expected)
 
         task.add_done_callback(done)
         return task
@@ -105,6 +114,10 @@ class OwnedTasks:
 
     def __contains__(self, task: object) -> bool:
         return task in self._tasks
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        """The tasks running now (a snapshot: spawning or ending meanwhile does not disturb it)."""
+        return iter(list(self._tasks))
 
     def cancel(self) -> None:
         """Cancel every task now, without waiting (except the calling task, if it is one of them)."""

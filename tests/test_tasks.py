@@ -305,3 +305,19 @@ def test_scope_cancelled_from_outside_cancels_its_tasks():
         assert inner[0].cancelled()
 
     run(main())
+
+
+def test_an_expected_failure_is_one_info_line_and_still_reported(caplog):
+    caplog.set_level(logging.INFO)
+    seen: list[BaseException] = []
+
+    async def main():
+        tasks = OwnedTasks("agent", expected=(Boom,))
+        task = tasks.spawn(fail("offline"), name="send", on_error=seen.append)
+        await asyncio.gather(task, return_exceptions=True)
+        await settle()
+
+    run(main())
+    [record] = [r for r in caplog.records if "offline" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert [str(e) for e in seen] == ["offline"]

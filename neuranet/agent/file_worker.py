@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
@@ -33,6 +33,7 @@ from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink, RelayUnavai
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id, verify
+from neuranet.tasks import task_scope
 
 log = logging.getLogger("neuranet.files")
 
@@ -49,7 +50,7 @@ LINK_ERRORS = (LinkClosed, LinkRefused, PeerUnavailable, ProtocolError, Connecti
 class _Link:
     """One outgoing chunk link and its requests in flight (answers carry the request's ``rid``)."""
 
-    def __init__(self, link: PeerLink, spawn: Callable[[Awaitable[None]], asyncio.Task[None]]) -> None:
+    def __init__(self, link: PeerLink, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
         self.link = link
         self.pending: dict[int, asyncio.Future[LinkMessage]] = {}
         self.next_rid = 0
@@ -292,19 +293,14 @@ class FileWorker:
         """A peer of the same owner puts or gets chunks; up to `SERVE_PARALLEL` requests are served at
         once, each answer tagged with its request's ``rid``."""
         slots = asyncio.Semaphore(SERVE_PARALLEL)
-        tasks: set[asyncio.Task[None]] = set()
-        try:
+        async with task_scope(f"chunks from {link.peer}") as scope:  # ends when every request served has
             while True:
                 try:
                     msg = await asyncio.wait_for(link.recv(), SERVE_IDLE)
                 except (LinkClosed, PeerUnavailable, LinkRefused, ProtocolError, asyncio.TimeoutError):
                     return  # ended, broken, or idle long past the requester's own idle close
                 await slots.acquire()
-                task = asyncio.ensure_future(self._serve_one(link, msg, slots))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        finally:
-            await asyncio.gather(*tasks, return_exceptions=True)
+                scope.spawn(self._serve_one(link, msg, slots), name=f"chunk-{msg.meta.get('op', 'put')}")
 
     async def _serve_one(self, link: PeerLink, msg: LinkMessage, slots: asyncio.Semaphore) -> None:
         try:

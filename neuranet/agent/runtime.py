@@ -10,7 +10,8 @@ import secrets
 import ssl
 import statistics
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Coroutine
+from typing import Any, Awaitable, Callable, TypeVar
 
 import websockets
 from pydantic import ValidationError
@@ -41,14 +42,16 @@ from neuranet.protocol.auth import auth_payload, fingerprint
 from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame
 from neuranet.protocol.liveness import Liveness
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError, error_from_code
+from neuranet.tasks import OwnedTasks
 
 log = logging.getLogger("neuranet.agent")
+T = TypeVar("T")
 # A live server answers a close at once; one that is gone never does, and the agent should be dialling
 # again rather than waiting for it (the WebSocket default is 10 s).
 CLOSE_TIMEOUT = 2.0
 OUTBOX = 256  # reports kept while disconnected (`Agent.report`); past it the oldest are dropped
 
-ControlHandler = Callable[["Agent", m.Message, bytes], Awaitable[None]]  # (agent, message, payload)
+ControlHandler = Callable[["Agent", m.Message, bytes], Coroutine[Any, Any, None]]  # (agent, message, payload)
 
 
 async def run_until_first_failure(*coros: Awaitable[Any]) -> None:
@@ -94,7 +97,8 @@ class Agent:
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._on_disconnected: list[Callable[[], None]] = []
         self._connection_changed = asyncio.Event()  # set (and replaced) when a connection comes up or goes
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Handlers, sends, workers' side work; a send for a connection that is gone is no failure.
+        self._tasks = OwnedTasks("agent", expected=(RelayUnavailable,))
         self._runner: asyncio.Task[None] | None = None
         self._sampler = TelemetrySampler()
 
@@ -193,9 +197,8 @@ class Agent:
             await self.links.close()
             await self.listener.close()
             await self.local.close()
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.cancel()
+            await self._tasks.join()
 
     # --- one connection -------------------------------------------------------------
 
@@ -358,25 +361,14 @@ class Agent:
         elif isinstance(msg, m.Error):
             log.warning("server reported %s: %s", msg.code, msg.message)
         elif isinstance(msg, m.Heartbeat):  # the server's probe: it has not heard from us for a while
-            self.spawn(self.send(m.HeartbeatAck(seq=msg.seq)))
+            self.spawn(self.send(m.HeartbeatAck(seq=msg.seq)), name="heartbeat-ack")
         elif type(msg) in self._handlers:
-            self.spawn(self._handlers[type(msg)](self, msg, bytes(env.payload)))
+            self.spawn(self._handlers[type(msg)](self, msg, bytes(env.payload)), name=f"on-{msg.TYPE}")
 
-    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        """Run ``coro`` in a task this agent owns: cancelled and awaited when it stops, its failure logged."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled() or (exc := task.exception()) is None:
-            return
-        if isinstance(exc, RelayUnavailable):  # what it had to send was for a connection that is gone
-            log.info("not connected, a task's message was dropped: %s", exc)
-        else:
-            log.error("agent task failed", exc_info=exc)
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """Run ``coro`` in a task this agent owns: cancelled and awaited when it stops, its failure logged
+        with its traceback (a RelayUnavailable, a message for a connection that is gone, in one line)."""
+        return self._tasks.spawn(coro, name=name)
 
     async def report(self, msg: m.Message) -> None:
         """Send a message the server must get even if the connection is down now (a stage's result): it

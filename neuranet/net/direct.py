@@ -30,6 +30,7 @@ from neuranet.net.tls import DeviceCredentials, PeerPin, check_peer, link_contex
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope, decode_frame, encode_frame
 from neuranet.protocol.errors import AuthenticationFailed, ProtocolError
+from neuranet.tasks import OwnedTasks
 
 log = logging.getLogger("neuranet.direct")
 
@@ -148,7 +149,7 @@ class DirectListener:
         self._max_frame = max_frame
         self._timeout = handshake_timeout  # for each step of the handshake
         self._server: asyncio.AbstractServer | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes = OwnedTasks("direct listener")
         self._pending_from: collections.Counter[str] = collections.Counter()  # remote address -> handshakes
         self.port = 0
 
@@ -166,9 +167,8 @@ class DirectListener:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for task in list(self._handshakes):
-            task.cancel()
-        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        self._handshakes.cancel()
+        await self._handshakes.join()
 
     def _protocol(self) -> FrameProtocol:
         return FrameProtocol(HANDSHAKE_MAX_FRAME, on_connected=self._accepted)
@@ -181,12 +181,10 @@ class DirectListener:
             proto.transport.abort()  # a flood of connections that never authenticate: no task, no buffers
             return
         self._pending_from[source] += 1
-        task = asyncio.ensure_future(self._handshake(proto))
-        self._handshakes.add(task)
-        task.add_done_callback(lambda t: self._handshake_done(t, source))
+        task = self._handshakes.spawn(self._handshake(proto), name=f"handshake-{source}")
+        task.add_done_callback(lambda _: self._handshake_done(source))
 
-    def _handshake_done(self, task: "asyncio.Task[None]", source: str) -> None:
-        self._handshakes.discard(task)
+    def _handshake_done(self, source: str) -> None:
         self._pending_from[source] -= 1
         if self._pending_from[source] <= 0:
             del self._pending_from[source]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from neuranet.config import AgentConfig
 from neuranet.net.direct import DirectGrant, dial
@@ -13,6 +14,7 @@ from neuranet.net.tls import DeviceCredentials
 from neuranet.net.peerlink import PeerLink
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Envelope
+from neuranet.tasks import OwnedTasks
 
 log = logging.getLogger("neuranet.links")
 
@@ -33,7 +35,7 @@ class LinkManager:
         self.links: dict[str, PeerLink] = {}
         self._handlers: dict[str, Handler] = {}
         self._incoming: dict[str, asyncio.Queue[PeerLink]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks("links")  # handlers, direct dials, closes; cancelled by close()
         self._awaited: dict[str, asyncio.Future[None]] = {}  # link ids a direct dialer is waiting on
 
     # --- public API -------------------------------------------------------------
@@ -72,9 +74,8 @@ class LinkManager:
         await asyncio.gather(*(link.close(flush_timeout=2.0) for link in links), return_exceptions=True)
         for link in links:
             await link.wait_stopped()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.cancel()  # not closed for good: the agent may run (and link) again
+        await self._tasks.join()
 
     # --- driven by the agent's connection -------------------------------------------
 
@@ -185,12 +186,5 @@ class LinkManager:
         finally:
             await link.close()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("link task failed", exc_info=exc)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        self._tasks.spawn(coro, name=name)  # a failure is logged with its traceback

@@ -15,6 +15,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +27,7 @@ from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Buffer, Envelope, encode_frame
 from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
 from neuranet.protocol.tensors import decode_tensor, encode_tensor
+from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
     from neuranet.net.links import LinkManager
@@ -88,7 +90,7 @@ class PeerLink:
         self._ack_due = False
         self._ack_timer: asyncio.TimerHandle | None = None
         self._epoch = 0
-        self._tasks: set[asyncio.Task[None]] = set()  # owned; cancelled when the link ends
+        self._tasks = OwnedTasks(f"link {link_id}")  # cancelled when the link ends
 
     # --- public API -------------------------------------------------------------
 
@@ -164,8 +166,7 @@ class PeerLink:
 
     async def wait_stopped(self) -> None:
         """After the link ended: wait until its own tasks have finished."""
-        current = asyncio.current_task()
-        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        await self._tasks.join()
 
     # --- driven by the manager ----------------------------------------------------
 
@@ -274,18 +275,10 @@ class PeerLink:
         await self.manager.relay_send(frame)
         return "relay"
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        # The tasks handle every expected failure themselves; anything else would leave the link
-        # hanging with no pump, so end it and let send/recv raise the error instead.
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("link %s: task %s failed", self.link_id, task.get_name(), exc_info=exc)
-            self._shutdown(exc)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        # The tasks handle every expected failure themselves; anything else (logged by the owner) would
+        # leave the link hanging with no pump, so end it and let send/recv raise the error instead.
+        self._tasks.spawn(coro, name=name, on_error=self._shutdown)
 
     def _spawn_write(self, frame: bytes) -> None:
         """Send a control frame (pong, ping) without waiting; losing one is harmless."""
@@ -374,7 +367,4 @@ class PeerLink:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         self.manager.forget(self)
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._tasks.cancel()

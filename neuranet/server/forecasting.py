@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from neuranet.tasks import OwnedTasks
+
 if TYPE_CHECKING:
     from neuranet.forecast.model import AvailabilityForecast
     from neuranet.forecast.trace import DeviceHistory, Trace
@@ -49,7 +51,7 @@ class ForecastService:
         self.trained_on = 0  # devices in the last training
         self.next_fit_at: float | None = None  # when the schedule next retrains (Unix time)
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("forecast")  # the retraining schedule
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -63,12 +65,10 @@ class ForecastService:
                 self.trained_at = self.model_dir.joinpath("forecast.json").stat().st_mtime
             except ForecastError as exc:
                 log.warning("ignoring the saved forecaster: %s", exc)
-        self._task = asyncio.create_task(self._schedule(), name="forecast-retrain")
+        self._tasks.spawn(self._schedule(), name="forecast-retrain")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._tasks.close()
 
     async def _schedule(self) -> None:
         from neuranet.forecast.errors import ForecastError

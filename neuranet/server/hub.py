@@ -31,6 +31,7 @@ from neuranet.protocol.messages import MAX_ID_CHARS
 from neuranet.server.fleet import Fleet
 from neuranet.server.store import Store, StoreError
 from neuranet.server.telemetry import PRUNE_BATCH, TelemetryIntake, TokenBucket
+from neuranet.tasks import OwnedTasks
 
 log = logging.getLogger("neuranet.hub")
 
@@ -80,6 +81,7 @@ class AgentConnection:
         self._empty.set()
         self.closed = False
         self.closing: asyncio.Task[None] | None = None  # the socket close after an overflow (awaited by close)
+        self._tasks = OwnedTasks(f"agent {device_id}")  # owns `closing`
         self.liveness = Liveness(timeout=math.inf, probe_after=math.inf, heard_at=0.0)  # set by Hub.register
         self.telemetry_budget = TokenBucket.full(0.0, 0, 0.0)  # likewise
         self.telemetry_dropped = 0  # samples over the rate, dropped
@@ -125,7 +127,7 @@ class AgentConnection:
         self._queued_total = 0
         self.closed = True
         self._ready.set()
-        self.closing = asyncio.ensure_future(self._shut(4002, f"{QueueLimitExceeded.code}: {why}"))
+        self.closing = self._tasks.spawn(self._shut(4002, f"{QueueLimitExceeded.code}: {why}"), name="overflow-close")
 
     def _release(self, source: str, size: int) -> None:
         left = self._queued_from.get(source, 0) - size

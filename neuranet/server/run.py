@@ -17,6 +17,7 @@ from neuranet.config import ServerConfig
 from neuranet.server.app import FirstAdmin, StartupError, create_app, open_store
 from neuranet.server.identity import CoordinatorIdentity, agent_pin
 from neuranet.server.store import Store
+from neuranet.tasks import OwnedTasks
 
 
 def is_loopback(host: str) -> bool:
@@ -112,12 +113,12 @@ async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
         _write_json(config.data_dir / "server.json", {"url": url, "pid": os.getpid(), "port": port,
                                                       "fingerprint": pin})
 
-    announcer = asyncio.create_task(announce())
+    announcer = OwnedTasks("server")
+    announcer.spawn(announce(), name="announce")  # a failure (say, server.json not writable) is logged
     try:
         await server.serve(sockets=[sock])
     finally:
-        announcer.cancel()
-        await asyncio.gather(announcer, return_exceptions=True)
+        await announcer.close()
         sock.close()
 
 
