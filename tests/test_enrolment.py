@@ -20,7 +20,8 @@ from fabric_helpers import async_wait_for, free_port
 from neuranet.agent.runtime import Agent, EnrolmentError
 from neuranet.config import AgentConfig
 from neuranet.fabric import LocalFabric
-from neuranet.identity_cli import parse_duration, read_join_token
+from neuranet.cli.agent import read_join_token
+from neuranet.cli.identity import parse_duration
 from neuranet.protocol import messages as m
 from neuranet.protocol.auth import auth_payload
 from neuranet.protocol.envelope import PROTOCOL_VERSION, Envelope, decode_frame, encode_frame

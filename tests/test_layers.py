@@ -24,8 +24,6 @@ LAYERS: list[set[str]] = [
     {"cli"},
     {"__main__"},
 ]
-# The command-line modules are one unit (one package to be): they import each other.
-SAME_UNIT = {"files_cli": "cli", "identity_cli": "cli", "forecast_cli": "cli"}
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
@@ -33,7 +31,7 @@ def _unit(path: Path) -> str:
     """The top-level unit a file belongs to: its package under neuranet/, or its module's name."""
     parts = path.relative_to(ROOT).parts
     name = parts[0] if len(parts) > 1 else path.stem
-    return SAME_UNIT.get(name, name)
+    return name
 
 
 def _is_unit(name: str) -> bool:
@@ -55,7 +53,7 @@ def _imported_units(tree: ast.AST) -> set[str]:
             parts = name.split(".")
             if parts[0] == "neuranet":
                 name = parts[1] if len(parts) > 1 else "__init__"
-                out.add(SAME_UNIT.get(name, name))
+                out.add(name)
     return out
 
 

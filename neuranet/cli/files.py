@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from neuranet.cli import ServerOpt, TokenOpt, _ask, _client, _fail, console
+from neuranet.cli.common import ServerOpt, TokenOpt, ask, connect, console, fail
 from neuranet.client import ClientError
 from neuranet.config import default_home
 from neuranet.storage.chunks import MAX_FILE_BYTES
@@ -27,7 +27,7 @@ def _passphrase(confirm: bool) -> str:
         return env
     first = getpass.getpass("passphrase: ")
     if confirm and getpass.getpass("again: ") != first:
-        _fail(ValueError("the passphrases differ"))
+        fail(ValueError("the passphrases differ"))
     return first
 
 
@@ -68,22 +68,22 @@ def put(path: Path = typer.Argument(..., help="The file to store."),
     from neuranet.storage.transfer import upload
 
     if not path.is_file():
-        _fail(FileNotFoundError(f"{path} is not a readable file"))
+        fail(FileNotFoundError(f"{path} is not a readable file"))
     if path.stat().st_size > MAX_FILE_BYTES:  # said now, not after uploading all that the coordinator would refuse
-        _fail(ValueError(f"{path} is {_size(path.stat().st_size)}; files are stored up to {_size(MAX_FILE_BYTES)}"))
+        fail(ValueError(f"{path} is {_size(path.stat().st_size)}; files are stored up to {_size(MAX_FILE_BYTES)}"))
     try:
         sealer = (Sealer.new(key_file=key_file) if key_file else Sealer.new(passphrase=_passphrase(True))) \
             if (encrypt or key_file) else None
     except SealingError as exc:
-        _fail(exc)
-    with _client(server, token, timeout=120.0) as c, _bar() as bar, open(path, "rb") as f:
+        fail(exc)
+    with connect(server, token, timeout=120.0) as c, _bar() as bar, open(path, "rb") as f:
         task = bar.add_task(f"put {escape(path.name)}", total=path.stat().st_size)
         try:
             agent = None if no_agent else _local_agent(c, agent_dir)
             out = upload(c, f, name or path.name, replicas, sealer, overwrite, lambda n: bar.advance(task, n),
                          agent=agent)
         except (ClientError, OSError) as exc:
-            _fail(exc)
+            fail(exc)
     console.print(f"stored {escape(out['name'])}: {_size(out['plaintext_size'])} in {out['chunks']} chunk(s), "
                   f"{_replicas(out)}{', encrypted' if out['encrypted'] else ''} ({_ways(out['paths'])})")
     _repair_note(out)
@@ -124,14 +124,14 @@ def get(name: str = typer.Argument(..., help="The file's name on the fabric."),
         return Sealer.for_file(sealing, key_file=key_file) if sealing.get("kdf") is None \
             else Sealer.for_file(sealing, passphrase=_passphrase(False))
 
-    with _client(server, token, timeout=120.0) as c, _bar() as bar:
+    with connect(server, token, timeout=120.0) as c, _bar() as bar:
         try:
             agent = None if no_agent else _local_agent(c, agent_dir)
             size = plaintext_size(c.file_info(name))
             task = bar.add_task(f"get {escape(name)}", total=size)
             info = download(c, name, target, opener, lambda n: bar.advance(task, n), agent=agent)
         except (ClientError, SealingError, TransferError, OSError) as exc:
-            _fail(exc)
+            fail(exc)
     console.print(f"wrote {escape(str(target))} ({_size(size)}; {_ways(info['paths'])})")
 
 
@@ -160,7 +160,7 @@ def _local_agent(c: Any, agent_dir: Optional[Path]) -> Any:
 @files_app.command("ls")
 def ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Your files."""
-    rows = _ask(server, token, lambda c: c.files())
+    rows = ask(server, token, lambda c: c.files())
     table = Table("name", "size", "replicas", "encrypted")
     for r in rows:
         table.add_row(escape(r["name"]), _size(r["size"]), str(r["replicas"]), "yes" if r["encrypted"] else "")
@@ -172,7 +172,7 @@ def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = To
     """Which devices hold which chunks, and the predicted chance the file is retrievable over the next day."""
     from neuranet.storage.transfer import plaintext_size
 
-    out = _ask(server, token, lambda c: c.file_info(name))
+    out = ask(server, token, lambda c: c.file_info(name))
     console.print(f"{escape(out['name'])}: {_size(plaintext_size(out))}, {out['chunks']} chunk(s), {_replicas(out)}"
                   f"{', encrypted' if out['encrypted'] else ''}; retrievable now: "
                   f"{'yes' if out['retrievable_now'] else 'NO'}; P(retrievable, next 24 h): "
@@ -188,7 +188,7 @@ def info(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = To
 @files_app.command("rm")
 def rm(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Delete a file; its chunks are freed on every device (offline ones when they return)."""
-    out = _ask(server, token, lambda c: c.delete_file(name))
+    out = ask(server, token, lambda c: c.delete_file(name))
     console.print(f"deleted {escape(str(out['deleted']))} ({out['replicas_freed']} chunk replicas freed)")
 
 
@@ -196,6 +196,6 @@ def rm(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = Toke
 def held(device: str = typer.Argument(..., help="A device name or id."),
          server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """What one of your devices holds for the fabric."""
-    out = _ask(server, token, lambda c: c.device_chunks(c.resolve_device(device)["id"]))
+    out = ask(server, token, lambda c: c.device_chunks(c.resolve_device(device)["id"]))
     quota = _size(out["quota_bytes"]) if out["quota_bytes"] is not None else "unknown (offline)"
     console.print(f"{escape(out['name'])}: {out['chunks']} chunk(s), {_size(out['bytes'])}; quota {quota}")

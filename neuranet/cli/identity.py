@@ -1,7 +1,7 @@
-"""`neuranet token …`, `devices …`, `users …`: API tokens, device removal and user accounts.
+"""`neuranet login`, `join-token`, `token …`, `devices …`, `users …`: logins, API tokens, enrolment,
+devices and user accounts.
 
-Also the pure helpers behind their options: durations (``30d``) and reading a join token from a
-file or stdin, so it never has to appear on a command line where `ps` shows it.
+Also the pure helper behind ``--expires``: durations (``30d``).
 """
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ import datetime
 import json
 import re
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from neuranet.cli import ServerOpt, TokenOpt, _ask, _fail, app, console, err, token_app, users_app
-from neuranet.client import Client, ClientError
+from neuranet.cli.common import ServerOpt, TokenOpt, ask, connect, console, err, fail
+from neuranet.client import Client, ClientError, save_client_config
+from neuranet.config import ClientConfig
 
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+users_app = typer.Typer(help="Users (admin only).", no_args_is_help=True)
 devices_app = typer.Typer(help="Your devices: list them (the default) or remove one.")
-app.add_typer(devices_app, name="devices")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy])\s*$", re.IGNORECASE)
@@ -42,27 +44,55 @@ def parse_duration(text: str) -> float | None:
     return seconds
 
 
-def read_join_token(value: str | None, file: Path | None, stdin: IO[str]) -> str | None:
-    """The join token from ``--join-token`` (``-``: read stdin) or ``--join-token-file``; None if neither."""
-    if value is not None and file is not None:
-        raise ValueError("give --join-token or --join-token-file, not both")
-    if file is not None:
-        try:
-            text = file.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read the join token from {file}: {exc}") from None
-    elif value == "-":
-        text = stdin.readline()
-    else:
-        return value
-    token = text.strip()
-    if not token:
-        raise ValueError(f"no join token in {file or 'stdin'}")
-    return token
-
-
 def _when(ts: float | None) -> str:
     return "never" if ts is None else f"{datetime.datetime.fromtimestamp(ts):%Y-%m-%d %H:%M}"
+
+
+# --- logging in, enrolling ---------------------------------------------------------------
+
+
+def login(server: str = typer.Option(..., "--server"), token: str = typer.Option(..., "--token"),
+          ca_cert: Optional[Path] = typer.Option(None, help="CA certificate to trust for https."),
+          server_fingerprint: Optional[str] = typer.Option(
+              None, help="Trust exactly the server's self-signed certificate with this fingerprint (SHA256:..., "
+              "as `neuranet server --self-signed` prints it).")) -> None:
+    """Save the server URL and token for later commands."""
+    from neuranet.client import pin_server_certificate
+    from neuranet.protocol.auth import parse_fingerprint
+
+    cfg = ClientConfig(server.rstrip("/"), token, ca_cert)
+    if server_fingerprint is not None:
+        try:
+            cert = pin_server_certificate(cfg.server_url, parse_fingerprint(server_fingerprint))
+        except (ValueError, ClientError) as exc:
+            fail(exc)
+        cfg = ClientConfig(cfg.server_url, token, cert, pinned=True)
+    with Client(cfg) as c:
+        try:
+            me = c.me()
+        except ClientError as exc:
+            fail(exc)
+    path = save_client_config(cfg)
+    console.print(f"Logged in as [cyan]{escape(me['name'])}[/]; saved to {escape(str(path))}")
+
+
+def join_token(ttl: float = typer.Option(86400, help="Seconds the token stays valid."),
+               server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
+    """Create a one-time token that enrols one device as yours."""
+    with connect(server, token) as c:
+        try:
+            jt = c.create_join_token(ttl)
+        except ClientError as exc:
+            fail(exc)
+        console.print(jt["join_token"], markup=False, highlight=False)
+        try:
+            pin = c.health().get("fingerprint")
+        except ClientError:
+            pin = None
+        pinning = f" --server-fingerprint {pin}" if pin else ""
+        # Not `--join-token TOKEN`: a command line is visible to every user of the machine (`ps`).
+        err.print(f"Enrol a device with:  neuranet agent --server {c.base_url} --join-token -{pinning}   "
+                  "(then paste the token), or --join-token-file FILE", markup=False, highlight=False)
 
 
 # --- tokens -----------------------------------------------------------------------------
@@ -76,15 +106,15 @@ def token_create(name: str = typer.Option("cli", help="A label for the token."),
     try:
         seconds = parse_duration(expires)
     except ValueError as exc:
-        _fail(ValueError(f"--expires: {exc}"))
-    console.print(_ask(server, token, lambda c: c.create_token(name, seconds)), markup=False, highlight=False)
+        fail(ValueError(f"--expires: {exc}"))
+    console.print(ask(server, token, lambda c: c.create_token(name, seconds)), markup=False, highlight=False)
 
 
 @token_app.command("ls")
 def token_ls(as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
              token: Optional[str] = TokenOpt) -> None:
     """List your API tokens (ids and labels; the secrets are never shown again)."""
-    rows = _ask(server, token, lambda c: c.tokens())
+    rows = ask(server, token, lambda c: c.tokens())
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -104,7 +134,7 @@ def token_revoke(which: str = typer.Argument(..., help="Token id, id prefix or l
     def revoke(c: Client) -> dict[str, Any]:
         return c.revoke_token(_match(c.tokens(), which, "token")["id"])
 
-    out = _ask(server, token, revoke)
+    out = ask(server, token, revoke)
     console.print(f"revoked token {out['revoked']} ({escape(out['name'])})")
 
 
@@ -128,7 +158,7 @@ def devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"), s
         return
     from neuranet.ui import devices_table
 
-    rows = _ask(server, token, lambda c: c.devices())
+    rows = ask(server, token, lambda c: c.devices())
     if as_json:
         console.print_json(json.dumps(rows))
     else:
@@ -144,7 +174,7 @@ def devices_remove(device: str = typer.Argument(..., help="Device name, id or id
     def remove(c: Client) -> dict[str, Any]:
         return c.remove_device(c.resolve_device(device)["id"], force)
 
-    out = _ask(server, token, remove)
+    out = ask(server, token, remove)
     console.print(f"removed device {escape(out['name'])} ({out['removed']})")
     if out["replicas"]:
         lost = f"; {out['sole_copies']} had no other copy and are lost" if out["sole_copies"] else ""
@@ -158,7 +188,7 @@ def devices_remove(device: str = typer.Argument(..., help="Device name, id or id
 def users_create(name: str, admin: bool = typer.Option(False, "--admin"),
                  server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Create a user and print its first API token."""
-    u = _ask(server, token, lambda c: c.create_user(name, admin))
+    u = ask(server, token, lambda c: c.create_user(name, admin))
     console.print(f"user {escape(u['name'])} ({u['user_id']}) token: {u['token']}")
 
 
@@ -168,7 +198,7 @@ def users_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt)
     table = Table(title="Users")
     for col in ("name", "id", "admin", "state", "created"):
         table.add_column(col)
-    for u in _ask(server, token, lambda c: c.users()):
+    for u in ask(server, token, lambda c: c.users()):
         table.add_row(escape(u["name"]), u["id"], "yes" if u["is_admin"] else "",
                       "[red]disabled[/]" if u["disabled"] else "active", _when(u["created_at"]))
     console.print(table)
@@ -177,12 +207,12 @@ def users_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt)
 @users_app.command("disable")
 def users_disable(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Disable a user (admin only): its tokens and devices are refused and its devices disconnected."""
-    _ask(server, token, lambda c: c.set_user_disabled(name, True))
+    ask(server, token, lambda c: c.set_user_disabled(name, True))
     console.print(f"user {escape(name)} is disabled")
 
 
 @users_app.command("enable")
 def users_enable(name: str, server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Enable a disabled user again (admin only)."""
-    _ask(server, token, lambda c: c.set_user_disabled(name, False))
+    ask(server, token, lambda c: c.set_user_disabled(name, False))
     console.print(f"user {escape(name)} is enabled")

@@ -10,14 +10,12 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from neuranet.cli import ServerOpt, TokenOpt, _ask, _client, _fail, app, console, err
+from neuranet.cli.common import ServerOpt, TokenOpt, ask, connect, console, err, fail
 from neuranet.client import ClientError
 
 trace_app = typer.Typer(help="Availability traces.", no_args_is_help=True)
-app.add_typer(trace_app, name="trace")
 
 
-@app.command()
 def forecast(
     device: Optional[str] = typer.Argument(None, help="A device name or id (default: all your devices)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the device's history and forecast."),
@@ -30,15 +28,15 @@ def forecast(
     from neuranet.ui import forecast_method, forecast_table, plot_forecast
 
     if plot is not None and device is None:
-        _fail(ValueError("--plot needs a DEVICE"))
-    with _client(server, token, timeout=600.0) as c:
+        fail(ValueError("--plot needs a DEVICE"))
+    with connect(server, token, timeout=600.0) as c:
         try:
             if retrain:
                 info = c.retrain_forecaster()
                 err.print(f"forecaster retrained on {info['devices']} devices")
             rows = [c.forecast(c.resolve_device(device)["id"])] if device else c.forecast(simulated=simulated)
         except ClientError as exc:
-            _fail(exc)
+            fail(exc)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -49,7 +47,7 @@ def forecast(
         try:
             plot_forecast(rows[0], plot)
         except OSError as exc:
-            _fail(exc)
+            fail(exc)
         err.print(f"wrote {escape(str(plot))}")
 
 
@@ -62,8 +60,8 @@ def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name pref
     try:
         data = file.read_bytes()
     except OSError as exc:
-        _fail(exc)
-    out = _ask(server, token, lambda c: c.import_trace(data, prefix, replace), timeout=600.0)
+        fail(exc)
+    out = ask(server, token, lambda c: c.import_trace(data, prefix, replace), timeout=600.0)
     console.print(f"imported {out['devices']} simulated devices ({out['days']:.1f} days of history, "
                   f"ending {datetime.datetime.fromtimestamp(out['history_end']):%Y-%m-%d %H:%M})")
 
@@ -71,7 +69,7 @@ def trace_import(file: Path, prefix: str = typer.Option("trace", help="Name pref
 @trace_app.command("ls")
 def trace_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """The traces you imported: prefix, simulated devices, end of their history."""
-    rows = _ask(server, token, lambda c: c.traces())
+    rows = ask(server, token, lambda c: c.traces())
     for r in rows:
         end = datetime.datetime.fromtimestamp(r["history_end"]) if r["history_end"] else None
         print(f"{r['prefix']}\t{r['devices']} devices\thistory ends {end:%Y-%m-%d %H:%M}" if end else
@@ -84,5 +82,5 @@ def trace_ls(server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt)
 def trace_rm(prefix: str = typer.Argument(..., help="The prefix the trace was imported with."),
              server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """Remove the simulated devices of an imported trace, with their history."""
-    out = _ask(server, token, lambda c: c.remove_trace(prefix))
+    out = ask(server, token, lambda c: c.remove_trace(prefix))
     console.print(f"removed {out['removed']} simulated devices of {out['prefix']}", markup=False)
