@@ -6,7 +6,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from neuranet.config import ClientConfig, default_home
+from neuranet.server.events import Event
 
 
 class ClientError(Exception):
@@ -146,6 +147,31 @@ def pin_server_certificate(server_url: str, expected: str, home: Path | None = N
     return path
 
 
+EVENT_READ_TIMEOUT = 60.0  # seconds without a byte on an event stream (the server sends a keepalive every 15)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
+    """Server-sent events (one line each, without line ends) -> the events their ``data:`` JSON holds.
+    Comments (keepalives) and events without data are skipped."""
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                try:
+                    doc = json.loads("\n".join(data))
+                    event = Event.from_json(doc)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ClientError(f"the event stream sent something that is not an event: {data[0][:80]!r}") from None
+                data = []
+                yield event
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+
+
 class Client:
     def __init__(self, cfg: ClientConfig, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
@@ -175,22 +201,77 @@ class Client:
             raise ServerUnreachable(f"cannot reach the server at {self._http.base_url}: "
                                     f"{str(exc) or type(exc).__name__}") from None
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
-            if isinstance(detail, list):  # request validation: which field, and why
-                detail = validation_message(detail)
-            if resp.status_code in AWAY_STATUSES and not isinstance(body, dict):
-                raise ServerUnreachable(f"{resp.status_code}: the server at {self._http.base_url} is away "
-                                        f"({resp.reason_phrase})")
-            raise ClientError(f"{resp.status_code}: {detail}")
+            raise self._refusal(resp)
         try:
             return resp.json()
         except ValueError:
             raise ClientError(f"{self._http.base_url} answered {method} {path} with something other than JSON; "
                               "is that a NeuraNet server?") from None
+
+    def _refusal(self, resp: httpx.Response) -> ClientError:
+        """The error a 4xx/5xx answer means, in the server's words."""
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
+        if isinstance(detail, list):  # request validation: which field, and why
+            detail = validation_message(detail)
+        if resp.status_code in AWAY_STATUSES and not isinstance(body, dict):
+            return ServerUnreachable(f"{resp.status_code}: the server at {self._http.base_url} is away "
+                                     f"({resp.reason_phrase})")
+        return ClientError(f"{resp.status_code}: {detail}")
+
+    def events(self, kinds: Iterable[str] | None = None, last_event_id: int | None = None, reconnect: bool = True,
+               patience: Patience = Patience(), note: Callable[[str], None] = lambda _m: None) -> Iterator[Event]:
+        """Your events as they happen (``GET /api/v1/events``), until you stop iterating. ``kinds``: kinds or
+        families (``"device"``, ``"run.state"``); default all. With ``reconnect``, a stream that ends or
+        breaks (the server restarting, this client dropped as too slow) is opened again with the last
+        event's id, so missed events are sent (or a ``stream.gap`` says to reread); the stream's own
+        ``stream.dropped``/``stream.gap`` events are yielded too. Refusals (a bad token) raise."""
+        after = last_event_id
+        lost_at: float | None = None
+        tries = 0
+        while True:
+            try:
+                for event in self._event_stream(kinds, after):
+                    if lost_at is not None:
+                        note(f"the event stream is back after {time.monotonic() - lost_at:.1f} s")
+                    lost_at, tries = None, 0
+                    after = event.seq or after
+                    yield event
+                if not reconnect:
+                    return
+            except ServerUnreachable as exc:
+                if not reconnect:
+                    raise
+                now = time.monotonic()
+                if lost_at is None:
+                    lost_at = now
+                    note(f"{exc}; trying again for up to {patience.give_up:.0f} s")
+                elif now - lost_at >= patience.give_up:
+                    raise ServerUnreachable(f"{exc} (no answer for {now - lost_at:.0f} s)") from None
+            time.sleep(min(patience.cap, patience.base * 2**tries))  # also after a stream that ended: no hot loop
+            tries += 1
+
+    def _event_stream(self, kinds: Iterable[str] | None, after: int | None) -> Iterator[Event]:
+        headers = {"Accept": "text/event-stream"}
+        if after is not None:
+            headers["Last-Event-ID"] = str(after)
+        wanted = ",".join(kinds) if kinds is not None else ""
+        timeout = httpx.Timeout(self._http.timeout.connect, read=EVENT_READ_TIMEOUT)
+        try:
+            with self._http.stream("GET", "/api/v1/events", params={"kinds": wanted} if wanted else None,
+                                   headers=headers, timeout=timeout) as resp:
+                if resp.status_code == 503:
+                    raise ServerUnreachable(f"503: the server at {self._http.base_url} is not taking event streams now")
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise self._refusal(resp)
+                yield from parse_sse(resp.iter_lines())
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"the event stream from {self._http.base_url} broke: "
+                                    f"{str(exc) or type(exc).__name__}") from None
 
     @property
     def base_url(self) -> str:

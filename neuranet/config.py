@@ -39,6 +39,10 @@ class Limits:
     # REST: a JSON request body (a manifest of MAX_FILE_CHUNKS chunks is ~6 MiB; parsing costs ~10x)
     max_json_body_bytes: int = 8 * MiB
     max_trace_devices_per_user: int = 2000  # simulated devices from imported traces, all imports together
+    # GET /api/v1/events: streams one user may hold open, and events one stream may have waiting unread
+    # (past it the client is too slow and is dropped)
+    max_event_streams_per_user: int = 8
+    max_queued_events_per_stream: int = 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class ServerConfig:
     run_rejoin_grace: float = 5.0  # a run that lost a device waits this long for it to reconnect before re-planning
     telemetry_flush_interval: float = 1.0
     telemetry_retention: float = 30 * 86400.0  # seconds telemetry is kept
+    event_keepalive: float = 15.0  # seconds between keepalive comments on an idle event stream
     forecast_retrain_interval: float = 6 * 3600.0  # seconds between retrainings of the availability forecaster
     forecast_options: dict[str, Any] = field(default_factory=dict)  # ForecastConfig fields (epochs, hidden, ...)
     file_repair_interval: float = 60.0  # seconds between rounds of chunk repair and migration

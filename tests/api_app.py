@@ -60,8 +60,11 @@ def raw_agent(client: TestClient, name: str = "raw") -> Iterator[tuple[WebSocket
 
 
 @contextlib.contextmanager
-def served_app(data_dir: Path, limits: Limits | None = None) -> Iterator[tuple[str, str]]:
-    """The app behind a real uvicorn on a loopback port, in a thread: (base URL, first admin's token)."""
+def served_app(data_dir: Path, limits: Limits | None = None, send_buffer: int | None = None) -> Iterator[tuple[str, str]]:
+    """The app behind a real uvicorn on a loopback port, in a thread: (base URL, first admin's token).
+    ``send_buffer``: each connection's kernel send buffer in bytes (default: the kernel's, which grows to MiBs),
+    so a client that does not read fills it soon."""
+    import socket
     import threading
 
     import uvicorn
@@ -70,8 +73,15 @@ def served_app(data_dir: Path, limits: Limits | None = None) -> Iterator[tuple[s
     config = ServerConfig(data_dir=data_dir, limits=limits or Limits(), forecast_retrain_interval=1e9,
                           file_repair_interval=1e9)
     app = create_app(config, on_first_admin=lambda _name, token: tokens.append(token))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    # a stream still open at the end is cut after 3 s, as the coordinator's own server does (run.py)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=3))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted connections inherit it
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:
         started = threading.Event()
@@ -85,3 +95,4 @@ def served_app(data_dir: Path, limits: Limits | None = None) -> Iterator[tuple[s
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+        sock.close()

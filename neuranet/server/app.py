@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, WebSocket
@@ -19,6 +20,9 @@ from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
 from neuranet.errors import NeuraNetError
 from neuranet.server.edge import BodyLimit, domain_error, validation_error
+from neuranet.server.device_events import DevicePresence
+from neuranet.server.events import EventBus
+from neuranet.server.events_api import router as events_router
 from neuranet.server.runs_api import router as runs_router
 from neuranet.server.runs_api import serve_router
 from neuranet.server.files_api import router as files_router
@@ -69,11 +73,17 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
             if on_first_admin:
                 on_first_admin("admin", token)
         coordinator = Coordinator(config, store)
-        app.state.store, app.state.coordinator = store, coordinator
+        # for now beside the coordinator (to move into it); ids from the wall clock, so a client resuming
+        # across a restart sees a gap, not reused ids
+        events = EventBus(config.limits.max_queued_events_per_stream, config.limits.max_event_streams_per_user,
+                          first_seq=time.time_ns() // 1000)
+        DevicePresence(events, coordinator.fleet)
+        app.state.store, app.state.coordinator, app.state.events = store, coordinator, events
         await coordinator.start()
         try:
             yield
         finally:
+            events.close()
             await coordinator.close()
             await store.close()
 
@@ -89,6 +99,7 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     app.include_router(forecast_router)
     app.include_router(files_router)
     app.include_router(identity_router)
+    app.include_router(events_router)
 
     _serve_docs(app)
 

@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from neuranet.config import ServerConfig
 from neuranet.errors import Unauthorized
 from neuranet.server.coordinator import Coordinator
+from neuranet.server.events import EventBus
 from neuranet.server.files import FileBook
 from neuranet.server.fleet import Fleet
 from neuranet.server.forecasting import ForecastService
@@ -72,6 +73,10 @@ def get_forecasts(request: Request) -> ForecastService:
     return coordinator(request).forecasts
 
 
+def get_events(request: Request) -> EventBus:
+    return request.app.state.events
+
+
 def get_config(request: Request) -> ServerConfig:
     return coordinator(request).config
 
@@ -83,3 +88,4 @@ ServingDep = Annotated[ServeBook, Depends(get_serving)]
 FilesDep = Annotated[FileBook, Depends(get_files)]
 ForecastsDep = Annotated[ForecastService, Depends(get_forecasts)]
 ConfigDep = Annotated[ServerConfig, Depends(get_config)]
+EventsDep = Annotated[EventBus, Depends(get_events)]

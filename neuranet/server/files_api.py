@@ -15,8 +15,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field, model_validator
 
 from neuranet.server.api import owned_device, read_body
-from neuranet.server.deps import FilesDep, StoreDep, User
+from neuranet.server.deps import EventsDep, FilesDep, StoreDep, User
 from neuranet.server.edge import ApiModel
+from neuranet.server.events import FILE_DELETED, FILE_STORED, Event
 from neuranet.errors import Invalid, NotFound
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
 from neuranet.storage.sealing import SEALING_OVERHEAD, parse_description
@@ -86,10 +87,11 @@ async def get_chunk(chunk_id: str, user: User, store: StoreDep, files: FilesDep)
 
 
 @router.post("/files")
-async def commit_file(req: FileIn, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
+async def commit_file(req: FileIn, user: User, store: StoreDep, files: FilesDep, events: EventsDep) -> dict[str, Any]:
     row, freed = await store.files.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
                                          [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
     await files.delete_replicas(freed)
+    events.publish(Event(FILE_STORED, user.user_id, row.name, {"size": row.size, "chunks": len(req.chunks)}))
     ids = [c.id for c in req.chunks]
     holders = await store.files.replicas_of(user.user_id, sorted(set(ids)))
     return {**_file_view(row, len(req.chunks)), **files.replication_view(ids, holders, row.replicas)}
@@ -127,9 +129,10 @@ async def file_info(name: str, user: User, store: StoreDep, files: FilesDep) -> 
 
 
 @router.delete("/files/{name:path}")
-async def delete_file(name: str, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
+async def delete_file(name: str, user: User, store: StoreDep, files: FilesDep, events: EventsDep) -> dict[str, Any]:
     freed = await store.files.delete_file(user.user_id, name)
     await files.delete_replicas(freed)
+    events.publish(Event(FILE_DELETED, user.user_id, name))
     return {"deleted": name, "replicas_freed": sum(len(c) for c in freed.values())}
 
 
