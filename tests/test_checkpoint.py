@@ -135,46 +135,64 @@ def test_the_part_bound_covers_the_header_of_a_stage_of_many_small_layers() -> N
 
 
 class _Book:
-    """A run book holding one run of two stages, on dev-a and dev-b, fed StageWeights as agents send them."""
+    """A run book holding one run of two stages, on dev-a and dev-b, fed StageWeights as agents send them
+    (a real store and blob store; no agents)."""
 
-    def __init__(self, blob_dir, checkpoint_every: int = 5, steps: int = 10) -> None:
+    @classmethod
+    async def make(cls, root, checkpoint_every: int = 5, steps: int = 10) -> "_Book":
+        from neuranet.server.blobs import BlobStore
+        from neuranet.server.fleet import Fleet
         from neuranet.server.hub import AgentConnection
         from neuranet.server.runs import RunBook, RunRequest, RunState
+        from neuranet.server.store import Store
 
         async def nothing(*_args) -> None:
             return None
 
-        from neuranet.server.fleet import Fleet
-
-        self.book = RunBook(Fleet({}), None, None, blob_dir)  # type: ignore[arg-type]  # routing needs no store
+        b = cls()
+        root.mkdir(parents=True, exist_ok=True)
+        b.store = Store(f"sqlite+aiosqlite:///{root / 'db.sqlite'}")
+        await b.store.migrate()
+        user, _ = await b.store.users.create_user("u")
+        b.blob_root = root / "blobs"
+        b.book = RunBook(Fleet({}), b.store, None, await BlobStore(b.blob_root).open())
         stages = [{"device": "dev-a", "start": 0, "stop": 2, "param_bytes": 4000},
                   {"device": "dev-b", "start": 2, "stop": 4, "param_bytes": 4000}]
-        self.run = RunState("run1", "user", RunRequest(model="mlp-digits", steps=steps), stages, "plan",
-                            checkpoint_every=checkpoint_every)
-        self.book.runs["run1"] = self.run
-        self.conns = {d: AgentConnection(d, "user", nothing, nothing, 1 << 20) for d in ("dev-a", "dev-b")}
+        run_id = await b.store.runs.create_run(user.user_id, "train", [], state="running", spec={})
+        b.run = RunState(run_id, user.user_id, RunRequest(model="mlp-digits", steps=steps), stages, "plan",
+                         checkpoint_every=checkpoint_every)
+        b.book.runs[run_id] = b.run
+        b.conns = {d: AgentConnection(d, "user", nothing, nothing, 1 << 20) for d in ("dev-a", "dev-b")}
+        return b
 
-    def send(self, stage: int, step: int, part: int = 0, parts: int = 1, payload: bytes = b"x" * 100) -> None:
+    async def send(self, stage: int, step: int, part: int = 0, parts: int = 1, payload: bytes = b"x" * 100) -> None:
         from neuranet.protocol import messages as m
 
-        msg = m.StageWeights(run_id="run1", stage=stage, step=step, part=part, parts=parts)
-        self.book.on_message(self.conns[["dev-a", "dev-b"][stage]], msg, payload)
+        msg = m.StageWeights(run_id=self.run.id, stage=stage, step=step, part=part, parts=parts)
+        await self.book.on_message(self.conns[["dev-a", "dev-b"][stage]], msg, payload)
 
     def stored_bytes(self) -> int:
-        root = self.book.weights_dir("run1")
+        root = self.blob_root
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
+    async def close(self) -> None:
+        await self.book.close()
+        await self.store.close()
 
-def test_checkpoints_are_kept_for_due_steps_and_only_the_newest(tmp_path) -> None:
-    b = _Book(tmp_path)
+
+async def test_checkpoints_are_kept_for_due_steps_and_only_the_newest(tmp_path) -> None:
+    b = await _Book.make(tmp_path)
     for stage in (0, 1):
-        b.send(stage, 5)
+        await b.send(stage, 5)
     assert b.run.checkpoints == {5: 0} and not b.run.errors
+    five = b.stored_bytes()
     for stage in (0, 1):
-        b.send(stage, 10, 0, 2, b"y" * 2**20)
-        b.send(stage, 10, 1, 2, b"z" * 10)
+        await b.send(stage, 10, 0, 2, b"y" * 2**20)
+        await b.send(stage, 10, 1, 2, b"z" * 10 + bytes([stage]))
     assert b.run.checkpoints == {10: 0} and not b.run.errors  # step 5 was dropped: 10 resumes anything
-    assert not (b.book.weights_dir("run1") / "attempt-0" / "step-5").exists()
+    assert b.stored_bytes() == 2 * (2**20 + 11) and five == 100  # both stages sent the same 100 bytes: one blob
+    assert (await b.store.runs.checkpoint(b.run.id)).step == 10
+    await b.close()
 
 
 @pytest.mark.parametrize("bad,why", [
@@ -186,33 +204,38 @@ def test_checkpoints_are_kept_for_due_steps_and_only_the_newest(tmp_path) -> Non
     (dict(part=1, parts=2), "out of order"),
     (dict(payload=b"x" * (2**20 + 1)), "more state"),
 ])
-def test_state_parts_beyond_what_the_run_needs_are_refused_unwritten(tmp_path, bad, why) -> None:
-    b = _Book(tmp_path)
-    b.send(0, **{"step": 5, **bad})
+async def test_state_parts_beyond_what_the_run_needs_are_refused_unwritten(tmp_path, bad, why) -> None:
+    b = await _Book.make(tmp_path)
+    await b.send(0, **{"step": 5, **bad})
     assert why in b.run.errors.get(0, ""), b.run.errors
     assert b.stored_bytes() == 0 and b.run.status == "failed"
+    assert (await b.store.runs.get(b.run.id)).state == "failed"
+    await b.close()
 
 
-def test_a_stage_cannot_resend_a_step_or_change_its_part_count(tmp_path) -> None:
-    b = _Book(tmp_path)
-    b.send(0, 5)
-    b.send(0, 5)
+async def test_a_stage_cannot_resend_a_step_or_change_its_part_count(tmp_path) -> None:
+    b = await _Book.make(tmp_path)
+    await b.send(0, 5)
+    await b.send(0, 5)
     assert "twice" in b.run.errors[0]
-    b = _Book(tmp_path / "2")
-    b.send(0, 5, 0, 2, b"x" * 2**20)
-    b.send(0, 5, 1, 1)
+    await b.close()
+    b = await _Book.make(tmp_path / "2")
+    await b.send(0, 5, 0, 2, b"x" * 2**20)
+    await b.send(0, 5, 1, 1)
     assert "changed the part count" in b.run.errors[0]
+    await b.close()
 
 
-def test_nothing_is_written_for_a_run_that_has_ended(tmp_path) -> None:
+async def test_nothing_is_written_for_a_run_that_has_ended(tmp_path) -> None:
     from neuranet.protocol import messages as m
 
-    b = _Book(tmp_path, checkpoint_every=0, steps=10)
+    b = await _Book.make(tmp_path, checkpoint_every=0, steps=10)
     for stage in (0, 1):
-        b.send(stage, 10)
-        b.book.on_message(b.conns[["dev-a", "dev-b"][stage]], m.StageDone(run_id="run1", stage=stage, ok=True), b"")
+        await b.send(stage, 10)
+        await b.book.on_message(b.conns[["dev-a", "dev-b"][stage]], m.StageDone(run_id=b.run.id, stage=stage, ok=True), b"")
     assert b.run.status == "finished"
     before = b.stored_bytes()
     for step in range(1, 80):  # a flood after the end (80 MiB got through before these bounds)
-        b.send(0, step, 0, 1, b"x" * 2**20)
+        await b.send(0, step, 0, 1, b"x" * 2**20)
     assert b.stored_bytes() == before and b.run.status == "finished"
+    await b.close()

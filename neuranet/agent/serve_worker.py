@@ -58,7 +58,7 @@ async def _send_on(agent: Agent, a: m.ServeAssign, nxt: PeerLink | None, request
     pieces = split_batch(out, SERVE_PART_BYTES)
     for i, piece in enumerate(pieces):
         header, data = encode_tensor(piece)
-        await agent.send(m.ServeOutput(run_id=a.run_id, stage=a.stage, request=request, part=i, parts=len(pieces),
+        await agent.send(m.ServeOutput(run_id=a.run_id, stage=a.stage, attempt=a.attempt, request=request, part=i, parts=len(pieces),
                                        tensor=header), payload=bytes(data))
 
 
@@ -73,8 +73,8 @@ async def serve_stage(agent: Agent, a: m.ServeAssign, inbox: "asyncio.Queue[Part
         if a.weights_parts:
             assert weights is not None
             load_stage_state(layers, a.start, None, load(await asyncio.wait_for(weights, STATE_TIMEOUT)))
-        prev, nxt = await _neighbours(agent, a)  # type: ignore[arg-type]  # same fields as a StageAssign
-        await agent.send(m.ServeStatus(run_id=a.run_id, stage=a.stage, ok=True))
+        prev, nxt = await _neighbours(agent, a)
+        await agent.send(m.ServeStatus(run_id=a.run_id, stage=a.stage, attempt=a.attempt, ok=True))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -92,12 +92,12 @@ async def serve_stage(agent: Agent, a: m.ServeAssign, inbox: "asyncio.Queue[Part
                 await _send_on(agent, a, nxt, request, await asyncio.to_thread(forward, batch))
             except Exception as exc:  # this request fails; the stage serves the next one
                 joiner.drop(request)
-                await agent.send(m.ServeOutput(run_id=a.run_id, stage=a.stage, request=request, error=_error(exc)))
+                await agent.send(m.ServeOutput(run_id=a.run_id, stage=a.stage, attempt=a.attempt, request=request, error=_error(exc)))
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         log.exception("serving stage %d of %s failed", a.stage, a.run_id)
-        await agent.report(m.ServeStatus(run_id=a.run_id, stage=a.stage, ok=False, error=_error(exc)))
+        await agent.report(m.ServeStatus(run_id=a.run_id, stage=a.stage, attempt=a.attempt, ok=False, error=_error(exc)))
     finally:
         for link in (prev, nxt):
             if link is not None:
@@ -124,7 +124,8 @@ def install(agent: Agent) -> None:
         finally:
             if running.get(a.run_id, (None,))[0] is task:
                 del running[a.run_id]
-            weights.pop(a.run_id, None)
+            if weights.get(a.run_id, (None, None))[1] is future:  # not a newer assignment's (a restart's)
+                del weights[a.run_id]
 
     async def weights_part(agent: Agent, w: m.ServeWeights, payload: bytes = b"") -> None:
         entry = weights.get(w.run_id)
@@ -137,7 +138,7 @@ def install(agent: Agent) -> None:
     async def served_input(agent: Agent, i: m.ServeInput, payload: bytes = b"") -> None:
         entry = running.get(i.run_id)
         if entry is None:
-            await agent.send(m.ServeOutput(run_id=i.run_id, stage=0, request=i.request,
+            await agent.send(m.ServeOutput(run_id=i.run_id, stage=0, attempt=i.attempt, request=i.request,
                                            error="this device does not serve that deployment"))
             return
         try:

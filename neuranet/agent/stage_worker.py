@@ -47,11 +47,11 @@ def model_for(agent: Agent, a: m.StageAssign) -> LayerModel:
     return load_user_model(path, a.seed)
 
 
-def run_channel(a: m.StageAssign) -> str:
+def run_channel(a: m.StageSpec) -> str:
     return f"run:{a.run_id}:{a.attempt}"
 
 
-async def _neighbours(agent: Agent, a: m.StageAssign) -> tuple[PeerLink | None, PeerLink | None]:
+async def _neighbours(agent: Agent, a: m.StageSpec) -> tuple[PeerLink | None, PeerLink | None]:
     """Open the link to the next stage and accept the one from the previous, together."""
     opening = agent.links.open(a.next, channel=run_channel(a)) if a.next else None
     accepting = agent.links.accept(run_channel(a)) if a.prev else None

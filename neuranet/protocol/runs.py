@@ -16,20 +16,27 @@ from neuranet.protocol.message_base import Message, Text
 # --- pipeline runs -------------------------------------------------------------
 
 
-class StageAssign(Message):
-    """Server tells a device which layers of which model it trains, and who its neighbours are."""
+class StageSpec(Message):
+    """Which layers of which model one device holds in a pipeline, and its neighbours: the part that
+    `StageAssign` (training) and `ServeAssign` (serving) share. Not a message of its own (no TYPE)."""
 
-    TYPE: ClassVar[str] = "stage_assign"
     run_id: str
     stage: int = Field(ge=0)
     num_stages: int = Field(ge=1)
     model: str
-    seed: int
+    seed: int = 0
     model_options: dict[str, Any] = Field(default_factory=dict)
     start: int = Field(ge=0)
     stop: int = Field(ge=1)
     prev: str | None = None
     next: str | None = None
+    attempt: int = Field(0, ge=0)  # bumped each time the work is assigned anew (a re-plan, a restart)
+
+
+class StageAssign(StageSpec):
+    """Server tells a device which layers of which model it trains, and who its neighbours are."""
+
+    TYPE: ClassVar[str] = "stage_assign"
     schedule: str = "1f1b"
     microbatches: int = Field(1, ge=1)
     optimizer: str = "sgd"
@@ -37,7 +44,6 @@ class StageAssign(Message):
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     data_seed: int = 0
-    attempt: int = Field(0, ge=0)  # bumped each time the run is re-planned after losing a device
     checkpoint_every: int = Field(0, ge=0)  # steps between uploads of the stage's state; 0: only at the end
     resume_step: int = Field(0, ge=0)  # > 0: wait for StageState parts, then continue from this step
     model_source: str = ""  # a model file of the device's owner (its build(seed)) instead of a built-in model

@@ -10,13 +10,14 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from neuranet.protocol.runs import StageSpec
 from neuranet.protocol.message_base import Message, Text
 
 
 # --- serving (inference across devices) ------------------------------------------------
 
 
-class ServeAssign(Message):
+class ServeAssign(StageSpec):
     """Server tells a device which layers of a model it serves for a deployment, and its neighbours.
 
     ``weights_parts`` > 0: the weights (safetensors of the whole model's ``<layer>.<param>``, this
@@ -24,17 +25,6 @@ class ServeAssign(Message):
     """
 
     TYPE: ClassVar[str] = "serve_assign"
-    run_id: str
-    stage: int = Field(ge=0)
-    num_stages: int = Field(ge=1)
-    model: str
-    seed: int = 0
-    model_options: dict[str, Any] = Field(default_factory=dict)
-    start: int = Field(ge=0)
-    stop: int = Field(ge=1)
-    prev: str | None = None
-    next: str | None = None
-    attempt: int = Field(0, ge=0)
     weights_parts: int = Field(0, ge=0)
 
 
@@ -53,6 +43,7 @@ class ServeStatus(Message):
     TYPE: ClassVar[str] = "serve_status"
     run_id: str
     stage: int = Field(ge=0)
+    attempt: int = Field(0, ge=0)  # of the assignment it answers: reports of an older one are ignored
     ok: bool
     error: Text = ""
 
@@ -63,6 +54,7 @@ class ServeInput(Message):
 
     TYPE: ClassVar[str] = "serve_input"
     run_id: str
+    attempt: int = Field(0, ge=0)
     request: int = Field(ge=0)
     part: int = Field(0, ge=0)
     parts: int = Field(1, ge=1)
@@ -76,6 +68,7 @@ class ServeOutput(Message):
     TYPE: ClassVar[str] = "serve_output"
     run_id: str
     stage: int = Field(ge=0)
+    attempt: int = Field(0, ge=0)  # of the assignment it answers: reports of an older one are ignored
     request: int = Field(ge=0)
     part: int = Field(0, ge=0)
     parts: int = Field(1, ge=1)

@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from neuranet.config import ServerConfig
+from neuranet.server.blobs import BlobStore
 from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
 from neuranet.server.hub import Hub
@@ -30,7 +31,8 @@ class Coordinator:
         self.fleet = self.hub.fleet
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
                                          config.forecast_options)
-        self.runs = RunBook(self.fleet, store, self.forecasts, config.blob_dir, config.run_rejoin_grace)
+        self.blobs = BlobStore(config.blob_dir / "blobs")
+        self.runs = RunBook(self.fleet, store, self.forecasts, self.blobs, config.run_rejoin_grace)
         self.serving = ServeBook(self.fleet, store, self.runs)
         self.files = FileBook(self.fleet, store, self.forecasts, config.file_repair_interval, config.file_lost_after,
                               config.file_orphan_after, max_inventory=config.limits.max_inventory_chunks)
@@ -39,7 +41,11 @@ class Coordinator:
         self._loops = OwnedTasks("coordinator")
 
     async def start(self) -> None:
-        """Start the background loops: hub maintenance (liveness, history), file repair, forecast retraining."""
+        """Take up the work the last coordinator left, then start the background loops: hub maintenance
+        (liveness, history), file repair, forecast retraining."""
+        await self.blobs.open()
+        await self.runs.restore()
+        await self.serving.restore()
         self._loops.spawn(self.hub.maintain(), name="hub-maintain")
         self._loops.spawn(self.files.maintain(), name="file-repair")
         await self.forecasts.start()

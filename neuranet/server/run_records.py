@@ -71,6 +71,10 @@ class RunRecords(Repository):
             kept = set((await s.scalars(select(RunCheckpoint.digest).where(RunCheckpoint.digest.in_(old)))).all())
         return sorted(old - kept)
 
+    async def blob_in_use(self, digest: str) -> bool:
+        async with self.session() as s:
+            return await s.scalar(select(RunCheckpoint.run_id).where(RunCheckpoint.digest == digest).limit(1)) is not None
+
     async def checkpoint(self, run_id: str) -> Checkpoint | None:
         """The run's newest whole checkpoint, or None."""
         async with self.session() as s:

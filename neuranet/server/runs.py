@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,7 +18,9 @@ from neuranet.errors import Invalid
 from neuranet.pipeline.schedules import OPTIMIZER_NAMES, SCHEDULES, UnknownSchedule
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
+from neuranet.server.blobs import BlobStore, BlobWriter
 from neuranet.server.edge import ApiModel
+from neuranet.server.run_records import Checkpoint
 from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
@@ -127,13 +127,15 @@ class RunState:
     parts: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> state parts received
     part_counts: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> parts announced
     part_bytes: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, stage) -> bytes received
-    uploaded: dict[int, set[int]] = field(default_factory=dict)  # step -> stages whose state is complete
-    checkpoints: dict[int, int] = field(default_factory=dict)  # step -> attempt that wrote it, whole model
+    writers: dict[tuple[int, int], BlobWriter] = field(default_factory=dict)  # (step, stage) -> its state, streaming
+    uploaded: dict[int, dict[int, tuple[str, int]]] = field(default_factory=dict)  # step -> stage -> (digest, size)
+    checkpoints: dict[int, int] = field(default_factory=dict)  # step -> attempt that wrote it, whole model (newest)
+    checkpoint_digests: tuple[str, ...] = ()  # the newest whole checkpoint's stage blobs, stage order
     checkpoint_every: int = 0
     checkpoint_reason: str = ""
     devices: list[dict[str, Any]] = field(default_factory=list)  # the devices given to the run: id, name, profile
-    lost: set[str] = field(default_factory=set)  # devices lost since the last (re-)plan
-    recovering: bool = False
+    lost: set[str] = field(default_factory=set)  # devices lost since the last (re-)plan, not yet recovered from
+    recovery: "asyncio.Task[None] | None" = None  # the one task recovering this run, while it does
     rejoined: asyncio.Event = field(default_factory=asyncio.Event)  # set when a lost device connects again
 
     @property
@@ -154,7 +156,34 @@ class RunState:
                 "stages": self.stages, "plan": self.plan, "losses": [self.losses[k] for k in sorted(self.losses)],
                 "errors": self.errors, "started": self.started, "attempt": self.attempt,
                 "recoveries": self.recoveries, "checkpoints": sorted(self.checkpoints),
-                "checkpoint_every": self.checkpoint_every, "checkpoint_reason": self.checkpoint_reason}
+                "checkpoint_every": self.checkpoint_every, "checkpoint_reason": self.checkpoint_reason,
+                "recovering": self.recovery is not None}
+
+    def record(self) -> dict[str, Any]:
+        """What a restarted coordinator needs to take the run up again (the checkpoints are rows of their own)."""
+        return {"request": self.request.model_dump(mode="json"), "stages": self.stages, "plan": self.plan,
+                "started": self.started, "losses": [[k, v] for k, v in sorted(self.losses.items())],
+                "errors": {str(k): v for k, v in self.errors.items()}, "recoveries": self.recoveries,
+                "checkpoint_every": self.checkpoint_every, "checkpoint_reason": self.checkpoint_reason,
+                "devices": self.devices, "done": sorted(self.done)}
+
+    @classmethod
+    def restored(cls, run_id: str, user_id: str, attempt: int, spec: dict[str, Any],
+                 checkpoint: Checkpoint | None) -> "RunState":
+        """The run as the last coordinator recorded it, resuming from ``checkpoint`` (progress after it is redone)."""
+        step = checkpoint.step if checkpoint else 0
+        run = cls(run_id, user_id, RunRequest.model_validate(spec["request"]), list(spec["stages"]), str(spec["plan"]),
+                  started=float(spec["started"]), attempt=attempt, recoveries=list(spec["recoveries"]),
+                  checkpoint_every=int(spec["checkpoint_every"]), checkpoint_reason=str(spec["checkpoint_reason"]),
+                  devices=list(spec["devices"]))
+        run.losses = {int(k): float(v) for k, v in spec["losses"] if int(k) < step}
+        run.errors = {int(k): str(v) for k, v in spec.get("errors", {}).items()}
+        if checkpoint is not None:
+            run.checkpoints = {checkpoint.step: checkpoint.attempt}
+            run.checkpoint_digests = checkpoint.digests
+            if checkpoint.step == run.request.steps:
+                run.done = set(range(len(run.stages)))  # the final state is whole: only its StageDones were lost
+        return run
 
 
 def max_state_parts(param_bytes: int, layers: int = 1) -> int:
@@ -279,16 +308,28 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> Split:
     return plan_layers(layers, devices, "throughput", micro, req.microbatches, req.use_all_devices)
 
 
-class RunBook:
-    """The coordinator's live runs: start them, route their agents' reports, keep their weights."""
+Planner = Callable[[RunRequest, list[dict[str, Any]]], Split]
+RESTORE_GRACE = 120.0  # seconds a restarted coordinator waits for a run's devices to return
 
-    def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService", blob_dir: Path,
-                 rejoin_grace: float = 5.0) -> None:
+
+class RunBook:
+    """The coordinator's runs: start them, route their agents' reports, keep their checkpoints and weights.
+
+    Every run is also a record (`Store.runs`): its state, attempt and spec are saved when they change
+    and each whole checkpoint is saved as blobs, so a restarted coordinator takes the run up again
+    (:meth:`restore`) from its last whole checkpoint. Recovery of a run has one owner, a task that takes
+    the run's device losses in order; if it fails, the run is failed with the reason.
+    """
+
+    def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService | None", blobs: BlobStore,
+                 rejoin_grace: float = 5.0, restore_grace: float = RESTORE_GRACE, planner: Planner | None = None) -> None:
         self.fleet = fleet
         self.store = store
         self.forecasts = forecasts
-        self.blob_dir = blob_dir
+        self.blobs = blobs
         self.rejoin_grace = rejoin_grace  # how long a recovery waits for lost devices to come back
+        self.restore_grace = restore_grace  # likewise after a coordinator restart (agents back off to reconnect)
+        self._planner = planner or _plan
         self.runs: dict[str, RunState] = {}
         self._tasks = OwnedTasks("runs")  # recoveries in progress
         fleet.on_lost(self.on_device_lost)
@@ -297,8 +338,7 @@ class RunBook:
     def handlers(self) -> dict[type[m.Message], "Handler"]:
         return {m.StageProgress: self.on_message, m.StageWeights: self.on_message, m.StageDone: self.on_message}
 
-    def weights_dir(self, run_id: str) -> Path:
-        return self.blob_dir / "runs" / run_id
+    # --- starting ------------------------------------------------------------------------
 
     async def start(self, user_id: str, req: RunRequest, devices: list[dict[str, Any]]) -> RunState:
         from neuranet.pipeline.models import MODELS
@@ -310,16 +350,52 @@ class RunBook:
         offline = [s["device"] for s in split.stages if not self.fleet.online(s["device"])]
         if offline:  # nothing is recorded for a run that could not start
             raise RunError(f"device {offline[0]} went offline while the run was planned; start it again")
-        run_id = await self.store.runs.create_run(user_id, "train", [s["device"] for s in split.stages])
-        run = RunState(run_id, user_id, req, split.stages, split.text, checkpoint_every=every,
-                       checkpoint_reason=reason, devices=[{k: d.get(k) for k in ("id", "name", "profile")} for d in devices])
-        self.runs[run_id] = run
+        run = RunState("", user_id, req, split.stages, split.text, checkpoint_every=every, checkpoint_reason=reason,
+                       devices=[{k: d.get(k) for k in ("id", "name", "profile")} for d in devices])
+        run.id = await self.store.runs.create_run(user_id, "train", [s["device"] for s in split.stages],
+                                                  state="running", spec=run.record())
+        self.runs[run.id] = run
         lost = next((s["device"] for s in run.stages if not self.fleet.online(s["device"])), None)
         if lost is not None:  # it went away while the run was recorded: recover as from any loss
             self.on_device_lost(lost)
         else:
-            self._assign(run)
+            await self._assign(run)
         return run
+
+    async def restore(self) -> int:
+        """Take up the runs the last coordinator left running: each waits (up to ``restore_grace``) for its
+        devices to return, then resumes from its last whole checkpoint. Returns how many were taken up."""
+        taken = 0
+        for row in await self.store.runs.live("train", ("running",)):
+            try:
+                run = RunState.restored(row.id, row.user_id, row.attempt, row.spec or {},
+                                        await self.store.runs.checkpoint(row.id))
+            except (KeyError, TypeError, ValueError) as exc:  # a record this version cannot read
+                await self.store.runs.save(row.id, "failed", row.attempt, row.spec or {},
+                                           f"cannot be taken up after a restart: {type(exc).__name__}: {exc}")
+                continue
+            self.runs[run.id] = run
+            taken += 1
+            if run.status != "running":
+                await self._save(run)
+                continue
+            run.lost = {s["device"] for s in run.stages}
+            self._recover_soon(run, self.restore_grace, "the coordinator restarted")
+        return taken
+
+    async def find(self, run_id: str) -> RunState | None:
+        """A run by id: a live one, or one that ended before this coordinator started (read from its record)."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run
+        row = await self.store.runs.get(run_id)
+        if row is None or row.kind != "train" or row.state not in ("finished", "failed") or not row.spec:
+            return None
+        try:
+            run = RunState.restored(row.id, row.user_id, row.attempt, row.spec, await self.store.runs.checkpoint(row.id))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return self.runs.setdefault(run_id, run)
 
     async def _checkpoint_interval(self, req: RunRequest, split: Split, devices: list[dict[str, Any]]) -> tuple[int, str]:
         """The request's interval, or (``checkpoint_every`` None) one from the devices' forecast availability."""
@@ -327,7 +403,7 @@ class RunBook:
 
         if req.checkpoint_every is not None:
             return req.checkpoint_every, "as requested"
-        expected = await self.forecasts.expected_online([s["device"] for s in split.stages])
+        expected = await self.forecasts.expected_online([s["device"] for s in split.stages]) if self.forecasts else None
         if expected is None:
             return DEFAULT_CHECKPOINT_EVERY, "default (no availability forecast yet)"
         slots = 2 if req.optimizer.lower() == "adamw" else 0  # optimiser state per parameter, uploaded too
@@ -339,15 +415,19 @@ class RunBook:
 
     async def _plan(self, req: RunRequest, devices: list[dict[str, Any]]) -> Split:
         try:
-            return await asyncio.to_thread(_plan, req, devices)
+            return await asyncio.to_thread(self._planner, req, devices)
         except (ValueError, TypeError, LookupError, RuntimeError, OverflowError) as exc:  # torch: bad sizes
             raise RunError(f"cannot plan {req.model}: {exc}") from None
 
-    def _assign(self, run: RunState, resume_step: int = 0) -> None:
-        req, stages = run.request, run.stages
-        state = self._checkpoint_blob(run, resume_step) if resume_step else b""
+    async def _assign(self, run: RunState, resume_step: int = 0) -> None:
+        """Send each stage its assignment (and the state to resume from); a device gone meanwhile is a loss."""
+        req, stages, attempt = run.request, run.stages, run.attempt
+        state = await self._checkpoint_blob(run) if resume_step else b""
+        if run.attempt != attempt:
+            return  # superseded while the state was read
+        parts = m.state_parts(state) if state else []
         for i, s in enumerate(stages):
-            self.fleet.send(s["device"], m.StageAssign(
+            sent = self.fleet.send(s["device"], m.StageAssign(
                 run_id=run.id, stage=i, num_stages=len(stages), model=req.model, seed=req.seed,
                 model_options=req.model_options, start=s["start"], stop=s["stop"],
                 prev=stages[i - 1]["device"] if i else None,
@@ -356,64 +436,92 @@ class RunBook:
                 steps=req.steps, batch_size=req.batch_size, data_seed=req.data_seed, attempt=run.attempt,
                 checkpoint_every=run.checkpoint_every, resume_step=resume_step,
                 model_source=req.user_model.source if req.user_model else ""))
-            parts = m.state_parts(state) if state else []
-            for i, chunk in enumerate(parts):
-                self.fleet.send(s["device"], m.StageState(run_id=run.id, attempt=run.attempt, part=i, parts=len(parts)),
-                                chunk)
+            for j, chunk in enumerate(parts if sent else []):
+                sent = sent and self.fleet.send(
+                    s["device"], m.StageState(run_id=run.id, attempt=run.attempt, part=j, parts=len(parts)), chunk)
+            if not sent:
+                self.on_device_lost(s["device"], run)
 
-    def _state_path(self, run: RunState, attempt: int, step: int, stage: int) -> Path:
-        return self.weights_dir(run.id) / f"attempt-{attempt}" / f"step-{step}" / f"stage-{stage}.safetensors"
+    # --- reports from the stages -------------------------------------------------------------
 
-    def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
+    async def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
         run = self.runs.get(msg.run_id)
         if (run is None or getattr(msg, "attempt", run.attempt) != run.attempt or not 0 <= msg.stage < len(run.stages)
                 or run.stages[msg.stage]["device"] != conn.device_id):
             return  # unknown, stale (an aborted attempt) or not this device's stage
+        before = run.status
         if isinstance(msg, m.StageProgress):
             if msg.loss is not None:
                 run.losses[msg.step] = msg.loss
         elif isinstance(msg, m.StageWeights):
-            self._state_part(run, msg, payload)
+            await self._state_part(run, msg, payload)
         elif not msg.ok:
             run.errors[msg.stage] = msg.error or "stage failed"
         else:
             run.done.add(msg.stage)
+        if run.status != before:
+            await self._ended(run)
 
-    def _state_part(self, run: RunState, msg: m.StageWeights, payload: bytes) -> None:
+    async def _state_part(self, run: RunState, msg: m.StageWeights, payload: bytes) -> None:
+        """Stream a part of a stage's state into its blob; once every stage's is whole, record the checkpoint."""
         if run.status != "running":
             return  # nothing is written for a run that has ended
         refused = refuse_state_part(run, msg, len(payload))
         if refused is not None:
             run.errors[msg.stage] = refused
             return
-        key = (msg.step, msg.stage)
-        path = self._state_path(run, run.attempt, msg.step, msg.stage).with_suffix(".part")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab" if msg.part else "wb") as f:
-            f.write(payload)
-        run.parts[key] = msg.part + 1
+        key, attempt = (msg.step, msg.stage), run.attempt
+        writer = run.writers.get(key) or run.writers.setdefault(key, self.blobs.writer())
+        run.parts[key] = msg.part + 1  # claimed before the write: a part resent meanwhile is refused
         run.part_counts[key] = msg.parts
         run.part_bytes[key] = run.part_bytes.get(key, 0) + len(payload)
-        if msg.part + 1 == msg.parts:
-            path.replace(path.with_suffix(".safetensors"))
-            run.uploaded.setdefault(msg.step, set()).add(msg.stage)
-            if len(run.uploaded[msg.step]) == len(run.stages):
-                run.checkpoints[msg.step] = run.attempt
-                self._drop_older_checkpoints(run, msg.step)
+        await writer.write(payload)
+        if msg.part + 1 < msg.parts:
+            return
+        del run.writers[key]
+        digest = await writer.commit()
+        if run.attempt != attempt:  # aborted meanwhile: the blob is nobody's (unless the same bytes are)
+            if digest not in run.checkpoint_digests and not await self.store.runs.blob_in_use(digest):
+                await self.blobs.delete(digest)
+            return
+        stages = run.uploaded.setdefault(msg.step, {})
+        stages[msg.stage] = (digest, run.part_bytes[key])
+        if len(stages) == len(run.stages):
+            whole = [stages[i] for i in range(len(run.stages))]
+            dropped = await self.store.runs.put_checkpoint(run.id, msg.step, attempt, whole)
+            run.checkpoints = {msg.step: attempt}
+            run.checkpoint_digests = tuple(d for d, _ in whole)
+            for older in [s for s in run.uploaded if s < msg.step]:
+                del run.uploaded[older]
+            await self._save(run)
+            for digest in dropped:
+                await self.blobs.delete(digest)
 
-    def _drop_older_checkpoints(self, run: RunState, step: int) -> None:
-        """Only the newest whole checkpoint is resumed from: the older ones' files go (disk stays bounded)."""
-        for older in [s for s in run.checkpoints if s < step]:
-            shutil.rmtree(self._state_path(run, run.checkpoints.pop(older), older, 0).parent, ignore_errors=True)
+    async def _ended(self, run: RunState) -> None:
+        """The run finished or failed: record it, and stop the stages still running a failed one."""
+        if run.status == "failed":
+            for s in run.stages:
+                self.fleet.send(s["device"], m.StageAbort(run_id=run.id, reason="the run failed"))
+            await self._abort_writers(run)
+        await self._save(run)
 
-    def on_device_lost(self, device_id: str) -> None:
+    async def _save(self, run: RunState) -> None:
+        await self.store.runs.save(run.id, run.status, run.attempt, run.record(),
+                                   "; ".join(run.errors[k] for k in sorted(run.errors)) or None)
+
+    async def _abort_writers(self, run: RunState) -> None:
+        writers, run.writers = list(run.writers.values()), {}
+        for writer in writers:
+            await writer.abort()
+
+    # --- recovery ------------------------------------------------------------------------
+
+    def on_device_lost(self, device_id: str, only: RunState | None = None) -> None:
         """A device of a running run went offline: re-plan and resume from the last checkpoint."""
-        for run in self.runs.values():
+        for run in [only] if only is not None else list(self.runs.values()):
             if run.status == "running" and any(s["device"] == device_id for s in run.stages):
                 run.lost.add(device_id)
-                if not run.recovering:
-                    run.recovering = True
-                    self._tasks.spawn(self._recover(run))
+                self._recover_soon(run, self.rejoin_grace, "")
 
     def on_device_back(self, device_id: str) -> None:
         """A device connected: a recovery waiting for it re-plans now, with it."""
@@ -421,10 +529,33 @@ class RunBook:
             if device_id in run.lost:
                 run.rejoined.set()
 
-    async def _await_rejoin(self, run: RunState) -> None:
+    def _recover_soon(self, run: RunState, grace: float, why: str) -> None:
+        """Start the run's recovery unless one is under way (it takes the new loss in turn)."""
+        if run.recovery is None:
+            run.recovery = self._tasks.spawn(self._recover(run, grace, why), name=f"recover-{run.id}",
+                                             on_error=lambda exc: self._recovery_failed(run, exc))
+
+    def _recovery_failed(self, run: RunState, exc: BaseException) -> None:
+        run.recovery = None
+        if run.status == "running":
+            run.errors[-1] = f"recovery failed: {type(exc).__name__}: {exc}"
+        self._tasks.spawn(self._ended(run), name=f"record-failure-{run.id}")
+
+    async def _recover(self, run: RunState, grace: float, why: str) -> None:
+        """Re-plan until no loss is left unanswered: a device lost during a re-plan starts the next one."""
+        try:
+            while run.lost and run.status == "running":
+                await self._replan(run, grace, why)
+                grace, why = self.rejoin_grace, ""
+        finally:
+            run.recovery = None
+        if run.status == "failed":
+            await self._ended(run)
+
+    async def _await_rejoin(self, run: RunState, grace: float) -> None:
         """Wait up to the grace for every lost device to reconnect: a blip should not cost a device."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.rejoin_grace
+        deadline = loop.time() + grace
         while any(not self.fleet.online(d) for d in run.lost) and (left := deadline - loop.time()) > 0:
             run.rejoined.clear()
             try:
@@ -437,66 +568,79 @@ class RunBook:
         names = {d["id"]: d.get("name") or d["id"] for d in run.devices}
         return ", ".join(sorted(names.get(d, d) for d in device_ids))
 
-    async def _recover(self, run: RunState) -> None:
-        try:
-            await self._replan(run)
-        finally:
-            run.recovering = False
-
-    async def _replan(self, run: RunState) -> None:
+    async def _replan(self, run: RunState, grace: float, why: str) -> None:
         """Abort the attempt, wait a grace for lost devices, then plan over the run's devices online now
         (those that came back included) and resume every stage from the last whole checkpoint."""
         run.attempt += 1  # from now on, reports of the old attempt are ignored
+        await self._abort_writers(run)
+        await self._save(run)  # before any assignment: a restart never reuses an attempt number
+        lost = set(run.lost)
+        reason = why or f"{self._names(run, lost)} went offline"
         for s in run.stages:
-            self.fleet.send(s["device"], m.StageAbort(run_id=run.id, reason=f"{self._names(run, run.lost)} went offline"))
-        resume = max((s for s in run.checkpoints if s < run.request.steps), default=0)
-        await self._await_rejoin(run)
+            self.fleet.send(s["device"], m.StageAbort(run_id=run.id, reason=reason))
+        resume = max(run.checkpoints, default=0)
+        await self._await_rejoin(run, grace)
+        lost |= run.lost
+        what = why or f"{self._names(run, lost)} went offline"
         while True:
             online = [d for d in run.devices if self.fleet.online(d["id"])]
             if not online:
-                run.errors[-1] = f"{self._names(run, run.lost)} went offline and no device of the run is online"
+                run.errors[-1] = f"{what} and no device of the run is online"
                 return
             devices = [{**d, "profile": self.fleet.profile(d["id"]) or d.get("profile") or {}} for d in online]
             try:
                 split = await self._plan(run.request, devices)
             except RunError as exc:
-                run.errors[-1] = f"{self._names(run, run.lost)} went offline and the rest cannot hold it: {exc}"
+                run.errors[-1] = f"{what} and the rest cannot hold it: {exc}"
                 return
             if all(self.fleet.online(s["device"]) for s in split.stages):
                 break  # else a device went while planning: plan again without it
-        back = self._names(run, [d for d in run.lost if self.fleet.online(d)])
-        for d in run.lost:  # a returned device may still run its stage of the old attempt
+        back = self._names(run, [d for d in lost if self.fleet.online(d)])
+        for d in lost:  # a returned device may still run its stage of the old attempt
             self.fleet.send(d, m.StageAbort(run_id=run.id, reason="re-planned while it was away"))
+        lost_text = why or f"lost {self._names(run, lost)}"
         run.recoveries.append(
-            f"attempt {run.attempt}: lost {self._names(run, run.lost)}" + (f" ({back} came back)" if back else "")
+            f"attempt {run.attempt}: {lost_text}" + (f" ({back} came back)" if back else "")
             + f"; resumed from step {resume} on {len(split.stages)} devices")
         run.stages, run.plan = split.stages, split.text
-        run.lost.clear()
+        planned = {s["device"] for s in run.stages}
+        # Losses answered by this plan are done; one of a planned device that is offline again is not.
+        run.lost = {d for d in run.lost - lost if d in planned and not self.fleet.online(d)}
         run.done.clear()
         run.parts.clear()
         run.part_counts.clear()
         run.part_bytes.clear()
         run.uploaded.clear()
-        self._assign(run, resume)
+        run.losses = {k: v for k, v in run.losses.items() if k < resume}
+        await self._save(run)
+        await self._assign(run, resume)
 
-    def _checkpoint_blob(self, run: RunState, step: int) -> bytes:
-        """The whole model's state after ``step`` steps, merged from the stages that wrote it."""
-        from safetensors.torch import load, save
+    # --- checkpoints and weights ----------------------------------------------------------------
 
-        tensors: dict[str, Any] = {}
-        for path in sorted(self._state_path(run, run.checkpoints[step], step, 0).parent.glob("stage-*.safetensors")):
-            tensors.update(load(path.read_bytes()))
-        return save(tensors)
+    async def _checkpoint_blob(self, run: RunState) -> bytes:
+        """The whole model's state at the newest checkpoint, merged from the stages' blobs (off the loop)."""
+        parts = [await self.blobs.get(d) for d in run.checkpoint_digests]
+        return await asyncio.to_thread(_merge_states, parts, False)
 
-    def merged_weights(self, run_id: str) -> bytes:
+    async def merged_weights(self, run_id: str) -> bytes:
         """The finished model's weights in one safetensors file, keyed ``<layer index>.<parameter>``."""
-        from safetensors.torch import load, save
-
-        from neuranet.pipeline.checkpoint import weights_only
-
         run = self.runs[run_id]
-        return save(weights_only(load(self._checkpoint_blob(run, run.request.steps))))
+        parts = [await self.blobs.get(d) for d in run.checkpoint_digests]
+        return await asyncio.to_thread(_merge_states, parts, True)
 
     async def close(self) -> None:
         await self._tasks.close()
+        for run in self.runs.values():
+            await self._abort_writers(run)
 
+
+def _merge_states(parts: list[bytes], weights: bool) -> bytes:
+    """Stage states (safetensors) as one; ``weights``: only the parameters."""
+    from safetensors.torch import load, save
+
+    from neuranet.pipeline.checkpoint import weights_only
+
+    tensors: dict[str, Any] = {}
+    for part in parts:
+        tensors.update(load(part))
+    return save(weights_only(tensors) if weights else tensors)

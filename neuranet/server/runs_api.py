@@ -54,7 +54,7 @@ MAX_RUNS_LISTED = 1000
 async def list_runs(user: User, store: StoreDep, runs: RunsDep, serving: ServingDep,
                     limit: int = Query(100, ge=1, le=MAX_RUNS_LISTED)) -> list[dict[str, Any]]:
     """Your runs and deployments, newest first: id, kind, model, state, devices, step, created (state
-    "unknown": the coordinator restarted since, and what it knew of the run in memory is gone)."""
+    "unknown": recorded by a coordinator too old to keep runs' state)."""
     names = {d.id: d.name for d in await store.devices.list_devices(user.user_id)}
     out = []
     for row, device_ids in await store.runs.list_runs(user.user_id, limit):
@@ -68,12 +68,16 @@ async def list_runs(user: User, store: StoreDep, runs: RunsDep, serving: Serving
                 entry.update(model=live.request.model, step=len(live.losses), steps=live.request.steps)
             else:
                 entry.update(model=live.model)
+        elif row.state is not None:  # ended before this coordinator started: as its record says
+            spec = row.spec or {}
+            request = spec.get("request") or {}
+            entry.update(state=row.state, model=request.get("model") or spec.get("model"), steps=request.get("steps"))
         out.append(entry)
     return out
 
 
-def _run_of(run_id: str, user: Any, runs: Any) -> Any:
-    run = runs.runs.get(run_id)
+async def _run_of(run_id: str, user: Any, runs: Any) -> Any:
+    run = await runs.find(run_id)
     if run is None or run.user_id != user.user_id:
         raise NotFound(f"no run {run_id}")
     return run
@@ -81,15 +85,15 @@ def _run_of(run_id: str, user: Any, runs: Any) -> Any:
 
 @router.get("/{run_id}")
 async def get_run(run_id: str, user: User, runs: RunsDep) -> dict[str, Any]:
-    return _run_of(run_id, user, runs).view()
+    return (await _run_of(run_id, user, runs)).view()
 
 
 @router.get("/{run_id}/weights")
 async def get_weights(run_id: str, user: User, runs: RunsDep) -> Response:
-    run = _run_of(run_id, user, runs)
+    run = await _run_of(run_id, user, runs)
     if run.status != "finished":
         raise Conflict(f"run {run_id} is {run.status}; weights are ready when it has finished")
-    return Response(runs.merged_weights(run_id), media_type="application/octet-stream")
+    return Response(await runs.merged_weights(run_id), media_type="application/octet-stream")
 
 
 @serve_router.post("")

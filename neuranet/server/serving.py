@@ -21,7 +21,8 @@ from neuranet.errors import BadUpstream, Conflict, Invalid, NeuraNetError, NotFo
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX
 from neuranet.server.edge import ApiModel
-from neuranet.server.runs import RunError, build_and_profile, plan_layers
+from neuranet.server.runs import RESTORE_GRACE, RunError, build_and_profile, plan_layers
+from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
     from neuranet.pipeline.inference import PartJoiner
@@ -103,6 +104,8 @@ class Deployment:
     block_size: int | None  # for text generation: the model's context length, None if it cannot generate
     source_run: str | None = None
     started: float = field(default_factory=time.time)
+    attempt: int = 0  # assignments so far, less one: bumped when a restarted coordinator assigns it again
+    restoring: bool = False  # taken up after a restart, waiting for its devices to return
     ready: set[int] = field(default_factory=set)
     error: str = ""
     stopped: bool = False
@@ -126,6 +129,11 @@ class Deployment:
                 "error": self.error, "started": self.started, "served": self.served, "run": self.source_run,
                 "can_generate": self.block_size is not None}
 
+    def record(self) -> dict[str, Any]:
+        """What a restarted coordinator needs to serve it again (`ServeBook.restore`)."""
+        return {"model": self.model, "seed": self.seed, "model_options": self.model_options, "stages": self.stages,
+                "plan": self.plan, "source_run": self.source_run, "started": self.started}
+
     def fail(self, error: str) -> None:
         if not self.error:
             self.error = error
@@ -143,12 +151,16 @@ class Deployment:
 class ServeBook:
     """The coordinator's deployments: start them, route their agents' reports, answer requests."""
 
-    def __init__(self, fleet: "Fleet", store: "Store", runs: "RunBook") -> None:
+    def __init__(self, fleet: "Fleet", store: "Store", runs: "RunBook", restore_grace: float = RESTORE_GRACE) -> None:
         self.fleet = fleet
         self.store = store
         self.runs = runs
+        self.restore_grace = restore_grace  # how long a restarted coordinator waits for a deployment's devices
         self.deployments: dict[str, Deployment] = {}
+        self._tasks = OwnedTasks("serving")  # state records and restorations
+        self._back = asyncio.Event()  # set when any device connects (restorations look again)
         fleet.on_lost(self.on_device_lost)
+        fleet.on_back(lambda _device_id: self._back.set())
 
     def handlers(self) -> dict[type[m.Message], "Handler"]:
         return {m.ServeStatus: self.on_message, m.ServeOutput: self.on_message}
@@ -158,7 +170,7 @@ class ServeBook:
 
         model, seed, options, weights = req.model, req.seed, req.model_options, b""
         if req.run is not None:
-            run = self.runs.runs.get(req.run)
+            run = await self.runs.find(req.run)
             if run is None or run.user_id != user_id:
                 raise ServeNotFound(f"no run {req.run}")
             if run.status != "finished":
@@ -168,7 +180,7 @@ class ServeBook:
             if model not in (None, run.request.model):
                 raise ServeInvalid(f"run {req.run} trained {run.request.model}, not {model}")
             model, seed, options = run.request.model, run.request.seed, run.request.model_options
-            weights = self.runs.merged_weights(req.run)
+            weights = await self.runs.merged_weights(req.run)
         if model is None:
             raise ServeInvalid("name a model or a finished training run to serve")
         if model not in MODELS:
@@ -181,13 +193,74 @@ class ServeBook:
             raise ServeInvalid(str(exc)) from None
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ServeInvalid(f"cannot plan {model}: {exc}") from None
-        block_size = built.data_options.get("block_size") if built.dataset == "stdlib-chars" else None
-        dep_id = await self.store.runs.create_run(user_id, "serve", [s["device"] for s in stages])
-        dep = Deployment(dep_id, user_id, model, seed, options, stages, plan_text, built.encode, block_size,
+        dep = Deployment("", user_id, model, seed, options, stages, plan_text, built.encode, _block_size(built),
                          source_run=req.run)
-        self.deployments[dep_id] = dep
+        dep.id = await self.store.runs.create_run(user_id, "serve", [s["device"] for s in stages], state="loading",
+                                                  spec=dep.record())
+        self.deployments[dep.id] = dep
         self._assign(dep, weights)
         return dep
+
+    async def restore(self) -> int:
+        """Take up the deployments the last coordinator served: each is assigned again once its devices are
+        back (within ``restore_grace``), or fails saying which did not return. Returns how many."""
+        taken = 0
+        for row in await self.store.runs.live("serve", ("loading", "ready")):
+            spec = row.spec or {}
+            try:
+                built = await asyncio.to_thread(_built, spec["model"], int(spec["seed"]), dict(spec["model_options"]))
+                dep = Deployment(row.id, row.user_id, spec["model"], int(spec["seed"]), dict(spec["model_options"]),
+                                 list(spec["stages"]), str(spec["plan"]), built.encode, _block_size(built),
+                                 source_run=spec.get("source_run"), started=float(spec["started"]),
+                                 attempt=row.attempt, restoring=True)
+            except Exception as exc:  # a record or model this version cannot serve
+                await self.store.runs.save(row.id, "failed", row.attempt, spec,
+                                           f"cannot be served again after a restart: {type(exc).__name__}: {exc}")
+                continue
+            self.deployments[dep.id] = dep
+            self._tasks.spawn(self._bring_back(dep), name=f"restore-{dep.id}",
+                              on_error=lambda exc, dep=dep: self._failed(dep, f"{type(exc).__name__}: {exc}"))
+            taken += 1
+        return taken
+
+    async def _bring_back(self, dep: Deployment) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.restore_grace
+        while (away := [s["device"] for s in dep.stages if not self.fleet.online(s["device"])]) and not dep.stopped:
+            left = deadline - loop.time()
+            if left <= 0:
+                self._failed(dep, f"device {', '.join(away)} did not come back within {self.restore_grace:.0f} s "
+                                  f"of the coordinator's restart")
+                return
+            self._back.clear()
+            try:
+                await asyncio.wait_for(self._back.wait(), left)
+            except TimeoutError:
+                pass
+        if dep.stopped:
+            return
+        weights = b""
+        if dep.source_run is not None:
+            if await self.runs.find(dep.source_run) is None:
+                self._failed(dep, f"run {dep.source_run}, whose weights it serves, is gone")
+                return
+            weights = await self.runs.merged_weights(dep.source_run)
+        dep.attempt += 1  # fresh links: the old ones went with the last coordinator
+        dep.restoring = False
+        await self._save(dep)
+        self._assign(dep, weights)
+
+    def _failed(self, dep: Deployment, error: str) -> None:
+        dep.restoring = False
+        dep.fail(error)
+        self._record(dep)
+
+    def _record(self, dep: Deployment) -> None:
+        """Save the deployment's state now (from sync code: in a task of the book's)."""
+        self._tasks.spawn(self._save(dep), name=f"record-{dep.id}")
+
+    async def _save(self, dep: Deployment) -> None:
+        await self.store.runs.save(dep.id, dep.status, dep.attempt, dep.record(), dep.error or None)
 
     def _assign(self, dep: Deployment, weights: bytes) -> None:
         parts = m.state_parts(weights) if weights else []
@@ -196,7 +269,8 @@ class ServeBook:
                 run_id=dep.id, stage=i, num_stages=len(dep.stages), model=dep.model, seed=dep.seed,
                 model_options=dep.model_options, start=s["start"], stop=s["stop"],
                 prev=dep.stages[i - 1]["device"] if i else None,
-                next=dep.stages[i + 1]["device"] if i + 1 < len(dep.stages) else None, weights_parts=len(parts)))
+                next=dep.stages[i + 1]["device"] if i + 1 < len(dep.stages) else None, attempt=dep.attempt,
+                weights_parts=len(parts)))
             for j, chunk in enumerate(parts):
                 self.fleet.send(s["device"], m.ServeWeights(run_id=dep.id, part=j, parts=len(parts)), chunk)
 
@@ -237,7 +311,7 @@ class ServeBook:
             else:
                 for i, piece in enumerate(pieces):
                     header, data = encode_tensor(piece)
-                    first.send(m.ServeInput(run_id=dep.id, request=request, part=i, parts=len(pieces), tensor=header),
+                    first.send(m.ServeInput(run_id=dep.id, attempt=dep.attempt, request=request, part=i, parts=len(pieces), tensor=header),
                                payload=bytes(data))
             try:
                 out = await asyncio.wait_for(future, REQUEST_TIMEOUT)
@@ -262,21 +336,23 @@ class ServeBook:
             return
         dep.stopped = True
         dep.end(f"deployment {dep.id} was stopped: {reason}")
+        self._record(dep)
         for s in dep.stages:
             self.fleet.send(s["device"], m.ServeStop(run_id=dep.id, reason=reason))
 
     def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
         dep = self.deployments.get(msg.run_id)
-        if (dep is None or dep.stopped or not 0 <= msg.stage < len(dep.stages)
-                or dep.stages[msg.stage]["device"] != conn.device_id):
+        if (dep is None or dep.stopped or dep.restoring or msg.attempt != dep.attempt
+                or not 0 <= msg.stage < len(dep.stages) or dep.stages[msg.stage]["device"] != conn.device_id):
             return  # unknown or stopped deployment (its stages' links close as they stop), or not this device's stage
         if isinstance(msg, m.ServeStatus):
             if not msg.ok:
-                dep.fail(f"stage {msg.stage} on {conn.device_id}: {msg.error}")
+                self._failed(dep, f"stage {msg.stage} on {conn.device_id}: {msg.error}")
                 return
             dep.ready.add(msg.stage)
             if len(dep.ready) == len(dep.stages):
                 dep.became_ready.set()
+                self._record(dep)
             return
         future = dep.pending.get(msg.request)
         if future is None or future.done():
@@ -302,9 +378,23 @@ class ServeBook:
 
     def on_device_lost(self, device_id: str) -> None:
         for dep in self.deployments.values():
-            if dep.status in ("loading", "ready") and any(s["device"] == device_id for s in dep.stages):
-                dep.fail(f"device {device_id} went offline")
+            if (dep.status in ("loading", "ready") and not dep.restoring
+                    and any(s["device"] == device_id for s in dep.stages)):
+                self._failed(dep, f"device {device_id} went offline")
 
     async def close(self) -> None:
+        """The coordinator stops: pending requests fail, the records stay as they are (a restart serves again)."""
+        await self._tasks.close()
         for dep in self.deployments.values():
-            dep.fail("the coordinator is shutting down")
+            dep.end("the coordinator is shutting down")
+
+
+def _built(model: str, seed: int, options: dict[str, Any]) -> Any:
+    from neuranet.pipeline.models import build_model
+
+    return build_model(model, seed, **options)
+
+
+def _block_size(built: Any) -> int | None:
+    """For text generation: the model's context length; None if it cannot generate."""
+    return built.data_options.get("block_size") if built.dataset == "stdlib-chars" else None
