@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from neuranet.config import ClientConfig, default_home
-from neuranet.server.events import Event
+from neuranet.server.events import STREAM_OPEN, Event
 
 
 class ClientError(Exception):
@@ -228,7 +228,8 @@ class Client:
         families (``"device"``, ``"run.state"``); default all. With ``reconnect``, a stream that ends or
         breaks (the server restarting, this client dropped as too slow) is opened again with the last
         event's id, so missed events are sent (or a ``stream.gap`` says to reread); the stream's own
-        ``stream.dropped``/``stream.gap`` events are yielded too. Refusals (a bad token) raise."""
+        ``stream.dropped``/``stream.gap`` events are yielded too, and a ``stream.open`` each time the stream
+        is (re)opened: state read after it misses no later change. Refusals (a bad token) raise."""
         after = last_event_id
         lost_at: float | None = None
         tries = 0
@@ -268,6 +269,7 @@ class Client:
                 if resp.status_code >= 400:
                     resp.read()
                     raise self._refusal(resp)
+                yield Event(STREAM_OPEN, None, "")  # subscribed: state read from now on misses nothing
                 yield from parse_sse(resp.iter_lines())
         except httpx.HTTPError as exc:
             raise ServerUnreachable(f"the event stream from {self._http.base_url} broke: "

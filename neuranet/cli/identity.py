@@ -151,18 +151,58 @@ def _match(rows: list[dict[str, Any]], which: str, what: str) -> dict[str, Any]:
 
 
 @devices_app.callback(invoke_without_command=True)
-def devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOpt,
-            token: Optional[str] = TokenOpt) -> None:
+def devices(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
+            watch: bool = typer.Option(False, "--watch", help="Then follow devices going online and offline, as "
+                                       "they do (Ctrl-C stops); with --json, one JSON object a line."),
+            server: Optional[str] = ServerOpt, token: Optional[str] = TokenOpt) -> None:
     """List your devices: online state, resources, last seen."""
     if ctx.invoked_subcommand is not None:
         return
     from neuranet.ui import devices_table
 
+    if watch:
+        with connect(server, token) as c:
+            try:
+                watch_devices(c, as_json)
+            except ClientError as exc:
+                fail(exc)
+            except KeyboardInterrupt:
+                pass
+        return
     rows = ask(server, token, lambda c: c.devices())
     if as_json:
         console.print_json(json.dumps(rows))
     else:
         console.print(devices_table(rows))
+
+
+def watch_devices(c: Client, as_json: bool) -> None:
+    """The device list each time the event stream opens (after a reconnect too), then a line per device going
+    online or offline, from ``GET /api/v1/events`` (nothing is polled)."""
+    from neuranet.server.events import DEVICE_ONLINE, STREAM_GAP, STREAM_OPEN
+    from neuranet.ui import devices_table
+
+    names: dict[str, str] = {}
+    for event in c.events(kinds=["device"], note=lambda text: err.print(f"[yellow]{escape(text)}[/]")):
+        if event.kind in (STREAM_OPEN, STREAM_GAP):  # (re)subscribed: the list as it is from now on
+            rows = c.devices()
+            names = {d["id"]: d["name"] for d in rows}
+            if as_json:
+                typer.echo(json.dumps({"devices": rows}))
+            else:
+                console.print(devices_table(rows))
+            continue
+        if event.kind.startswith("stream."):
+            continue
+        if event.object_id not in names:  # enrolled since the list was read
+            names = {d["id"]: d["name"] for d in c.devices()}
+        name, online = names.get(event.object_id, event.object_id), event.kind == DEVICE_ONLINE
+        if as_json:
+            typer.echo(json.dumps({"at": event.at, "device": event.object_id, "name": name,
+                                   "state": "online" if online else "offline"}))
+        else:
+            when = datetime.datetime.fromtimestamp(event.at).strftime("%H:%M:%S")
+            console.print(f"{when} {escape(name)} {'[green]online[/]' if online else '[red]offline[/]'}")
 
 
 @devices_app.command("remove")

@@ -43,6 +43,8 @@ KINDS = frozenset({DEVICE_ONLINE, DEVICE_OFFLINE, RUN_PROGRESS, RUN_STATE, DEPLO
                    FILE_DELETED, FORECAST_REFRESHED})
 FAMILIES = frozenset(k.split(".")[0] for k in KINDS)  # "device" stands for device.online and device.offline
 STREAM_KINDS = frozenset({STREAM_DROPPED, STREAM_GAP})
+# Made by the client (Client.events) each time its stream is opened or reopened: reread the state you show
+STREAM_OPEN = "stream.open"
 
 
 @dataclass(frozen=True)
