@@ -173,6 +173,9 @@ def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
 
 
 class Client:
+    """The coordinator's REST API as methods. Answers are the JSON of `neuranet.api_models`' models
+    (``RunView.model_validate(client.run(run_id))`` types one); refusals raise `ClientError`."""
+
     def __init__(self, cfg: ClientConfig, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         """``transport``: an httpx transport to speak through instead of the network (tests pass one that

@@ -1,4 +1,5 @@
-"""Schemathesis against the coordinator's own /openapi.json: no route answers 5xx, whatever it is sent.
+"""Schemathesis against the coordinator's own /openapi.json: no route answers 5xx, whatever it is sent,
+and every answer is one the schema documents (its status, content type and body schema).
 
 A real app (real SQLite store and hub) behind uvicorn on loopback, called with an admin's token so
 requests get past authentication into the routes. Bounded: EXAMPLES cases per route, no shrinking
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
+                                 status_code_conformance)
 
 from api_app import served_app
 
@@ -47,3 +50,5 @@ def test_no_route_answers_a_server_error(case: schemathesis.Case, served: tuple[
     assert response.status_code < 500, (
         f"{case.method} {case.formatted_path} answered {response.status_code}: {response.text[:500]}\n"
         f"{case.as_curl_command()}")
+    case.validate_response(response, checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                             response_schema_conformance])

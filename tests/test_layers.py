@@ -17,6 +17,7 @@ LAYERS: list[set[str]] = [
     {"protocol"},
     {"net"},
     {"storage", "pipeline", "forecast"},
+    {"api_models"},  # the REST bodies: the server answers with them, clients read them
     {"agent", "server"},
     {"client"},
     {"ui", "fabric"},

@@ -10,13 +10,14 @@ from pydantic import Field
 
 from neuranet.protocol.json_values import JsonValueError, check_json_value
 from neuranet.protocol.messages import PROFILE_BOUNDS
-from neuranet.server.edge import ApiModel
+from neuranet.server.edge import ApiModel, refusals
 from neuranet.server.deps import FleetDep, HubDep, StoreDep, User
 from neuranet.server.fleet import Fleet
-from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
+from neuranet import api_models as v
+from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized
 from neuranet.server.store import API_TOKEN_TTL, Principal, Store
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=refusals(Unauthorized))
 MAX_LINKTEST_BYTES = 4 * 1024**3
 
 
@@ -60,23 +61,23 @@ class LinkTestRequest(ApiModel):
     message_bytes: int = Field(1024 * 1024, gt=0, le=32 * 1024 * 1024)
 
 
-@router.get("/me")
+@router.get("/me", response_model=v.Me)
 async def me(user: User) -> dict[str, Any]:
     return {"user_id": user.user_id, "name": user.name, "is_admin": user.is_admin}
 
 
-@router.post("/tokens")
+@router.post("/tokens", response_model=v.NewToken, responses=refusals(Invalid, TooLarge))
 async def create_token(body: TokenRequest, user: User, store: StoreDep) -> dict[str, str]:
     return {"token": await store.users.create_api_token(user.user_id, body.name, body.expires_in_seconds)}
 
 
-@router.post("/join-tokens")
+@router.post("/join-tokens", response_model=v.NewJoinToken, responses=refusals(Invalid, TooLarge))
 async def create_join_token(user: User, store: StoreDep, body: JoinTokenRequest | None = None) -> dict[str, Any]:
     token, expires = await store.identity.create_join_token(user.user_id, (body or JoinTokenRequest()).ttl_seconds)
     return {"join_token": token, "expires_at": expires}
 
 
-@router.post("/users")
+@router.post("/users", response_model=v.NewUser, responses=refusals(Forbidden, Conflict, Invalid, TooLarge))
 async def create_user(body: UserRequest, user: User, store: StoreDep) -> dict[str, Any]:
     if not user.is_admin:
         raise Forbidden("only an admin can create users")
@@ -113,30 +114,30 @@ async def owned_device(device_id: str, user: Principal, store: Store) -> Any:
     return device
 
 
-@router.get("/devices")
+@router.get("/devices", response_model=list[v.DeviceView])
 async def list_devices(user: User, store: StoreDep, fleet: FleetDep) -> list[dict[str, Any]]:
     return [device_view(d, fleet) for d in await store.devices.list_devices(user.user_id)]
 
 
-@router.get("/devices/{device_id}")
+@router.get("/devices/{device_id}", response_model=v.DeviceView, responses=refusals(NotFound))
 async def get_device(device_id: str, user: User, store: StoreDep, fleet: FleetDep) -> dict[str, Any]:
     return device_view(await owned_device(device_id, user, store), fleet)
 
 
-@router.get("/devices/{device_id}/history")
+@router.get("/devices/{device_id}/history", response_model=v.PresenceHistory, responses=refusals(NotFound))
 async def device_history(device_id: str, user: User, store: StoreDep, since: float = 0.0) -> dict[str, Any]:
     await owned_device(device_id, user, store)
     intervals = await store.presence.presence_history(device_id, since)
     return {"device_id": device_id, "now": time.time(), "intervals": [{"start": s, "end": e} for s, e in intervals]}
 
 
-@router.get("/devices/{device_id}/telemetry")
+@router.get("/devices/{device_id}/telemetry", response_model=list[v.TelemetryPoint], responses=refusals(NotFound))
 async def device_telemetry(device_id: str, user: User, store: StoreDep, limit: int = 100) -> list[dict[str, Any]]:
     await owned_device(device_id, user, store)
     return await store.telemetry.telemetry(device_id, max(1, min(limit, 10_000)))
 
 
-@router.post("/linktests")
+@router.post("/linktests", response_model=v.LinkTestView, responses=refusals(NotFound, Conflict, Invalid, TooLarge))
 async def start_linktest(body: LinkTestRequest, user: User, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     """Ask device ``src`` to send ``total_bytes`` of tensors to ``dst`` through a PeerLink."""
     await owned_device(body.src, user, store)
@@ -150,7 +151,7 @@ async def start_linktest(body: LinkTestRequest, user: User, store: StoreDep, hub
     return linktest_view(test)
 
 
-@router.get("/linktests/{test_id}")
+@router.get("/linktests/{test_id}", response_model=v.LinkTestView, responses=refusals(NotFound))
 async def get_linktest(test_id: str, user: User, hub: HubDep) -> dict[str, Any]:
     test = hub.linktests.get(test_id)
     if test is None or test.user_id != user.user_id:

@@ -15,11 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import make_url
 
 from neuranet import __version__
+from neuranet.api_models import Health
 from neuranet.config import Limits, ServerConfig
 from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
 from neuranet.errors import NeuraNetError
-from neuranet.server.edge import BodyLimit, domain_error, validation_error
+from neuranet.server.edge import BodyLimit, document_body_refusals, domain_error, validation_error
 from neuranet.server.device_events import DevicePresence
 from neuranet.server.events import EventBus
 from neuranet.server.events_api import router as events_router
@@ -102,8 +103,10 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
     app.include_router(events_router)
 
     _serve_docs(app)
+    openapi = app.openapi
+    app.openapi = lambda: document_body_refusals(openapi())  # type: ignore[method-assign]
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz() -> dict[str, object]:
         # fingerprint: what agents pass as --server-fingerprint (None: a CA vouches for the certificate).
         return {"ok": True, "version": __version__, "online_devices": len(app.state.coordinator.fleet.online_ids()),

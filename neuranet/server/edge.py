@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationInfo, field_validator
 
 from neuranet import errors
+from neuranet.api_models import ErrorBody, InvalidBody
 from neuranet.errors import NeuraNetError
 from neuranet.protocol.json_values import JsonBounds, JsonValueError, check_json_value
 
@@ -127,9 +128,13 @@ HTTP_STATUS: dict[type[NeuraNetError], int] = {
 }
 
 
+def status_of(kind: type[NeuraNetError]) -> int:
+    """The status of ``kind``'s nearest kind in HTTP_STATUS (its first one in method resolution order)."""
+    return next(HTTP_STATUS[k] for k in kind.__mro__ if k in HTTP_STATUS)
+
+
 def http_status(exc: NeuraNetError) -> int:
-    """The status of ``exc``'s nearest kind in HTTP_STATUS (its first one in method resolution order)."""
-    return next(HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS)
+    return status_of(type(exc))
 
 
 async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -137,3 +142,36 @@ async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, NeuraNetError)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
     return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
+
+
+# OpenAPI ``responses=`` of a route that answers 200 with raw bytes (a chunk, a run's weights).
+BINARY: dict[int | str, dict[str, Any]] = {200: {"description": "The bytes.", "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def refusals(*kinds: type[NeuraNetError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the domain errors a route may answer with: each kind's status
+    (from HTTP_STATUS), its body (``{"detail": ...}``) and what it means (the kind's docstring)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for kind in kinds:
+        status = status_of(kind)
+        meaning = (kind.__doc__ or kind.__name__).strip().splitlines()[0]
+        entry = out.setdefault(status, {"model": InvalidBody if status == 422 else ErrorBody, "description": ""})
+        entry["description"] = f"{entry['description']} {meaning}".strip()
+    return out
+
+
+def document_body_refusals(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add to every operation that takes a JSON body the answers any such body may get, whatever the
+    route: 400 (it is not JSON) and 413 (larger than the route accepts, from `BodyLimit`). In place;
+    returns ``schema``."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    common = {"400": "The body is not JSON (or not UTF-8).", "413": "The body is larger than this route accepts."}
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            if "application/json" in op.get("requestBody", {}).get("content", {}):
+                for status, why in common.items():
+                    op["responses"].setdefault(status, {"description": why, "content": error})
+    schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+        "ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
+    return schema

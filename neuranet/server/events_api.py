@@ -21,9 +21,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from neuranet.server.deps import ConfigDep, EventsDep, StoreDep, User, _bearer
+from neuranet.errors import Invalid, Unauthorized
+from neuranet.server.edge import refusals
 from neuranet.server.events import FAMILIES, KINDS, Subscription, parse_kinds
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=refusals(Unauthorized))
 log = logging.getLogger("neuranet.events")
 
 KEEPALIVE = b": keepalive\n\n"
@@ -99,7 +101,7 @@ def _resume_after(last_event_id: str | None) -> int | None:
     return int(text) if text.isdigit() and len(text) <= 19 else None
 
 
-@router.get("/events", response_class=EventStream, responses=STREAM_DOC)  # type: ignore[arg-type]
+@router.get("/events", response_class=EventStream, responses={**STREAM_DOC, **refusals(Invalid)})  # type: ignore[arg-type]
 async def events(user: User, bus: EventsDep, store: StoreDep, config: ConfigDep,
                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
                  kinds: Annotated[str | None, Query(max_length=512, description=(

@@ -16,13 +16,14 @@ from pydantic import Field, model_validator
 
 from neuranet.server.api import owned_device, read_body
 from neuranet.server.deps import EventsDep, FilesDep, StoreDep, User
-from neuranet.server.edge import ApiModel
+from neuranet.server.edge import ApiModel, BINARY, refusals
 from neuranet.server.events import FILE_DELETED, FILE_STORED, Event
-from neuranet.errors import Invalid, NotFound
+from neuranet import api_models as v
+from neuranet.errors import BadUpstream, Conflict, Gone, Invalid, NoSpace, NotFound, TimedOut, TooLarge, Unauthorized, Unavailable
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
 from neuranet.storage.sealing import SEALING_OVERHEAD, parse_description
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=refusals(Unauthorized))
 MAX_REPLICAS = 16
 
 
@@ -65,7 +66,7 @@ def _chunk_name(chunk_id: str) -> str:
     return chunk_id
 
 
-@router.put("/chunks/{chunk_id}")
+@router.put("/chunks/{chunk_id}", response_model=v.ChunkStored, responses=refusals(Invalid, Conflict, TooLarge, NoSpace, Unavailable))
 async def put_chunk(chunk_id: str, request: Request, user: User, files: FilesDep,
                     replicas: int = Query(3, ge=1, le=MAX_REPLICAS)) -> dict[str, Any]:
     _chunk_name(chunk_id)
@@ -76,7 +77,8 @@ async def put_chunk(chunk_id: str, request: Request, user: User, files: FilesDep
         raise Invalid(str(exc)) from None
 
 
-@router.get("/chunks/{chunk_id}")
+@router.get("/chunks/{chunk_id}", response_class=Response,
+            responses={**BINARY, **refusals(Invalid, NotFound, Gone, Unavailable, TimedOut, BadUpstream)})
 async def get_chunk(chunk_id: str, user: User, store: StoreDep, files: FilesDep) -> Response:
     _chunk_name(chunk_id)
     holders = (await store.files.replicas_of(user.user_id, [chunk_id])).get(chunk_id)
@@ -86,7 +88,7 @@ async def get_chunk(chunk_id: str, user: User, store: StoreDep, files: FilesDep)
     return Response(data, media_type="application/octet-stream")
 
 
-@router.post("/files")
+@router.post("/files", response_model=v.FileCommitted, responses=refusals(Invalid, Conflict, NotFound, TooLarge))
 async def commit_file(req: FileIn, user: User, store: StoreDep, files: FilesDep, events: EventsDep) -> dict[str, Any]:
     row, freed = await store.files.create_file(user.user_id, req.name, req.size, req.sha256, req.replicas, req.sealing,
                                          [(c.id, c.size) for c in req.chunks], overwrite=req.overwrite)
@@ -102,13 +104,13 @@ def _file_view(row: Any, chunks: int) -> dict[str, Any]:
             "encrypted": row.sealing is not None, "chunks": chunks, "created_at": row.created_at}
 
 
-@router.get("/files")
+@router.get("/files", response_model=list[v.FileSummary])
 async def list_files(user: User, store: StoreDep) -> list[dict[str, Any]]:
     return [{"name": f.name, "size": f.size, "sha256": f.sha256, "replicas": f.replicas,
              "encrypted": f.sealing is not None, "created_at": f.created_at} for f in await store.files.list_files(user.user_id)]
 
 
-@router.get("/files/{name:path}")
+@router.get("/files/{name:path}", response_model=v.FileDetail, responses=refusals(NotFound))
 async def file_info(name: str, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
     found = await store.files.get_file(user.user_id, name)
     if found is None:
@@ -128,7 +130,7 @@ async def file_info(name: str, user: User, store: StoreDep, files: FilesDep) -> 
     return view
 
 
-@router.delete("/files/{name:path}")
+@router.delete("/files/{name:path}", response_model=v.FileDeleted, responses=refusals(NotFound))
 async def delete_file(name: str, user: User, store: StoreDep, files: FilesDep, events: EventsDep) -> dict[str, Any]:
     freed = await store.files.delete_file(user.user_id, name)
     await files.delete_replicas(freed)
@@ -136,7 +138,7 @@ async def delete_file(name: str, user: User, store: StoreDep, files: FilesDep, e
     return {"deleted": name, "replicas_freed": sum(len(c) for c in freed.values())}
 
 
-@router.get("/devices/{device_id}/chunks")
+@router.get("/devices/{device_id}/chunks", response_model=v.DeviceChunks, responses=refusals(NotFound))
 async def device_chunks(device_id: str, user: User, store: StoreDep, files: FilesDep) -> dict[str, Any]:
     device = await owned_device(device_id, user, store)
     chunks = await store.files.device_chunks(device_id)

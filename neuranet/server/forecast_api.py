@@ -10,9 +10,11 @@ from fastapi import APIRouter, Query, Request
 
 from neuranet.server.api import owned_device, read_body
 from neuranet.server.deps import ConfigDep, ForecastsDep, StoreDep, User
-from neuranet.errors import Conflict, Forbidden, Invalid, NotFound
+from neuranet import api_models as v
+from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized
+from neuranet.server.edge import refusals
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=refusals(Unauthorized))
 MAX_TRACE_BYTES = 64 * 1024 * 1024
 
 
@@ -25,20 +27,20 @@ async def _forecast(device: Any, store: Any, forecasts: Any) -> dict[str, Any]:
         raise Invalid(f"cannot forecast {device.name}: {exc}") from None
 
 
-@router.get("/devices/{device_id}/forecast")
+@router.get("/devices/{device_id}/forecast", response_model=v.Forecast, responses=refusals(NotFound, Invalid))
 async def device_forecast(device_id: str, user: User, store: StoreDep, forecasts: ForecastsDep) -> dict[str, Any]:
     """P(online) 15 min, 1 h, 6 h and 24 h ahead, expected remaining online time, recent history."""
     return await _forecast(await owned_device(device_id, user, store), store, forecasts)
 
 
-@router.get("/forecast")
+@router.get("/forecast", response_model=list[v.Forecast], responses=refusals(Invalid))
 async def all_forecasts(user: User, store: StoreDep, forecasts: ForecastsDep, simulated: bool = True) -> list[dict[str, Any]]:
     devices = await store.devices.list_devices(user.user_id)
     return [await _forecast(d, store, forecasts) for d in devices
             if simulated or not (d.profile or {}).get("simulated")]
 
 
-@router.post("/forecast/retrain")
+@router.post("/forecast/retrain", response_model=v.ForecasterInfo, responses=refusals(Forbidden, Conflict))
 async def retrain(user: User, forecasts: ForecastsDep) -> dict[str, Any]:
     """Retrain the forecaster now on every device's history (admin; it also retrains on a schedule)."""
     from neuranet.forecast.errors import ForecastError
@@ -54,7 +56,7 @@ async def retrain(user: User, forecasts: ForecastsDep) -> dict[str, Any]:
 TracePrefixQuery = Query("trace", min_length=1, max_length=40, description="Name prefix of the simulated devices.")
 
 
-@router.post("/traces")
+@router.post("/traces", response_model=v.TraceImported, responses=refusals(Invalid, Conflict, TooLarge))
 async def import_trace(request: Request, user: User, store: StoreDep, config: ConfigDep, prefix: str = TracePrefixQuery,
                        replace: bool = False) -> dict[str, Any]:
     """Import an availability trace (CSV: client_id,event_type,event_start,event_end) as simulated devices.
@@ -86,7 +88,7 @@ async def import_trace(request: Request, user: User, store: StoreDep, config: Co
             "days": (trace.end - trace.start) / 86400, "prefix": prefix}
 
 
-@router.get("/traces")
+@router.get("/traces", response_model=list[v.TraceSummary])
 async def list_traces(user: User, store: StoreDep) -> list[dict[str, Any]]:
     """The traces you imported: prefix, how many simulated devices, and when their history ends."""
     from neuranet.server.forecasting import trace_prefix_of
@@ -101,7 +103,7 @@ async def list_traces(user: User, store: StoreDep) -> list[dict[str, Any]]:
     return [found[p] for p in sorted(found)]
 
 
-@router.delete("/traces/{prefix}")
+@router.delete("/traces/{prefix}", response_model=v.TraceRemoved, responses=refusals(NotFound))
 async def remove_trace(prefix: str, user: User, store: StoreDep) -> dict[str, Any]:
     """Remove the simulated devices (and their history) of the trace imported as ``prefix``."""
     from neuranet.server.forecasting import trace_prefix_of

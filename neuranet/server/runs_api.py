@@ -9,12 +9,14 @@ from fastapi import APIRouter, Query, Response
 
 from neuranet.server.api import device_view
 from neuranet.server.deps import FleetDep, RunsDep, ServingDep, StoreDep, User
-from neuranet.errors import Conflict, NotFound
-from neuranet.server.runs import RunRequest
+from neuranet import api_models as v
+from neuranet.errors import BadUpstream, Conflict, Invalid, NotFound, TimedOut, TooLarge, Unauthorized, Unavailable
+from neuranet.server.edge import BINARY, refusals
+from neuranet.server.runs import RunError, RunRequest
 from neuranet.server.serving import DeployRequest, GenerateRequest, InferRequest, ServeError
 
-router = APIRouter(prefix="/api/v1/runs")
-serve_router = APIRouter(prefix="/api/v1/deployments")
+router = APIRouter(prefix="/api/v1/runs", responses=refusals(Unauthorized))
+serve_router = APIRouter(prefix="/api/v1/deployments", responses=refusals(Unauthorized))
 
 
 async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, fleet: Any) -> list[dict[str, Any]]:
@@ -40,8 +42,18 @@ async def _devices_for(req: RunRequest | DeployRequest, user: Any, store: Any, f
     return fastest
 
 
-@router.post("")
+def _known_model(req: RunRequest) -> None:
+    """A model that is neither built in nor the user's own is refused before devices are chosen: the
+    request is wrong whichever devices are online."""
+    from neuranet.pipeline.models import MODELS
+
+    if req.user_model is None and req.model not in MODELS:
+        raise RunError(f"unknown model {req.model!r}; built-in models are: {', '.join(sorted(MODELS))}")
+
+
+@router.post("", response_model=v.RunView, responses=refusals(NotFound, Conflict, Invalid, TooLarge))
 async def start_run(req: RunRequest, user: User, store: StoreDep, fleet: FleetDep, runs: RunsDep) -> dict[str, Any]:
+    _known_model(req)
     devices = await _devices_for(req, user, store, fleet)
     run = await runs.start(user.user_id, req, devices)
     return run.view()
@@ -50,7 +62,7 @@ async def start_run(req: RunRequest, user: User, store: StoreDep, fleet: FleetDe
 MAX_RUNS_LISTED = 1000
 
 
-@router.get("")
+@router.get("", response_model=list[v.RunSummary])
 async def list_runs(user: User, store: StoreDep, runs: RunsDep, serving: ServingDep,
                     limit: int = Query(100, ge=1, le=MAX_RUNS_LISTED)) -> list[dict[str, Any]]:
     """Your runs and deployments, newest first: id, kind, model, state, devices, step, created (state
@@ -83,12 +95,12 @@ async def _run_of(run_id: str, user: Any, runs: Any) -> Any:
     return run
 
 
-@router.get("/{run_id}")
+@router.get("/{run_id}", response_model=v.RunView, responses=refusals(NotFound))
 async def get_run(run_id: str, user: User, runs: RunsDep) -> dict[str, Any]:
     return (await _run_of(run_id, user, runs)).view()
 
 
-@router.get("/{run_id}/weights")
+@router.get("/{run_id}/weights", response_class=Response, responses={**BINARY, **refusals(NotFound, Conflict)})
 async def get_weights(run_id: str, user: User, runs: RunsDep) -> Response:
     run = await _run_of(run_id, user, runs)
     if run.status != "finished":
@@ -96,7 +108,8 @@ async def get_weights(run_id: str, user: User, runs: RunsDep) -> Response:
     return Response(await runs.merged_weights(run_id), media_type="application/octet-stream")
 
 
-@serve_router.post("")
+@serve_router.post("", response_model=v.DeploymentView,
+                   responses=refusals(NotFound, Conflict, Invalid, TooLarge, Unavailable, TimedOut))
 async def deploy(req: DeployRequest, user: User, store: StoreDep, fleet: FleetDep, serving: ServingDep) -> dict[str, Any]:
     devices = await _devices_for(req, user, store, fleet)
     dep = await serving.start(user.user_id, req, devices)
@@ -110,7 +123,7 @@ def _deployment_of(dep_id: str, user: Any, serving: Any) -> Any:
     return dep
 
 
-@serve_router.get("/{dep_id}")
+@serve_router.get("/{dep_id}", response_model=v.DeploymentView, responses=refusals(NotFound))
 async def get_deployment(dep_id: str, user: User, serving: ServingDep, wait: float = 0.0) -> dict[str, Any]:
     """The deployment; ``wait`` > 0 waits up to that many seconds (at most 60) for it to finish loading."""
     dep = _deployment_of(dep_id, user, serving)
@@ -122,19 +135,22 @@ async def get_deployment(dep_id: str, user: User, serving: ServingDep, wait: flo
     return dep.view()
 
 
-@serve_router.post("/{dep_id}/infer")
+SERVE_REFUSALS = refusals(NotFound, Invalid, TooLarge, Unavailable, TimedOut, BadUpstream)
+
+
+@serve_router.post("/{dep_id}/infer", response_model=v.InferResult, responses=SERVE_REFUSALS)
 async def infer(dep_id: str, req: InferRequest, user: User, serving: ServingDep) -> dict[str, Any]:
     dep = _deployment_of(dep_id, user, serving)
     return {"outputs": await serving.infer(dep, req.inputs)}
 
 
-@serve_router.post("/{dep_id}/generate")
+@serve_router.post("/{dep_id}/generate", response_model=v.Generated, responses=SERVE_REFUSALS)
 async def generate(dep_id: str, req: GenerateRequest, user: User, serving: ServingDep) -> dict[str, Any]:
     dep = _deployment_of(dep_id, user, serving)
     return {"text": await serving.generate(dep, req)}
 
 
-@serve_router.delete("/{dep_id}")
+@serve_router.delete("/{dep_id}", response_model=v.DeploymentView, responses=refusals(NotFound))
 async def stop_deployment(dep_id: str, user: User, serving: ServingDep) -> dict[str, Any]:
     dep = _deployment_of(dep_id, user, serving)
     serving.stop(dep)
