@@ -12,7 +12,7 @@ from fabric_helpers import async_wait_for, device_by_name, free_port
 from neuranet.agent.runtime import Agent
 from neuranet.config import AgentConfig
 from neuranet.fabric import LocalFabric
-from neuranet.protocol.errors import LinkRefused, PeerUnavailable
+from neuranet.protocol.errors import LinkRefused, PeerUnreachable
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ async def test_opening_a_link_to_an_offline_device_fails_at_once(fabric: LocalFa
         with fabric.client() as c:
             await async_wait_for(lambda: not device_by_name(c, "b")["online"], what="b offline")
         # Nothing would grant the link later, so the opener hears now rather than after its timeout.
-        with pytest.raises(PeerUnavailable, match="offline"):
+        with pytest.raises(PeerUnreachable, match="offline"):
             await a.links.open(gone, timeout=60)
 
 

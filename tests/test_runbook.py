@@ -253,3 +253,32 @@ async def test_a_run_that_cannot_start_is_not_recorded(world: World) -> None:
     with pytest.raises(RunError, match="went offline while the run was planned"):
         await world.start()
     assert await world.store.runs.list_runs(world.user_id, 10) == []
+
+
+async def test_a_failed_link_waits_for_the_loss_behind_it_and_replans_once(world: World) -> None:
+    world.book.rejoin_grace = 60.0  # ended by the loss, then by the device's return
+    run = await world.start(steps=20)
+    await world.checkpoint(run, 5)
+    await world.report(run, 0, m.StageDone(run_id=run.id, stage=0, attempt=0, ok=False, error="LinkClosed: gone",
+                                           link_failed=True))
+    await world.report(run, 2, m.StageDone(run_id=run.id, stage=2, attempt=0, ok=False, error="LinkClosed: gone",
+                                           link_failed=True))  # its other neighbour says the same
+    assert run.status == "running" and run.recovery is not None and run.link_recoveries == 1
+    await asyncio.sleep(0)
+    world.drop("dev-b")  # the coordinator finds the device behind the link gone
+    await asyncio.sleep(0)
+    world.connect("dev-b")
+    await world.recovered(run)
+    assert run.attempt == 1 and run.status == "running", run.errors
+    assert run.recoveries == ["attempt 1: lost dev-b (dev-b came back); resumed from step 5 on 3 devices"]
+
+
+async def test_links_failing_again_and_again_fail_the_run_in_the_end(world: World) -> None:
+    run = await world.start(steps=20)
+    for attempt in range(4):
+        await world.report(run, 1, m.StageDone(run_id=run.id, stage=1, attempt=attempt, ok=False,
+                                               error="PeerUnreachable: away", link_failed=True))
+        await world.recovered(run)
+    assert run.status == "failed" and "PeerUnreachable: away" in run.errors[1]
+    assert len(run.recoveries) == 3 and "stage 1 lost a link (PeerUnreachable: away)" in run.recoveries[0]
+    assert run.attempt == 3

@@ -31,7 +31,7 @@ from neuranet.net.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink, RelayUnavailable
 from neuranet.protocol import messages as m
-from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
+from neuranet.protocol.errors import LinkError, PeerUnreachable, ProtocolError
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id, verify
 from neuranet.tasks import task_scope
 
@@ -43,7 +43,7 @@ LINK_IDLE = 30.0  # an outgoing chunk link unused this long is closed
 MAX_HOLDERS = 64  # holders one local fetch may name
 SERVE_IDLE = 4 * 30.0  # a served link with no request this long is closed (requesters close theirs at LINK_IDLE)
 SERVE_PARALLEL = 8  # requests from one peer served at once (reads and writes run in threads)
-LINK_ERRORS = (LinkClosed, LinkRefused, PeerUnavailable, ProtocolError, ConnectionError, TimeoutError,
+LINK_ERRORS = (LinkError, ProtocolError, ConnectionError, TimeoutError,
                asyncio.TimeoutError)
 
 
@@ -151,7 +151,7 @@ async def _answer(link: PeerLink, reply: asyncio.Future[LinkMessage]) -> LinkMes
     while not reply.done():
         await asyncio.wait({reply}, timeout=0.25)
         if not reply.done() and link.peer_down_since is not None:
-            raise PeerUnavailable(f"{link.peer} went offline")
+            raise PeerUnreachable(f"{link.peer} went offline")
         if not reply.done() and loop.time() > deadline:
             raise TimeoutError(f"{link.peer} did not answer within {COPY_TIMEOUT:.0f}s")
     return reply.result()
@@ -297,7 +297,7 @@ class FileWorker:
             while True:
                 try:
                     msg = await asyncio.wait_for(link.recv(), SERVE_IDLE)
-                except (LinkClosed, PeerUnavailable, LinkRefused, ProtocolError, asyncio.TimeoutError):
+                except (LinkError, ProtocolError, asyncio.TimeoutError):
                     return  # ended, broken, or idle long past the requester's own idle close
                 await slots.acquire()
                 scope.spawn(self._serve_one(link, msg, slots), name=f"chunk-{msg.meta.get('op', 'put')}")
@@ -317,7 +317,7 @@ class FileWorker:
                 await link.send(b"", {**tag, "error": error, "free": self.store.free_bytes})
             else:
                 await link.send(b"", {**tag, "error": f"unknown op {op!r}"})
-        except (LinkClosed, PeerUnavailable, LinkRefused, ProtocolError, ConnectionError):
+        except (LinkError, ProtocolError, ConnectionError):
             pass  # the requester is gone; it fails over on its side
         except Exception as exc:  # answer anyway, so the requester does not wait out its timeout
             log.exception("serving a chunk request from %s failed", link.peer)

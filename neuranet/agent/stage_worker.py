@@ -22,6 +22,7 @@ from neuranet.pipeline.data import batches, load_dataset
 from neuranet.pipeline.models import LayerModel, UserModelError, build_model, load_user_model
 from neuranet.pipeline.stage import PeerLinkChannel, StageConfig, StageRuntime
 from neuranet.protocol import messages as m
+from neuranet.protocol.errors import LinkError
 
 log = logging.getLogger("neuranet.stage")
 LINK_TIMEOUT = 60.0
@@ -100,7 +101,7 @@ async def run_stage(agent: Agent, a: m.StageAssign, resume: "asyncio.Future[byte
     except Exception as exc:  # the run's owner sees why this stage failed
         log.exception("stage %d of run %s failed", a.stage, a.run_id)
         done = m.StageDone(run_id=a.run_id, stage=a.stage, attempt=a.attempt, ok=False,
-                          error=f"{type(exc).__name__}: {exc}")
+                          error=f"{type(exc).__name__}: {exc}", link_failed=isinstance(exc, LinkError))
     finally:
         for link in (prev, nxt):
             if link is not None:

@@ -25,7 +25,7 @@ from neuranet.net.tls import PeerPin
 from neuranet.net.window import Delivered, ReceiveWindow, SendWindow, WindowError
 from neuranet.protocol import messages as m
 from neuranet.protocol.envelope import Buffer, Envelope, encode_frame
-from neuranet.protocol.errors import LinkRefused, PeerUnavailable, ProtocolError
+from neuranet.protocol.errors import LinkError, LinkRefused, PeerUnreachable, ProtocolError
 from neuranet.protocol.tensors import decode_tensor, encode_tensor
 from neuranet.tasks import OwnedTasks
 
@@ -35,15 +35,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("neuranet.peerlink")
 
 
-class LinkClosed(Exception):
+class LinkClosed(LinkError):
     """The link was closed by either end; nothing more will arrive."""
 
 
-class RelayUnavailable(ConnectionError):
+class RelayUnavailable(LinkError, ConnectionError):
     """The agent is not connected to the server right now."""
 
 
-class PathChanged(ConnectionError):
+class PathChanged(LinkError, ConnectionError):
     """The path a frame was written to failed; the window was rewound for the next one."""
 
 
@@ -123,7 +123,7 @@ class PeerLink:
         await self.send(data, {**(meta or {}), "tensor": header})
 
     async def recv(self) -> LinkMessage:
-        """Next message in order; raises LinkClosed / PeerUnavailable when the link ends."""
+        """Next message in order; raises LinkClosed / PeerUnreachable when the link ends."""
         await self._wait(lambda: bool(self._inbox), allow_closed=True)
         if not self._inbox:
             raise self.error or LinkClosed(f"link {self.link_id} to {self.peer} is closed")
@@ -152,7 +152,7 @@ class PeerLink:
         if not self.closed:
             try:
                 await self.flush(flush_timeout)
-            except (asyncio.TimeoutError, LinkClosed, ProtocolError):
+            except (asyncio.TimeoutError, LinkError, ProtocolError):
                 pass
             try:
                 await self._write(encode_frame(m.LinkClose(link=self.link_id).envelope(src=self.manager.me, dst=self.peer)))
@@ -192,7 +192,7 @@ class PeerLink:
         granted and the peer is offline (nothing would grant it later: the opener hears at once)."""
         granted = self.granted.is_set()
         if code == "offline" and not granted:
-            self._shutdown(PeerUnavailable(f"link to {self.peer} refused ({code}): {reason}"))
+            self._shutdown(PeerUnreachable(f"link to {self.peer} refused ({code}): {reason}"))
         elif code == "offline" or (code == "ungranted" and granted):
             self.peer_down_since = self.peer_down_since or time.monotonic()
             self.relay_ready = False
@@ -352,7 +352,7 @@ class PeerLink:
                 elif now - self.last_rx > cfg.link_idle_ping:
                     self._spawn_write(encode_frame(m.Ping(link=self.link_id).envelope(src=self.manager.me, dst=self.peer)))
             if self.peer_down_since is not None and now - self.peer_down_since > self.manager.peer_timeout:
-                self._shutdown(PeerUnavailable(f"peer {self.peer} has been unreachable for over {self.manager.peer_timeout:.0f}s"))
+                self._shutdown(PeerUnreachable(f"peer {self.peer} has been unreachable for over {self.manager.peer_timeout:.0f}s"))
 
     def _shutdown(self, error: BaseException | None) -> None:
         if self.closed:

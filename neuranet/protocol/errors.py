@@ -62,9 +62,18 @@ class CoordinatorUnverified(ProtocolError):
     code = "coordinator_unverified"
 
 
-class LinkRefused(ProtocolError):
-    code = "link_refused"
-    fatal = False
+class LinkError(Exception):
+    """A link to a peer device failed or ended. Not a `ProtocolError`: nobody broke the protocol, a peer
+    went away, the server would not relay, or a path failed; the work over the link decides what to do
+    (a training stage reports it, and the coordinator re-plans the run)."""
+
+
+class LinkRefused(LinkError):
+    """The server would not grant or relay the link (not allowed, or the peer is offline)."""
+
+
+class PeerUnreachable(LinkError):
+    """The peer has been away longer than a link waits for it."""
 
 
 class PeerUnavailable(ProtocolError):
@@ -94,7 +103,6 @@ ERRORS_BY_CODE: dict[str, type[ProtocolError]] = {
         QueueLimitExceeded,
         AuthenticationFailed,
         CoordinatorUnverified,
-        LinkRefused,
         PeerUnavailable,
         TensorFormatError,
         UnexpectedMessage,

@@ -98,6 +98,7 @@ class StageDone(Message):
     attempt: int = 0
     ok: bool
     error: Text = ""
+    link_failed: bool = False  # it failed because a link to a neighbour did (the coordinator re-plans)
 
 
 class StageAbort(Message):

@@ -137,6 +137,9 @@ class RunState:
     lost: set[str] = field(default_factory=set)  # devices lost since the last (re-)plan, not yet recovered from
     recovery: "asyncio.Task[None] | None" = None  # the one task recovering this run, while it does
     rejoined: asyncio.Event = field(default_factory=asyncio.Event)  # set when a lost device connects again
+    lost_one: asyncio.Event = field(default_factory=asyncio.Event)  # set when one of its devices is lost
+    relink: str = ""  # a stage failed because a link did: why, until a re-plan answers it
+    link_recoveries: int = 0  # re-plans for failed links so far (bounded: MAX_LINK_RECOVERIES)
 
     @property
     def status(self) -> str:
@@ -310,6 +313,7 @@ def _plan(req: RunRequest, devices: list[dict[str, Any]]) -> Split:
 
 Planner = Callable[[RunRequest, list[dict[str, Any]]], Split]
 RESTORE_GRACE = 120.0  # seconds a restarted coordinator waits for a run's devices to return
+MAX_LINK_RECOVERIES = 3  # re-plans of one run after its stages' links failed, before the run fails
 
 
 class RunBook:
@@ -455,6 +459,12 @@ class RunBook:
                 run.losses[msg.step] = msg.loss
         elif isinstance(msg, m.StageWeights):
             await self._state_part(run, msg, payload)
+        elif not msg.ok and msg.link_failed and (run.relink or run.link_recoveries < MAX_LINK_RECOVERIES):
+            # A neighbour's link failed: usually its device is about to be found lost. Re-plan (bounded).
+            if not run.relink:
+                run.link_recoveries += 1
+                run.relink = f"stage {msg.stage} lost a link ({msg.error or 'link failed'})"
+                self._recover_soon(run, self.rejoin_grace, "")
         elif not msg.ok:
             run.errors[msg.stage] = msg.error or "stage failed"
         else:
@@ -521,6 +531,7 @@ class RunBook:
         for run in [only] if only is not None else list(self.runs.values()):
             if run.status == "running" and any(s["device"] == device_id for s in run.stages):
                 run.lost.add(device_id)
+                run.lost_one.set()
                 self._recover_soon(run, self.rejoin_grace, "")
 
     def on_device_back(self, device_id: str) -> None:
@@ -544,13 +555,24 @@ class RunBook:
     async def _recover(self, run: RunState, grace: float, why: str) -> None:
         """Re-plan until no loss is left unanswered: a device lost during a re-plan starts the next one."""
         try:
-            while run.lost and run.status == "running":
+            while (run.lost or run.relink) and run.status == "running":
                 await self._replan(run, grace, why)
                 grace, why = self.rejoin_grace, ""
         finally:
             run.recovery = None
         if run.status == "failed":
             await self._ended(run)
+
+    async def _await_loss(self, run: RunState, grace: float) -> None:
+        """Wait up to the grace for a device of the run to be found lost (a failed link usually means one)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while not run.lost and (left := deadline - loop.time()) > 0:
+            run.lost_one.clear()
+            try:
+                await asyncio.wait_for(run.lost_one.wait(), left)
+            except TimeoutError:
+                return
 
     async def _await_rejoin(self, run: RunState, grace: float) -> None:
         """Wait up to the grace for every lost device to reconnect: a blip should not cost a device."""
@@ -574,14 +596,17 @@ class RunBook:
         run.attempt += 1  # from now on, reports of the old attempt are ignored
         await self._abort_writers(run)
         await self._save(run)  # before any assignment: a restart never reuses an attempt number
+        if run.relink and not run.lost and not why:
+            await self._await_loss(run, grace)
+        relink, run.relink = run.relink, ""
         lost = set(run.lost)
-        reason = why or f"{self._names(run, lost)} went offline"
+        reason = why or (f"{self._names(run, lost)} went offline" if lost else relink)
         for s in run.stages:
             self.fleet.send(s["device"], m.StageAbort(run_id=run.id, reason=reason))
         resume = max(run.checkpoints, default=0)
         await self._await_rejoin(run, grace)
         lost |= run.lost
-        what = why or f"{self._names(run, lost)} went offline"
+        what = why or (f"{self._names(run, lost)} went offline" if lost else relink)
         while True:
             online = [d for d in run.devices if self.fleet.online(d["id"])]
             if not online:
@@ -598,7 +623,7 @@ class RunBook:
         back = self._names(run, [d for d in lost if self.fleet.online(d)])
         for d in lost:  # a returned device may still run its stage of the old attempt
             self.fleet.send(d, m.StageAbort(run_id=run.id, reason="re-planned while it was away"))
-        lost_text = why or f"lost {self._names(run, lost)}"
+        lost_text = why or (f"lost {self._names(run, lost)}" if lost else relink)
         run.recoveries.append(
             f"attempt {run.attempt}: {lost_text}" + (f" ({back} came back)" if back else "")
             + f"; resumed from step {resume} on {len(split.stages)} devices")

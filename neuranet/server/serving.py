@@ -36,6 +36,7 @@ SERVE_PART_BYTES = m.STATE_PART_BYTES
 MAX_INFLIGHT = 8  # requests of one deployment in the pipeline at once
 REQUEST_TIMEOUT = 300.0
 MAX_INPUTS = 4096
+RECORD_TIMEOUT = 10.0  # seconds a shutdown waits for state records still being written
 
 
 class DeployRequest(ApiModel):
@@ -157,7 +158,8 @@ class ServeBook:
         self.runs = runs
         self.restore_grace = restore_grace  # how long a restarted coordinator waits for a deployment's devices
         self.deployments: dict[str, Deployment] = {}
-        self._tasks = OwnedTasks("serving")  # state records and restorations
+        self._tasks = OwnedTasks("serving")  # restorations
+        self._records = OwnedTasks("serving-records")  # state records being written (finished on close)
         self._back = asyncio.Event()  # set when any device connects (restorations look again)
         fleet.on_lost(self.on_device_lost)
         fleet.on_back(lambda _device_id: self._back.set())
@@ -257,7 +259,7 @@ class ServeBook:
 
     def _record(self, dep: Deployment) -> None:
         """Save the deployment's state now (from sync code: in a task of the book's)."""
-        self._tasks.spawn(self._save(dep), name=f"record-{dep.id}")
+        self._records.spawn(self._save(dep), name=f"record-{dep.id}")
 
     async def _save(self, dep: Deployment) -> None:
         await self.store.runs.save(dep.id, dep.status, dep.attempt, dep.record(), dep.error or None)
@@ -385,6 +387,10 @@ class ServeBook:
     async def close(self) -> None:
         """The coordinator stops: pending requests fail, the records stay as they are (a restart serves again)."""
         await self._tasks.close()
+        try:
+            await asyncio.wait_for(self._records.join(), RECORD_TIMEOUT)
+        finally:
+            await self._records.close()
         for dep in self.deployments.values():
             dep.end("the coordinator is shutting down")
 
