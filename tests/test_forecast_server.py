@@ -83,8 +83,13 @@ def test_imported_trace_trains_the_forecaster_and_forecasts_follow_the_schedule(
         shift = office_shift()
         out = c.import_trace(office_and_roamer_trace(shift=shift).encode(), prefix="sim")
         assert out["devices"] == 8 and out["days"] == pytest.approx(8 + shift / DAY, abs=0.01)
+        refreshed = c.events(kinds=["forecast"], reconnect=False)
+        assert next(refreshed).kind == "stream.open"
         info = c.retrain_forecaster()
         assert info["devices"] >= 8 and info["kind"] == "mlp"
+        told = next(refreshed)  # every user hears of the refresh, which names no one's devices
+        assert (told.kind, told.data) == ("forecast.refreshed", {"trained_at": info["trained_at"]})
+        refreshed.close()
         rows = c.forecast()
     office = [r for r in rows if r["name"].startswith("sim-office")]
     assert len(office) == 4 and all(r["simulated"] for r in office)

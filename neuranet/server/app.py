@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, WebSocket
@@ -21,8 +20,6 @@ from neuranet.server.agent_endpoint import serve_agent
 from neuranet.server.api import router
 from neuranet.errors import NeuraNetError
 from neuranet.server.edge import BodyLimit, document_body_refusals, domain_error, validation_error
-from neuranet.server.device_events import DevicePresence
-from neuranet.server.events import EventBus
 from neuranet.server.events_api import router as events_router
 from neuranet.server.runs_api import router as runs_router
 from neuranet.server.runs_api import serve_router
@@ -74,17 +71,11 @@ def create_app(config: ServerConfig, on_first_admin: FirstAdmin | None = None, s
             if on_first_admin:
                 on_first_admin("admin", token)
         coordinator = Coordinator(config, store)
-        # for now beside the coordinator (to move into it); ids from the wall clock, so a client resuming
-        # across a restart sees a gap, not reused ids
-        events = EventBus(config.limits.max_queued_events_per_stream, config.limits.max_event_streams_per_user,
-                          first_seq=time.time_ns() // 1000)
-        DevicePresence(events, coordinator.fleet)
-        app.state.store, app.state.coordinator, app.state.events = store, coordinator, events
+        app.state.store, app.state.coordinator = store, coordinator
         await coordinator.start()
         try:
             yield
         finally:
-            events.close()
             await coordinator.close()
             await store.close()
 

@@ -12,6 +12,8 @@ from typing import Callable
 
 from neuranet.config import ServerConfig
 from neuranet.server.blobs import BlobStore
+from neuranet.server.device_events import DevicePresence
+from neuranet.server.events import EventBus
 from neuranet.server.files import FileBook
 from neuranet.server.forecasting import ForecastService
 from neuranet.server.hub import Hub
@@ -29,8 +31,13 @@ class Coordinator:
         self.store = store
         self.hub = Hub(config, store, clock)
         self.fleet = self.hub.fleet
+        # what clients hear (GET /api/v1/events); ids from the wall clock, so one resuming across a restart
+        # is told of a gap rather than handed reused ids
+        self.events = EventBus(config.limits.max_queued_events_per_stream, config.limits.max_event_streams_per_user,
+                               first_seq=time.time_ns() // 1000)
+        DevicePresence(self.events, self.fleet)
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
-                                         config.forecast_options)
+                                         config.forecast_options, events=self.events)
         self.blobs = BlobStore(config.blob_dir / "blobs")
         self.runs = RunBook(self.fleet, store, self.forecasts, self.blobs, config.run_rejoin_grace)
         self.serving = ServeBook(self.fleet, store, self.runs)
@@ -52,6 +59,7 @@ class Coordinator:
 
     async def close(self) -> None:
         """Stop the loops and the books, then the connections (ending their presence); the store stays open."""
+        self.events.close()  # streams end first: the server waits for open responses before it stops
         await self._loops.close()
         await self.forecasts.close()
         await self.runs.close()

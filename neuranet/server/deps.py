@@ -74,7 +74,7 @@ def get_forecasts(request: Request) -> ForecastService:
 
 
 def get_events(request: Request) -> EventBus:
-    return request.app.state.events
+    return coordinator(request).events
 
 
 def get_config(request: Request) -> ServerConfig:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from neuranet.server.events import FORECAST_REFRESHED, Event, EventBus
 from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
@@ -41,8 +42,9 @@ def trace_base(trace_end: float, now: float, clock_offset: float) -> float:
 
 class ForecastService:
     def __init__(self, store: "Store", model_dir: Path, retrain_interval: float,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, events: EventBus | None = None) -> None:
         self.store = store
+        self.events = events or EventBus(history=0)  # every user hears of a refresh (it names no one's devices)
         self.options = dict(options or {})  # ForecastConfig fields
         self.model_dir = model_dir
         self.retrain_interval = retrain_interval
@@ -131,6 +133,7 @@ class ForecastService:
             self.model = await asyncio.to_thread(fit)
             self.trained_at, self.trained_on = time.time(), len(histories)
             log.info("forecaster retrained on %d devices in %.1f s", len(histories), self.trained_at - started)
+            self.events.publish(Event(FORECAST_REFRESHED, None, "forecast", {"trained_at": self.trained_at}))
             return self.info()
 
     def info(self) -> dict[str, Any]:
