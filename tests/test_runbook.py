@@ -282,3 +282,27 @@ async def test_links_failing_again_and_again_fail_the_run_in_the_end(world: Worl
     assert run.status == "failed" and "PeerUnreachable: away" in run.errors[1]
     assert len(run.recoveries) == 3 and "stage 1 lost a link (PeerUnreachable: away)" in run.recoveries[0]
     assert run.attempt == 3
+
+
+async def test_the_owner_hears_the_runs_progress_and_each_state_once(world: World) -> None:
+    from neuranet.server.events import RUN_PROGRESS, RUN_STATE
+
+    heard = world.book.events.subscribe(world.user_id)
+    other = world.book.events.subscribe("someone-else")
+    run = await world.start(steps=10, every=5)
+    await world.report(run, 2, m.StageProgress(run_id=run.id, stage=2, step=0, loss=2.5))
+    await world.checkpoint(run, 5)  # saved, but no change of state
+    world.drop("dev-c")
+    await world.recovered(run)
+    for i in range(len(run.stages)):
+        await world.report(run, i, m.StageDone(run_id=run.id, stage=i, attempt=run.attempt, ok=True))
+    await world.checkpoint(run, 10)
+    events = []
+    while (e := heard.get_nowait()) is not None:
+        events.append(e)
+    assert all(e.object_id == run.id for e in events)
+    states = [(e.data["state"], e.data["attempt"]) for e in events if e.kind == RUN_STATE]
+    assert states == [("running", 0), ("recovering", 1), ("running", 1), ("finished", 1)], states
+    progress = [e.data for e in events if e.kind == RUN_PROGRESS]
+    assert progress == [{"step": 0, "loss": 2.5, "steps_done": 1}]
+    assert other.get_nowait() is None

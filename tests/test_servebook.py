@@ -142,3 +142,19 @@ async def test_a_device_that_does_not_return_after_a_restart_is_named(world: Wor
     assert taken.status == "failed" and "device dev-b did not come back within 0 s" in taken.error
     assert not again.sent("dev-a", m.ServeAssign)
     await again.book.close()
+
+
+async def test_the_owner_hears_each_deployment_state_once(world: World) -> None:
+    from neuranet.server.events import DEPLOYMENT_STATE
+
+    heard, other = world.serving.events.subscribe(world.user_id), world.serving.events.subscribe("someone-else")
+    dep = await deploy(world)
+    ready(world, dep)
+    world.drop("dev-b")
+    world.drop("dev-c")  # already failed: no second event
+    events = []
+    while (e := heard.get_nowait()) is not None:
+        events.append(e)
+    assert [(e.kind, e.object_id, e.data["state"]) for e in events] == [
+        (DEPLOYMENT_STATE, dep.id, s) for s in ("loading", "ready", "failed")]
+    assert "dev-b went offline" in events[-1].data["error"] and other.get_nowait() is None

@@ -39,8 +39,8 @@ class Coordinator:
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
                                          config.forecast_options, events=self.events)
         self.blobs = BlobStore(config.blob_dir / "blobs")
-        self.runs = RunBook(self.fleet, store, self.forecasts, self.blobs, config.run_rejoin_grace)
-        self.serving = ServeBook(self.fleet, store, self.runs)
+        self.runs = RunBook(self.fleet, store, self.forecasts, self.blobs, config.run_rejoin_grace, events=self.events)
+        self.serving = ServeBook(self.fleet, store, self.runs, events=self.events)
         self.files = FileBook(self.fleet, store, self.forecasts, config.file_repair_interval, config.file_lost_after,
                               config.file_orphan_after, max_inventory=config.limits.max_inventory_chunks)
         for book in (self.runs, self.serving, self.files):

@@ -20,6 +20,7 @@ from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
 from neuranet.server.blobs import BlobStore, BlobWriter
 from neuranet.server.edge import ApiModel
+from neuranet.server.events import RUN_PROGRESS, RUN_STATE, Event, EventBus
 from neuranet.server.run_records import Checkpoint
 from neuranet.tasks import OwnedTasks
 
@@ -326,8 +327,11 @@ class RunBook:
     """
 
     def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService | None", blobs: BlobStore,
-                 rejoin_grace: float = 5.0, restore_grace: float = RESTORE_GRACE, planner: Planner | None = None) -> None:
+                 rejoin_grace: float = 5.0, restore_grace: float = RESTORE_GRACE, planner: Planner | None = None,
+                 events: EventBus | None = None) -> None:
         self.fleet = fleet
+        self.events = events or EventBus(history=0)  # its owner hears of each run's progress and state
+        self._told: dict[str, tuple[str, int]] = {}  # run -> (state, attempt) last published
         self.store = store
         self.forecasts = forecasts
         self.blobs = blobs
@@ -359,6 +363,7 @@ class RunBook:
         run.id = await self.store.runs.create_run(user_id, "train", [s["device"] for s in split.stages],
                                                   state="running", spec=run.record())
         self.runs[run.id] = run
+        self._tell(run)
         lost = next((s["device"] for s in run.stages if not self.fleet.online(s["device"])), None)
         if lost is not None:  # it went away while the run was recorded: recover as from any loss
             self.on_device_lost(lost)
@@ -457,6 +462,8 @@ class RunBook:
         if isinstance(msg, m.StageProgress):
             if msg.loss is not None:
                 run.losses[msg.step] = msg.loss
+                self.events.publish(Event(RUN_PROGRESS, run.user_id, run.id,
+                                          {"step": msg.step, "loss": msg.loss, "steps_done": len(run.losses)}))
         elif isinstance(msg, m.StageWeights):
             await self._state_part(run, msg, payload)
         elif not msg.ok and msg.link_failed and (run.relink or run.link_recoveries < MAX_LINK_RECOVERIES):
@@ -516,8 +523,18 @@ class RunBook:
         await self._save(run)
 
     async def _save(self, run: RunState) -> None:
+        self._tell(run)
         await self.store.runs.save(run.id, run.status, run.attempt, run.record(),
                                    "; ".join(run.errors[k] for k in sorted(run.errors)) or None)
+
+    def _tell(self, run: RunState) -> None:
+        """Publish the run's state (running, recovering, finished, failed) when it or the attempt changed."""
+        state = "recovering" if run.recovery is not None and run.status == "running" else run.status
+        if self._told.get(run.id) != (state, run.attempt):
+            self._told[run.id] = (state, run.attempt)
+            error = "; ".join(run.errors[k] for k in sorted(run.errors)) or None
+            self.events.publish(Event(RUN_STATE, run.user_id, run.id, {"state": state, "attempt": run.attempt,
+                                                                      "error": error}))
 
     async def _abort_writers(self, run: RunState) -> None:
         writers, run.writers = list(run.writers.values()), {}
@@ -560,6 +577,7 @@ class RunBook:
                 grace, why = self.rejoin_grace, ""
         finally:
             run.recovery = None
+            self._tell(run)  # running again (or failed)
         if run.status == "failed":
             await self._ended(run)
 

@@ -21,6 +21,7 @@ from neuranet.errors import BadUpstream, Conflict, Invalid, NeuraNetError, NotFo
 from neuranet.protocol import messages as m
 from neuranet.protocol.json_values import INT64_MAX
 from neuranet.server.edge import ApiModel
+from neuranet.server.events import DEPLOYMENT_STATE, Event, EventBus
 from neuranet.server.runs import RESTORE_GRACE, RunError, build_and_profile, plan_layers
 from neuranet.tasks import OwnedTasks
 
@@ -152,8 +153,11 @@ class Deployment:
 class ServeBook:
     """The coordinator's deployments: start them, route their agents' reports, answer requests."""
 
-    def __init__(self, fleet: "Fleet", store: "Store", runs: "RunBook", restore_grace: float = RESTORE_GRACE) -> None:
+    def __init__(self, fleet: "Fleet", store: "Store", runs: "RunBook", restore_grace: float = RESTORE_GRACE,
+                 events: EventBus | None = None) -> None:
         self.fleet = fleet
+        self.events = events or EventBus(history=0)  # its owner hears of each deployment's state
+        self._told: dict[str, str] = {}  # deployment -> the state last published
         self.store = store
         self.runs = runs
         self.restore_grace = restore_grace  # how long a restarted coordinator waits for a deployment's devices
@@ -200,6 +204,7 @@ class ServeBook:
         dep.id = await self.store.runs.create_run(user_id, "serve", [s["device"] for s in stages], state="loading",
                                                   spec=dep.record())
         self.deployments[dep.id] = dep
+        self._tell(dep)
         self._assign(dep, weights)
         return dep
 
@@ -259,10 +264,19 @@ class ServeBook:
 
     def _record(self, dep: Deployment) -> None:
         """Save the deployment's state now (from sync code: in a task of the book's)."""
+        self._tell(dep)
         self._records.spawn(self._save(dep), name=f"record-{dep.id}")
 
     async def _save(self, dep: Deployment) -> None:
+        self._tell(dep)
         await self.store.runs.save(dep.id, dep.status, dep.attempt, dep.record(), dep.error or None)
+
+    def _tell(self, dep: Deployment) -> None:
+        """Publish the deployment's state (loading, ready, failed, stopped) when it changed."""
+        if self._told.get(dep.id) != dep.status:
+            self._told[dep.id] = dep.status
+            self.events.publish(Event(DEPLOYMENT_STATE, dep.user_id, dep.id, {"state": dep.status, "model": dep.model,
+                                                                            "error": dep.error or None}))
 
     def _assign(self, dep: Deployment, weights: bytes) -> None:
         parts = m.state_parts(weights) if weights else []
