@@ -22,7 +22,7 @@ import random
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from neuranet.errors import Conflict, Gone, NeuraNetError, NoSpace, TimedOut, Unavailable
 from neuranet.forecast.features import HORIZONS
@@ -99,12 +99,15 @@ class Space:
 
 
 class FileBook:
-    def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService", repair_interval: float = 60.0, lost_after: float = 24 * 3600.0,
-                 orphan_after: float = 24 * 3600.0, bytes_per_round: int = 256 * 2 ** 20,
-                 max_inventory: int = Limits.max_inventory_chunks) -> None:
+    def __init__(self, fleet: "Fleet", store: "Store", forecasts: "ForecastService", repair_interval: float = 60.0,
+                 lost_after: float = 24 * 3600.0, orphan_after: float = 24 * 3600.0, bytes_per_round: int = 256 * 2 ** 20,
+                 max_inventory: int = Limits.max_inventory_chunks,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.fleet = fleet
         self.store = store
         self.forecasts = forecasts
+        self._clock = clock  # wall time: how long a device has been away, how old an orphan is
+        self._monotonic = monotonic  # how old a cached view is
         self.repair_interval = repair_interval
         self.lost_after = lost_after
         self.orphan_after = orphan_after
@@ -316,7 +319,7 @@ class FileBook:
     async def views(self, user_id: str, fresh: bool = False) -> list[DeviceView]:
         """The user's devices that offer storage, with their forecasts (cached for `VIEW_TTL`)."""
         cached = self._views.get(user_id)
-        if cached and not fresh and time.monotonic() - cached[0] < VIEW_TTL and cached[1] == self._offers:
+        if cached and not fresh and self._monotonic() - cached[0] < VIEW_TTL and cached[1] == self._offers:
             return [DeviceView(v.device_id, self.fleet.online(v.device_id), v.p_online, self._free(v.device_id))
                     for v in cached[2]]
         offers = self._offers
@@ -325,7 +328,7 @@ class FileBook:
         probabilities = await self._forecasts([d.id for d in devices])
         views = [DeviceView(d.id, self.fleet.online(d.id), probabilities.get(d.id, self._persistence(d.id)),
                             self._free(d.id)) for d in devices]
-        self._views[user_id] = (time.monotonic(), offers, views)
+        self._views[user_id] = (self._monotonic(), offers, views)
         return views
 
     def _persistence(self, device_id: str) -> tuple[float, ...]:
@@ -474,7 +477,7 @@ class FileBook:
     async def _collect_orphans(self, user_id: str) -> None:
         """Delete chunks uploaded more than `orphan_after` ago that no file uses (an upload that never
         finished); devices offline now drop them when they return."""
-        freed = await self.store.files.remove_orphans(user_id, time.time() - self.orphan_after)
+        freed = await self.store.files.remove_orphans(user_id, self._clock() - self.orphan_after)
         if freed:
             log.info("files of %s: %d chunks of unfinished uploads deleted", user_id,
                      len({c for chunks in freed.values() for c in chunks}))
@@ -501,7 +504,7 @@ class FileBook:
 
     async def _lost_devices(self, user_id: str, holders: set[str]) -> set[str]:
         """Holders whose replicas should be replaced: deleted, or offline longer than `lost_after`."""
-        now = time.time()
+        now = self._clock()
         devices = {d.id: d for d in await self.store.devices.list_devices(user_id)}
         lost = set()
         for holder in holders:
