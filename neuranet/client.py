@@ -147,7 +147,7 @@ def pin_server_certificate(server_url: str, expected: str, home: Path | None = N
     return path
 
 
-EVENT_READ_TIMEOUT = 60.0  # seconds without a byte on an event stream (the server sends a keepalive every 15)
+EVENT_READ_TIMEOUT = 30.0  # seconds without a byte before an event stream counts as broken (keepalives: every 10)
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
@@ -240,7 +240,7 @@ class Client:
             try:
                 for event in self._event_stream(kinds, after):
                     if lost_at is not None:
-                        note(f"the event stream is back after {time.monotonic() - lost_at:.1f} s")
+                        note(f"the server answers again after {time.monotonic() - lost_at:.1f} s")
                     lost_at, tries = None, 0
                     after = event.seq or after
                     yield event
@@ -275,8 +275,8 @@ class Client:
                 yield Event(STREAM_OPEN, None, "")  # subscribed: state read from now on misses nothing
                 yield from parse_sse(resp.iter_lines())
         except httpx.HTTPError as exc:
-            raise ServerUnreachable(f"the event stream from {self._http.base_url} broke: "
-                                    f"{str(exc) or type(exc).__name__}") from None
+            raise ServerUnreachable(f"cannot reach the server at {self._http.base_url}: the event stream broke "
+                                    f"({str(exc) or type(exc).__name__})") from None
 
     @property
     def base_url(self) -> str:

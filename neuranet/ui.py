@@ -64,40 +64,85 @@ def linktests_table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
 
 def follow_run(client: Any, run: dict[str, Any], console: Any, timeout: float = 24 * 3600,
                patience: Any = None, interval: float = 0.25) -> dict[str, Any]:
-    """Poll a run until it ends, with a progress bar of steps, the latest loss and samples/s; says when
-    the run re-plans (why, and the new plan) and rides out a server that stops answering for a while."""
+    """Follow a run until it ends, with a progress bar of steps, the latest loss and samples/s; says when
+    the run re-plans (why, and the new plan) and rides out a server that stops answering for a while.
+    Follows the event stream (``GET /api/v1/events``): the bar moves with each reported loss and the run is
+    read again only when its state changes (or the stream reopens); a server without the stream is polled
+    every ``interval`` seconds."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from neuranet.client import Patience, patiently
+    from neuranet.client import ClientError, Patience, patiently
 
     patience = patience or Patience()
     deadline = time.monotonic() + timeout
-    first: tuple[float, int] | None = None  # (when, steps) at the first step seen: rate excludes set-up
-    shown = len(run.get("recoveries", []))
+    run_id = run["id"]
     with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]}"),
                   TextColumn("{task.fields[rate]} samples/s"), console=console) as progress:
-        bar = progress.add_task("train", total=run["steps"], loss="-", rate="-")
+        shown = _RunShown(progress, console, run)
 
         def note(text: str) -> None:
             console.print(f"[yellow]{escape(text)}[/]")
 
-        while run["status"] == "running" and time.monotonic() < deadline:
+        def fetch() -> dict[str, Any]:
+            return patiently(lambda: client.run(run_id, timeout=patience.request_timeout), patience, note)
+
+        try:
+            return _follow_events(client, shown, fetch, note, patience, deadline)
+        except ClientError as exc:
+            if not str(exc).startswith("404"):  # 404: a coordinator from before the event stream
+                raise
+        while shown.run["status"] == "running" and time.monotonic() < deadline:
             time.sleep(interval)
-            run_id = run["id"]
-            run = patiently(lambda: client.run(run_id, timeout=patience.request_timeout), patience, note)
-            for recovery in run.get("recoveries", [])[shown:]:
-                console.print(f"[yellow]re-planned, {escape(recovery)}[/]")
-            if len(run.get("recoveries", [])) > shown:
-                shown = len(run["recoveries"])
-                console.print(escape(run["plan"]), soft_wrap=True)
-            losses, now = run["losses"], time.monotonic()
-            if losses and first is None:
-                first = (now, len(losses))
-            rate = "-"
-            if first is not None and len(losses) > first[1] and now > first[0]:
-                rate = f"{(len(losses) - first[1]) * run['batch_size'] / (now - first[0]):.0f}"
-            progress.update(bar, completed=len(losses), loss=f"{losses[-1]:.4f}" if losses else "-", rate=rate)
-    return run
+            shown.update(fetch())
+    return shown.run
+
+
+def _follow_events(client: Any, shown: "_RunShown", fetch: Any, note: Any, patience: Any,
+                   deadline: float) -> dict[str, Any]:
+    from neuranet.server.events import RUN_PROGRESS, RUN_STATE, STREAM_GAP, STREAM_OPEN
+
+    run_id = shown.run["id"]
+    stream = client.events(kinds=[RUN_PROGRESS, RUN_STATE], patience=patience, note=note)
+    try:
+        for event in stream:
+            if event.kind in (STREAM_OPEN, STREAM_GAP) or (event.kind == RUN_STATE and event.object_id == run_id):
+                shown.update(fetch())  # (re)subscribed, or changed: the run as it is from now on
+            elif event.kind == RUN_PROGRESS and event.object_id == run_id:
+                shown.step(int(event.data.get("steps_done", 0)), event.data.get("loss"))
+            if shown.run["status"] != "running" or time.monotonic() > deadline:
+                break
+    finally:
+        stream.close()
+    return shown.run
+
+
+class _RunShown:
+    """A run as the progress bar shows it: steps, latest loss, samples/s (excluding set-up), re-plans."""
+
+    def __init__(self, progress: Any, console: Any, run: dict[str, Any]) -> None:
+        self.progress, self.console, self.run = progress, console, run
+        self.bar = progress.add_task("train", total=run["steps"], loss="-", rate="-")
+        self.first: tuple[float, int] | None = None  # (when, steps) at the first step seen
+        self.recoveries = len(run.get("recoveries", []))
+
+    def update(self, run: dict[str, Any]) -> None:
+        self.run = run
+        for recovery in run.get("recoveries", [])[self.recoveries:]:
+            self.console.print(f"[yellow]re-planned, {escape(recovery)}[/]")
+        if len(run.get("recoveries", [])) > self.recoveries:
+            self.recoveries = len(run["recoveries"])
+            self.console.print(escape(run["plan"]), soft_wrap=True)
+        losses = run["losses"]
+        self.step(len(losses), losses[-1] if losses else None)
+
+    def step(self, steps: int, loss: float | None) -> None:
+        now = time.monotonic()
+        if steps and self.first is None:
+            self.first = (now, steps)
+        rate = "-"
+        if self.first is not None and steps > self.first[1] and now > self.first[0]:
+            rate = f"{(steps - self.first[1]) * self.run['batch_size'] / (now - self.first[0]):.0f}"
+        self.progress.update(self.bar, completed=steps, loss=f"{loss:.4f}" if loss is not None else "-", rate=rate)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Table:

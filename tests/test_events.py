@@ -190,3 +190,37 @@ def test_devices_going_online_and_offline_are_told_to_their_owner_once() -> None
     fleet.lost("d1")
     assert [(e.kind, e.object_id) for e in drain(alice)] == [(DEVICE_ONLINE, "d1"), (DEVICE_OFFLINE, "d1")]
     assert drain(bob) == []
+
+
+def test_following_a_run_reads_it_again_only_when_the_stream_says_it_changed() -> None:
+    import io
+
+    from rich.console import Console
+
+    from neuranet.server.events import STREAM_OPEN
+    from neuranet.ui import follow_run
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.reads = 0
+            self.status = "running"
+
+        def run(self, run_id: str, timeout: float | None = None) -> dict:
+            self.reads += 1
+            return {"id": run_id, "status": self.status, "steps": 3, "batch_size": 8, "losses": [1.0] * (3 if self.status
+                    == "finished" else 0), "recoveries": [], "plan": "plan"}
+
+        def events(self, kinds, patience, note):
+            assert set(kinds) == {RUN_PROGRESS, RUN_STATE}
+            yield Event(STREAM_OPEN, None, "")
+            for step in range(3):
+                yield Event(RUN_PROGRESS, None, "r1", {"step": step, "loss": 1.0, "steps_done": step + 1}, seq=step + 1)
+                yield Event(RUN_PROGRESS, None, "other-run", {"step": step, "loss": 9.0, "steps_done": step + 1})
+            self.status = "finished"
+            yield Event(RUN_STATE, None, "r1", {"state": "finished"}, seq=9)
+            raise AssertionError("read past the run's end")
+
+    client = FakeClient()
+    start = {"id": "r1", "status": "running", "steps": 3, "batch_size": 8, "losses": [], "recoveries": [], "plan": "p"}
+    run = follow_run(client, start, Console(file=io.StringIO()))
+    assert run["status"] == "finished" and client.reads == 2  # once subscribed, and once it changed: no polling

@@ -15,7 +15,7 @@ from neuranet.client import Client, ClientError
 
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
 
-PollTimeoutOpt = typer.Option(10.0, "--poll-timeout", min=0.1, help="Seconds each progress poll waits for the "
+PollTimeoutOpt = typer.Option(10.0, "--poll-timeout", min=0.1, help="Seconds each read of the run's state waits for the "
                               "server before trying again (for up to 5 minutes without an answer).")
 
 
