@@ -183,6 +183,7 @@ async def test_inventory_pages_are_reconciled_whole_and_bounded(tmp_path) -> Non
     from neuranet.protocol import messages as m
     from neuranet.protocol.errors import MessageTooLarge
     from neuranet.server.files import FileBook
+    from neuranet.server.fleet import Fleet
 
     store = ChunkStore(tmp_path / "chunks", quota_bytes=1000)
     names = []
@@ -203,7 +204,7 @@ async def test_inventory_pages_are_reconciled_whole_and_bounded(tmp_path) -> Non
     async def device_chunks(device_id):
         return {names[0]: 10}
 
-    hub = SimpleNamespace(store=SimpleNamespace(files=SimpleNamespace(device_chunks=device_chunks)))
+    records = SimpleNamespace(files=SimpleNamespace(device_chunks=device_chunks))
     told: list = []
 
     class Conn:  # a connection as FileBook sees it (weakly referenced, like the hub's)
@@ -211,12 +212,12 @@ async def test_inventory_pages_are_reconciled_whole_and_bounded(tmp_path) -> Non
         reply = send = staticmethod(told.append)
 
     conn = Conn()
-    book = FileBook(hub, max_inventory=5)  # type: ignore[arg-type]
+    book = FileBook(Fleet({}), records, None, max_inventory=5)  # type: ignore[arg-type]
     pages = list(m.chunk_batches(names, per=2))
     for i, page in enumerate(pages):
         book.on_message(conn, m.ChunkInventory(quota_bytes=1000, used_bytes=50, chunks=page,  # type: ignore[arg-type]
                                                last=i == len(pages) - 1), b"")
-    await asyncio.sleep(0.1)
+    await book._tasks.join()  # the reconciliation runs in a task of the book's
     assert len(told) == 1 and sorted(told[0].chunks) == sorted(names[1:]) and told[0].grace > 0
     # Pages that never say `last` are held only up to the bound; past it the device is refused.
     for page in (names[:2], names[2:4]):
@@ -234,6 +235,7 @@ async def test_deletes_of_100000_chunks_go_in_messages_that_fit(tmp_path) -> Non
     from neuranet.protocol import messages as m
     from neuranet.protocol.envelope import decode_frame
     from neuranet.server.files import FileBook
+    from neuranet.server.fleet import Fleet
     from neuranet.server.hub import AgentConnection
 
     frames: list[bytes] = []
@@ -245,7 +247,7 @@ async def test_deletes_of_100000_chunks_go_in_messages_that_fit(tmp_path) -> Non
         raise AssertionError(f"closed: {reason}")
 
     conn = AgentConnection("d", "u", write, close, Limits.max_queued_bytes_per_peer)
-    book = FileBook(SimpleNamespace(conns={"d": conn}))  # type: ignore[arg-type]
+    book = FileBook(Fleet({"d": conn}), None, None)  # type: ignore[arg-type]
     names = [f"{i:064x}" for i in range(100_000)]
     await book.delete_replicas({"d": names, "offline": names[:10]}, grace=5.0)  # a file deleted, say
     writer = asyncio.ensure_future(conn.writer())
