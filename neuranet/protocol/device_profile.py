@@ -28,7 +28,7 @@ class DeviceProfile(BaseModel):
             return cls()
         fields: dict[str, Any] = {}
         for name in cls.model_fields:
-            if name not in raw:
+            if name not in raw or name == "listen_addrs":
                 continue
             try:
                 fields[name] = cls.model_validate({name: raw[name]}).__dict__[name]
@@ -39,6 +39,15 @@ class DeviceProfile(BaseModel):
             value = fields.get(key)
             if value is not None and not (0 <= value < 1e18):
                 fields[key] = None
-        fields["listen_addrs"] = tuple((h, p) for h, p in fields.get("listen_addrs", ())
-                                       if 0 < len(h) <= 255 and 0 < p < 65536)[:MAX_ADDRS]
+        fields["listen_addrs"] = _addrs(raw.get("listen_addrs"))
         return cls(**fields)
+
+
+def _addrs(listed: object) -> tuple[tuple[str, int], ...]:
+    """The direct-link addresses a device advertised, keeping only well-formed (host, port) pairs, one by one."""
+    out = []
+    for item in listed if isinstance(listed, list) else []:
+        if (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and 0 < len(item[0]) <= 255
+                and type(item[1]) is int and 0 < item[1] < 65536):
+            out.append((item[0], item[1]))
+    return tuple(out[:MAX_ADDRS])

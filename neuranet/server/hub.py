@@ -21,6 +21,7 @@ from neuranet.config import Limits, ServerConfig
 from neuranet.net.addresses import same_host, usable_by_peer
 from neuranet.net.tls import certificate_key
 from neuranet.protocol import messages as m
+from neuranet.protocol.device_profile import DeviceProfile
 from neuranet.protocol.envelope import Envelope, encode_frame
 from neuranet.protocol.errors import (
     MAX_ERROR_CHARS, AuthenticationFailed, InvalidMessage, PeerUnavailable, ProtocolError, QueueLimitExceeded,
@@ -413,12 +414,13 @@ class Hub:
             self._peers[conn.device_id].add(req.peer)
             self._peers[req.peer].add(conn.device_id)
         secret = secrets.token_bytes(32)
-        near = same_host(conn.remote_ip, _machine(conn.profile), peer.remote_ip, _machine(peer.profile))
+        mine, theirs = DeviceProfile.of(conn.profile), DeviceProfile.of(peer.profile)
+        near = same_host(conn.remote_ip, mine.machine_id, peer.remote_ip, theirs.machine_id)
         conn.reply(m.LinkGrant(link_id=req.link_id, peer=peer.device_id, channel=req.channel, initiator=True,
-                               peer_addrs=usable_by_peer(_addrs(peer.profile), near), secret=secret,
+                               peer_addrs=usable_by_peer(list(theirs.listen_addrs), near), secret=secret,
                                peer_key=peer.public_key, peer_cert=peer.tls_cert))
         peer.send(m.LinkGrant(link_id=req.link_id, peer=conn.device_id, channel=req.channel, initiator=False,
-                              peer_addrs=usable_by_peer(_addrs(conn.profile), near), secret=secret,
+                              peer_addrs=usable_by_peer(list(mine.listen_addrs), near), secret=secret,
                               peer_key=conn.public_key, peer_cert=conn.tls_cert))
 
     def set_direct_cert(self, conn: AgentConnection, cert: bytes) -> None:
@@ -527,19 +529,3 @@ class Hub:
                 await self.prune()
             except Exception:  # keep serving; the next round retries
                 log.exception("hub maintenance failed")
-
-
-def _machine(profile: dict[str, Any]) -> str:
-    value = profile.get("machine_id")
-    return value if isinstance(value, str) and len(value) <= 64 else ""
-
-
-def _addrs(profile: dict[str, Any]) -> list[tuple[str, int]]:
-    """The direct-link addresses a device advertised, keeping only well-formed (host, port) pairs."""
-    out = []
-    listed = profile.get("listen_addrs")
-    for item in listed if isinstance(listed, list) else []:
-        if (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and 0 < len(item[0]) <= 255
-                and type(item[1]) is int and 0 < item[1] < 65536):
-            out.append((item[0], item[1]))
-    return out[:32]

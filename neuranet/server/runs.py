@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from neuranet.errors import Invalid
 from neuranet.pipeline.schedules import OPTIMIZER_NAMES, SCHEDULES, UnknownSchedule
 from neuranet.protocol import messages as m
+from neuranet.protocol.device_profile import DeviceProfile as Reported
 from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
 from neuranet.server.blobs import BlobStore, BlobWriter
 from neuranet.server.edge import ApiModel
@@ -252,11 +253,11 @@ def plan_layers(layers: list[Any], devices: list[dict[str, Any]], objective: str
 
     profiles = []
     for d in devices:
-        p = d["profile"]
-        bw = (p.get("server_bandwidth_bps") or DEFAULT_LINK_BYTES_PER_S * 8) / 8
-        links = {o["id"]: Link(bandwidth=bw, latency=(p.get("server_rtt_ms") or 1.0) / 1000) for o in devices if o is not d}
-        profiles.append(DeviceProfile(id=d["id"], gflops=p.get("cpu_gflops") or DEFAULT_GFLOPS,
-                                      free_bytes=p.get("ram_available_bytes") or DEFAULT_FREE_BYTES, links=links))
+        p = Reported.of(d["profile"])
+        bw = (p.server_bandwidth_bps or DEFAULT_LINK_BYTES_PER_S * 8) / 8
+        links = {o["id"]: Link(bandwidth=bw, latency=(p.server_rtt_ms or 1.0) / 1000) for o in devices if o is not d}
+        profiles.append(DeviceProfile(id=d["id"], gflops=p.cpu_gflops or DEFAULT_GFLOPS,
+                                      free_bytes=p.ram_available_bytes or DEFAULT_FREE_BYTES, links=links))
     try:
         workload = Workload(micro_batch=micro_batch, micro_batches=micro_batches)
         chooser = plan_fixed if use_all_devices else plan
@@ -416,7 +417,8 @@ class RunBook:
         if expected is None:
             return DEFAULT_CHECKPOINT_EVERY, "default (no availability forecast yet)"
         slots = 2 if req.optimizer.lower() == "adamw" else 0  # optimiser state per parameter, uploaded too
-        bandwidth = min((d["profile"].get("server_bandwidth_bps") or DEFAULT_LINK_BYTES_PER_S * 8) / 8 for d in devices)
+        bandwidth = min((Reported.of(d["profile"]).server_bandwidth_bps or DEFAULT_LINK_BYTES_PER_S * 8) / 8
+                        for d in devices)
         cost = split.param_bytes * (1 + slots) / bandwidth
         every = checkpoint_interval(split.step_time, cost, expected, req.steps)
         return every, (f"every {every} steps from forecast availability (expected online "
