@@ -173,6 +173,7 @@ def test_losing_a_device_fails_the_deployment_with_a_clear_error(fabric: LocalFa
 
 def test_batches_are_cut_to_fit_a_message_and_joined_in_order() -> None:
     from neuranet.pipeline.inference import BatchTooLarge, PartJoiner, split_batch
+    from neuranet.protocol.parts import PartsRefused
 
     t = torch.arange(100 * 10, dtype=torch.float32).reshape(100, 10)  # 40 bytes per sample
     assert split_batch(t, 4000) == [t]
@@ -183,7 +184,7 @@ def test_batches_are_cut_to_fit_a_message_and_joined_in_order() -> None:
     with pytest.raises(BatchTooLarge, match="one sample is 40 bytes"):
         split_batch(t, 39)
     joiner.add(1, 0, 2, parts[0])
-    with pytest.raises(ValueError, match="part 0 of 2 arrived after 1 parts"):
+    with pytest.raises(PartsRefused, match="request 1: part 0 of 2 arrived after 1 parts"):
         joiner.add(1, 0, 2, parts[0])
 
 

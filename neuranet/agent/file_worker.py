@@ -31,6 +31,7 @@ from neuranet.net.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink, RelayUnavailable
 from neuranet.protocol import messages as m
+from neuranet.protocol.correlator import Correlator
 from neuranet.protocol.errors import LinkError, PeerUnreachable, ProtocolError
 from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id, verify
 from neuranet.tasks import task_scope
@@ -52,8 +53,7 @@ class _Link:
 
     def __init__(self, link: PeerLink, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
         self.link = link
-        self.pending: dict[int, asyncio.Future[LinkMessage]] = {}
-        self.next_rid = 0
+        self.pending: Correlator[LinkMessage] = Correlator(f"chunk link to {link.peer}")  # by rid
         self.used = time.monotonic()
         self.reader = spawn(self._read())  # owned by the agent: awaited when it stops
 
@@ -61,15 +61,9 @@ class _Link:
         try:
             while True:
                 msg = await self.link.recv()
-                rid = msg.meta.get("rid")
-                fut = self.pending.pop(rid, None) if isinstance(rid, int) else None
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                self.pending.resolve(msg.meta.get("rid"), msg)
         except BaseException as exc:  # the link ended: every request in flight fails with it
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else LinkClosed("link closed"))
-            self.pending.clear()
+            self.pending.fail_all(exc if isinstance(exc, Exception) else LinkClosed("link closed"))
             if not isinstance(exc, Exception):
                 raise
 
@@ -112,9 +106,7 @@ class ChunkLinks:
         waits for its peer to come back): another holder or device can serve instead."""
         for attempt in range(2):  # a cached link may have died since its last use: one fresh try
             entry = await self._link(peer)
-            entry.next_rid += 1
-            rid = entry.next_rid
-            fut = entry.pending[rid] = asyncio.get_running_loop().create_future()
+            rid, fut = entry.pending.new()
             try:
                 entry.used = time.monotonic()
                 # A peer that stopped reading would block the send on the link's window: bounded too.
@@ -131,7 +123,7 @@ class ChunkLinks:
                 if attempt:
                     raise
             finally:
-                entry.pending.pop(rid, None)
+                entry.pending.discard(rid)
         raise AssertionError("unreachable")
 
     async def _reap(self) -> None:
@@ -162,8 +154,7 @@ class FileWorker:
         self.agent = agent
         self.store = store
         self.links = ChunkLinks(agent)
-        self._asks: dict[int, asyncio.Future[m.ChunkPlaced]] = {}  # uploads' questions to the coordinator
-        self._next_ask = 0
+        self._asks: Correlator[m.ChunkPlaced] = Correlator("upload questions")  # to the coordinator
         self._recheck: asyncio.Task[None] | None = None  # an inventory after chunks kept for a grace
 
     def install(self) -> None:
@@ -417,9 +408,8 @@ class FileWorker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + COPY_TIMEOUT
         while True:
-            self._next_ask += 1
-            ask = msg.model_copy(update={"request": self._next_ask})
-            fut = self._asks[ask.request] = loop.create_future()
+            request, fut = self._asks.new()
+            ask = msg.model_copy(update={"request": request})
             connection = self.agent.connections
             try:
                 await self.agent.send(ask)
@@ -434,21 +424,17 @@ class FileWorker:
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 raise LocalRequestError(f"the coordinator did not answer: {type(exc).__name__}: {exc}") from None
             finally:
-                self._asks.pop(ask.request, None)
+                self._asks.discard(request)
         if answer.error:
             raise LocalRequestError(answer.error)
         return answer
 
     def _connection_lost(self) -> None:
-        for fut in self._asks.values():
-            if not fut.done():
-                fut.set_exception(RelayUnavailable("the connection to the coordinator was lost"))
+        self._asks.fail_all(lambda: RelayUnavailable("the connection to the coordinator was lost"))
 
     async def _placed(self, agent: Agent, msg: m.Message, payload: bytes) -> None:
         assert isinstance(msg, m.ChunkPlaced)
-        fut = self._asks.get(msg.request)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        self._asks.resolve(msg.request, msg)
 
 
 def install(agent: Agent, store: ChunkStore) -> FileWorker:

@@ -23,10 +23,12 @@ from neuranet.pipeline.checkpoint import load_stage_state
 from neuranet.pipeline.inference import PartJoiner, split_batch
 from neuranet.pipeline.models import build_model
 from neuranet.protocol import messages as m
+from neuranet.protocol.parts import PartsRefused, Reassembler, join_bytes
 from neuranet.protocol.tensors import decode_tensor, encode_tensor
 
 log = logging.getLogger("neuranet.serve")
 SERVE_PART_BYTES = m.STATE_PART_BYTES  # parts to and from the server stay well under its message limit
+MAX_WEIGHTS_PARTS = 4096  # parts of a served stage's weights accepted (STATE_PART_BYTES each)
 
 Part = tuple[int, int, int, "torch.Tensor | str"]  # request, part, parts, tensor or why it is unreadable
 
@@ -107,7 +109,10 @@ async def serve_stage(agent: Agent, a: m.ServeAssign, inbox: "asyncio.Queue[Part
 def install(agent: Agent) -> None:
     """Serve deployments the server assigns to this device."""
     running: dict[str, tuple[asyncio.Task[Any], asyncio.Queue[Part]]] = {}
-    weights: dict[str, tuple[list[bytes], asyncio.Future[bytes]]] = {}
+    weights: dict[str, asyncio.Future[bytes]] = {}  # run -> the weights its stage waits for
+    weight_parts: Reassembler[str, bytes, bytes] = Reassembler(
+        join_bytes, max_parts=MAX_WEIGHTS_PARTS, max_bytes=MAX_WEIGHTS_PARTS * m.STATE_PART_BYTES, max_pending=16,
+        what="weights of deployment")
 
     async def assigned(agent: Agent, a: m.ServeAssign, payload: bytes = b"") -> None:
         task, inbox = asyncio.current_task(), asyncio.Queue[Part]()
@@ -118,22 +123,32 @@ def install(agent: Agent) -> None:
         running[a.run_id] = (task, inbox)
         future = asyncio.get_running_loop().create_future()
         if a.weights_parts:
-            weights[a.run_id] = ([], future)
+            try:
+                weight_parts.expect(a.run_id, a.weights_parts)  # a part naming another count is refused
+            except PartsRefused as exc:
+                future.set_exception(exc)
+            else:
+                weights[a.run_id] = future
         try:
             await serve_stage(agent, a, inbox, future)
         finally:
             if running.get(a.run_id, (None,))[0] is task:
                 del running[a.run_id]
-            if weights.get(a.run_id, (None, None))[1] is future:  # not a newer assignment's (a restart's)
+            if weights.get(a.run_id) is future:  # not a newer assignment's (a restart's)
                 del weights[a.run_id]
+                weight_parts.drop(a.run_id)
 
     async def weights_part(agent: Agent, w: m.ServeWeights, payload: bytes = b"") -> None:
-        entry = weights.get(w.run_id)
-        if entry is None or w.part != len(entry[0]):
+        future = weights.get(w.run_id)
+        if future is None or future.done():
             return
-        entry[0].append(payload)
-        if len(entry[0]) == w.parts and not entry[1].done():
-            entry[1].set_result(b"".join(entry[0]))
+        try:
+            blob = weight_parts.add(w.run_id, w.part, w.parts, payload)
+        except PartsRefused as exc:  # the stage fails now, saying why, rather than at STATE_TIMEOUT
+            future.set_exception(exc)
+            return
+        if blob is not None:
+            future.set_result(blob)
 
     async def served_input(agent: Agent, i: m.ServeInput, payload: bytes = b"") -> None:
         entry = running.get(i.run_id)

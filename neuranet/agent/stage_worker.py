@@ -23,10 +23,12 @@ from neuranet.pipeline.models import LayerModel, UserModelError, build_model, lo
 from neuranet.pipeline.stage import PeerLinkChannel, StageConfig, StageRuntime
 from neuranet.protocol import messages as m
 from neuranet.protocol.errors import LinkError
+from neuranet.protocol.parts import PartsRefused, Reassembler, join_bytes
 
 log = logging.getLogger("neuranet.stage")
 LINK_TIMEOUT = 60.0
 STATE_TIMEOUT = 120.0
+MAX_STATE_PARTS = 4096  # parts of a resume state accepted (STATE_PART_BYTES each)
 
 
 def compute_device() -> str:
@@ -112,7 +114,10 @@ async def run_stage(agent: Agent, a: m.StageAssign, resume: "asyncio.Future[byte
 def install(agent: Agent) -> None:
     """Serve stage assignments, resume state and aborts from the server."""
     running: dict[str, asyncio.Task[Any]] = {}  # run id -> this device's stage task
-    states: dict[tuple[str, int], list[bytes]] = {}  # (run, attempt) -> resume-state parts so far
+    # (run, attempt) -> the resume state's parts so far
+    states: Reassembler[tuple[str, int], bytes, bytes] = Reassembler(
+        join_bytes, max_parts=MAX_STATE_PARTS, max_bytes=MAX_STATE_PARTS * m.STATE_PART_BYTES, max_pending=16,
+        what="resume state of")
     resumes: dict[tuple[str, int], asyncio.Future[bytes]] = {}
 
     def resume_future(key: tuple[str, int]) -> asyncio.Future[bytes]:
@@ -129,16 +134,22 @@ def install(agent: Agent) -> None:
             if running.get(a.run_id) is task:
                 del running[a.run_id]
             resumes.pop(key, None)
-            states.pop(key, None)
+            states.drop(key)
 
     async def state_part(agent: Agent, part: m.StageState, payload: bytes = b"") -> None:
         key = (part.run_id, part.attempt)
-        parts = states.setdefault(key, [])
-        if part.part != len(parts):
+        resume = resume_future(key)
+        if resume.done():
+            return  # complete already, or refused: the stage has what it waits for
+        try:
+            state = states.add(key, part.part, part.parts, payload)
+        except PartsRefused as exc:  # the stage fails now, saying why, rather than at STATE_TIMEOUT
+            log.warning("run %s: %s", part.run_id, exc)
+            resume.set_exception(exc)
+            resume.exception()  # logged above: no "never retrieved" if no stage waits for it
             return
-        parts.append(payload)
-        if len(parts) == part.parts and not resume_future(key).done():
-            resume_future(key).set_result(b"".join(parts))
+        if state is not None:
+            resume.set_result(state)
 
     async def aborted(agent: Agent, abort: m.StageAbort, payload: bytes = b"") -> None:
         task = running.pop(abort.run_id, None)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from neuranet.pipeline.data import CHAR_VOCAB, decode, encode
+from neuranet.protocol.parts import Reassembler
 
 
 class BatchTooLarge(ValueError):
@@ -41,25 +42,23 @@ def split_batch(t: Tensor, limit: int) -> list[Tensor]:
     return list(torch.split(t, rows))
 
 
-class PartJoiner:
-    """Collects the parts of each request, in order, and returns the joined batch once all are in."""
+MAX_PARTS = 4096  # parts of one request's batch a joiner accepts
+MAX_BATCH_BYTES = 1 << 30  # bytes of one request's batch a joiner accepts
+MAX_JOINING = 256  # requests whose parts are arriving at once
 
-    def __init__(self) -> None:
-        self._parts: dict[int, list[Tensor]] = {}
 
-    def add(self, request: int, part: int, parts: int, t: Tensor) -> Tensor | None:
-        got = self._parts.setdefault(request, [])
-        if part != len(got) or part >= parts:
-            self._parts.pop(request, None)
-            raise ValueError(f"request {request}: part {part} of {parts} arrived after {len(got)} parts")
-        got.append(t)
-        if len(got) < parts:
-            return None
-        del self._parts[request]
-        return got[0] if parts == 1 else torch.cat(got)
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def drop(self, request: int) -> None:
-        self._parts.pop(request, None)
+
+class PartJoiner(Reassembler[int, Tensor, Tensor]):
+    """Collects the parts of each request, in order, and returns the joined batch once all are in
+    (``add(request, part, parts, tensor)``); a part that does not fit its request raises PartsRefused."""
+
+    def __init__(self, max_parts: int = MAX_PARTS, max_bytes: int = MAX_BATCH_BYTES,
+                 max_pending: int = MAX_JOINING) -> None:
+        super().__init__(_cat, max_parts=max_parts, max_bytes=max_bytes, max_pending=max_pending, size=nbytes,
+                         what="request")
 
 
 Logits = Callable[[Tensor], Awaitable[Tensor]]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from neuranet.protocol.message_base import Message, Text
+from neuranet.protocol.parts import split
 
 
 # --- pipeline runs -------------------------------------------------------------
@@ -76,7 +77,7 @@ STATE_PART_BYTES = 1024 * 1024  # stage state travels in parts well under the se
 
 def state_parts(blob: bytes) -> list[bytes]:
     """``blob`` cut into the payloads of StageWeights / StageState messages (at least one)."""
-    return [blob[i : i + STATE_PART_BYTES] for i in range(0, len(blob), STATE_PART_BYTES)] or [b""]
+    return split(blob, STATE_PART_BYTES)
 
 
 class StageState(Message):

@@ -28,6 +28,7 @@ from neuranet.errors import Conflict, Gone, NeuraNetError, NoSpace, TimedOut, Un
 from neuranet.forecast.features import HORIZONS
 from neuranet.config import Limits
 from neuranet.protocol import messages as m
+from neuranet.protocol.correlator import Correlator
 from neuranet.protocol.errors import MessageTooLarge
 from neuranet.tasks import OwnedTasks
 from neuranet.storage.chunks import ChunkError, verify
@@ -115,8 +116,7 @@ class FileBook:
         self.max_inventory = max_inventory
         self.space: dict[str, Space] = {}  # device -> storage it reported
         # request id -> (device, the connection the request went out on, its answer)
-        self._pending: dict[int, tuple[str, AgentConnection, asyncio.Future[tuple[m.ChunkReply, bytes]]]] = {}
-        self._next = 0
+        self._pending: Correlator[tuple[m.ChunkReply, bytes]] = Correlator("chunk requests")  # tag: (device, conn)
         self._views: dict[str, tuple[float, int, list[DeviceView]]] = {}  # user -> (when, _offers then, views)
         # Changes of what devices offer: views cached before one are not reused, or the chunks uploaded
         # right after a device reported its storage (say, just after a restart) would skip it.
@@ -138,9 +138,9 @@ class FileBook:
 
     def on_message(self, conn: "AgentConnection", msg: m.Message, payload: bytes) -> None:
         if isinstance(msg, m.ChunkReply):
-            entry = self._pending.get(msg.request)
-            if entry is not None and entry[0] == conn.device_id and not entry[2].done():
-                entry[2].set_result((msg, payload))
+            sent = self._pending.tag(msg.request)
+            if sent is not None and sent[0] == conn.device_id:
+                self._pending.resolve(msg.request, (msg, payload))
             if conn.device_id in self.space:
                 self.space[conn.device_id].free = msg.free_bytes
         elif isinstance(msg, m.ChunkInventory):
@@ -166,16 +166,14 @@ class FileBook:
         await self._tasks.close()
 
     def on_device_lost(self, device_id: str) -> None:
-        for dev, _, fut in self._pending.values():
-            if dev == device_id and not fut.done():
-                fut.set_exception(FileUnavailable(f"device {device_id} went offline"))
+        self._pending.fail_all(lambda: FileUnavailable(f"device {device_id} went offline"),
+                               where=lambda sent: sent[0] == device_id)
 
     def on_connection_lost(self, conn: "AgentConnection") -> None:
         """A device's connection was replaced by a newer one: what was asked on the old one is asked again
         (`_request`) instead of waiting out `CHUNK_TIMEOUT` for answers that went with it."""
-        for _, sent_on, fut in self._pending.values():
-            if sent_on is conn and not fut.done():
-                fut.set_exception(_ConnectionLost(f"the connection to device {conn.device_id} was lost"))
+        self._pending.fail_all(lambda: _ConnectionLost(f"the connection to device {conn.device_id} was lost"),
+                               where=lambda sent: sent[1] is conn)
 
     def forget_device(self, device_id: str) -> None:
         """A device was removed (its replica records went with it): stop offering it for placement and
@@ -234,8 +232,7 @@ class FileBook:
             conn = self.fleet.connection(device_id)
             if conn is None:
                 raise FileUnavailable(f"device {device_id} is offline")
-            fut: asyncio.Future[tuple[m.ChunkReply, bytes]] = loop.create_future()
-            self._pending[msg.request] = (device_id, conn, fut)  # type: ignore[attr-defined]
+            _, fut = self._pending.new((device_id, conn), id=msg.request)  # type: ignore[attr-defined]
             try:
                 conn.send(msg, payload=payload)
                 return await asyncio.wait_for(fut, deadline - loop.time())
@@ -245,11 +242,10 @@ class FileBook:
             except asyncio.TimeoutError:
                 raise FileTimedOut(f"device {device_id} did not answer within {CHUNK_TIMEOUT:.0f}s") from None
             finally:
-                self._pending.pop(msg.request, None)  # type: ignore[attr-defined]
+                self._pending.discard(msg.request)  # type: ignore[attr-defined]
 
     def _request_id(self) -> int:
-        self._next += 1
-        return self._next
+        return self._pending.next_id()
 
     async def _put_on(self, user_id: str, device_id: str, chunk_id: str, data: bytes) -> str | None:
         """Store a chunk on one device and record it; None when done, else why not."""

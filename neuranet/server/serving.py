@@ -10,7 +10,6 @@ Losing a device fails the deployment and its pending requests with a clear error
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from pydantic import Field
 
 from neuranet.errors import BadUpstream, Conflict, Invalid, NeuraNetError, NotFound, TimedOut, TooLarge, Unavailable
 from neuranet.protocol import messages as m
+from neuranet.protocol.correlator import Correlator
 from neuranet.protocol.json_values import INT64_MAX
 from neuranet.server.edge import ApiModel
 from neuranet.server.events import DEPLOYMENT_STATE, Event, EventBus
@@ -112,11 +112,10 @@ class Deployment:
     error: str = ""
     stopped: bool = False
     served: int = 0
-    pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    pending: Correlator[Any] = field(default_factory=lambda: Correlator("serve requests", limit=MAX_INFLIGHT))
     joiner: "PartJoiner | None" = None
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_INFLIGHT))
     became_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    numbers: itertools.count = field(default_factory=itertools.count)
 
     @property
     def status(self) -> str:
@@ -144,10 +143,7 @@ class Deployment:
     def end(self, why: str) -> None:
         """Wake whoever waits for readiness and fail every pending request with ``why``."""
         self.became_ready.set()
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(ServeUnavailable(why))
-        self.pending.clear()
+        self.pending.fail_all(lambda: ServeUnavailable(why))
 
 
 class ServeBook:
@@ -319,8 +315,7 @@ class ServeBook:
         if dep.joiner is None:
             dep.joiner = PartJoiner()
         async with dep.slots:
-            request = next(dep.numbers)
-            future = dep.pending[request] = asyncio.get_running_loop().create_future()
+            request, future = dep.pending.new()
             first = self.fleet.connection(dep.stages[0]["device"])
             if first is None:
                 dep.fail(f"device {dep.stages[0]['device']} is offline")
@@ -334,7 +329,7 @@ class ServeBook:
             except TimeoutError:
                 raise ServeTimedOut(f"request {request} of deployment {dep.id} timed out") from None
             finally:
-                dep.pending.pop(request, None)
+                dep.pending.discard(request)
                 dep.joiner.drop(request)
         dep.served += 1
         return out
@@ -370,27 +365,26 @@ class ServeBook:
                 dep.became_ready.set()
                 self._record(dep)
             return
-        future = dep.pending.get(msg.request)
-        if future is None or future.done():
+        if not dep.pending.waiting(msg.request):
             return  # a request that timed out or already failed
         if msg.error:
-            future.set_exception(ServeInvalid(f"stage {msg.stage} on {conn.device_id}: {msg.error}"))
+            dep.pending.fail(msg.request, ServeInvalid(f"stage {msg.stage} on {conn.device_id}: {msg.error}"))
             return
         if msg.stage != len(dep.stages) - 1:
             return  # only the last stage returns outputs
-        self._output_part(dep, msg, payload, future)
+        self._output_part(dep, msg, payload)
 
-    def _output_part(self, dep: Deployment, msg: m.ServeOutput, payload: bytes, future: asyncio.Future[Any]) -> None:
+    def _output_part(self, dep: Deployment, msg: m.ServeOutput, payload: bytes) -> None:
         from neuranet.protocol.tensors import decode_tensor
 
         assert dep.joiner is not None
         try:
             out = dep.joiner.add(msg.request, msg.part, msg.parts, decode_tensor(msg.tensor, payload))
         except Exception as exc:
-            future.set_exception(ServeBadOutput(f"the last stage returned a bad output: {exc}"))
+            dep.pending.fail(msg.request, ServeBadOutput(f"the last stage returned a bad output: {exc}"))
             return
         if out is not None:
-            future.set_result(out)
+            dep.pending.resolve(msg.request, out)
 
     def on_device_lost(self, device_id: str) -> None:
         for dep in self.deployments.values():
