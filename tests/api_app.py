@@ -19,6 +19,7 @@ from neuranet.protocol import messages as m
 from neuranet.protocol.auth import auth_payload
 from neuranet.protocol.envelope import PROTOCOL_VERSION, decode_frame, encode_frame
 from neuranet.server.app import create_app
+from neuranet.server.run import CoordinatorServer
 
 
 @contextlib.contextmanager
@@ -73,8 +74,8 @@ def served_app(data_dir: Path, limits: Limits | None = None, send_buffer: int | 
     config = ServerConfig(data_dir=data_dir, limits=limits or Limits(), forecast_retrain_interval=1e9,
                           file_repair_interval=1e9)
     app = create_app(config, on_first_admin=lambda _name, token: tokens.append(token))
-    # a stream still open at the end is cut after 3 s, as the coordinator's own server does (run.py)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+    # as the coordinator's own server (run.py): event streams end first, anything else open is cut after 3 s
+    server = CoordinatorServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
                                            timeout_graceful_shutdown=3))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -101,3 +101,21 @@ def test_a_client_that_reads_nothing_is_dropped_and_the_others_keep_everything(t
         slow.close()
         assert received.startswith(b"HTTP/1.1 200")
         assert received.count(b"event: file.stored") < len(names)
+
+
+def test_a_stopping_server_ends_its_streams_cleanly(tmp_path: Path) -> None:
+    ended: queue.Queue[object] = queue.Queue()
+    with served_app(tmp_path) as (url, token):
+        client = Client(ClientConfig(url, token))
+        stream = client.events(reconnect=False)
+        assert next(stream).kind == STREAM_OPEN
+
+        def read() -> None:
+            try:
+                ended.put(list(stream))
+            except Exception as exc:  # a stream cut off, not ended, breaks mid-response
+                ended.put(exc)
+
+        threading.Thread(target=read, daemon=True).start()
+    assert ended.get(timeout=60) == []  # the stream ended as a whole response, before the server stopped
+    client.close()

@@ -60,6 +60,17 @@ def server_url(config: ServerConfig, port: int) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+class CoordinatorServer(uvicorn.Server):
+    """uvicorn's server, ending the clients' event streams first when it stops: it waits for open
+    responses before the app's shutdown, and an event stream does not end on its own."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        coordinator = getattr(getattr(self.config.app, "state", None), "coordinator", None)
+        if coordinator is not None:
+            coordinator.events.close()  # each stream sends what it holds and ends
+        await super().shutdown(sockets)
+
+
 def uvicorn_config(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
                    store: Store | None = None, identity: CoordinatorIdentity | None = None) -> uvicorn.Config:
     return uvicorn.Config(
@@ -93,7 +104,7 @@ async def serve(config: ServerConfig, on_first_admin: FirstAdmin | None = None,
         await store.close()
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(config, on_first_admin, store, identity))
+    server = CoordinatorServer(uvicorn_config(config, on_first_admin, store, identity))
     url = server_url(config, port)
 
     async def announce() -> None:
