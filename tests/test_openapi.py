@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from neuranet.config import ServerConfig
@@ -94,3 +95,45 @@ def test_every_json_body_route_documents_a_malformed_or_too_large_body(spec: dic
                and not {"400", "413", "422"} <= set(op["responses"])]
     assert missing == []
     assert "/api/v1/tokens" in spec["paths"] and "400" in spec["paths"]["/api/v1/tokens"]["post"]["responses"]
+
+
+# Each Client method with arguments for one call; a new method is added here (the test below checks).
+CLIENT_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "health": ((), {}), "me": ((), {}), "create_token": (("laptop",), {}), "tokens": ((), {}),
+    "revoke_token": (("t1",), {}), "remove_device": (("d1",), {"force": True}), "users": ((), {}),
+    "set_user_disabled": (("bob", True), {}), "create_join_token": ((60.0,), {}), "create_user": (("bob",), {}),
+    "devices": ((), {}), "start_linktest": (("a", "b", 1, 1), {}), "linktest": (("t1",), {}),
+    "start_run": ((), {"model": "mlp-digits"}), "run": (("r1",), {}), "runs": ((), {}),
+    "deploy": ((), {"model": "mlp-digits"}), "deployment": (("p1",), {}), "infer": (("p1", [[0.0]]), {}),
+    "generate": (("p1", "hi"), {}), "stop_deployment": (("p1",), {}), "forecast": (("d1",), {}),
+    "retrain_forecaster": ((), {}), "import_trace": ((b"",), {}), "traces": ((), {}), "remove_trace": (("p",), {}),
+    "run_weights": (("r1",), {}), "put_chunk": (("c1", b"x", 1), {}), "get_chunk": (("c1",), {}),
+    "commit_file": (({},), {}), "files": ((), {}), "file_info": (("a b.txt",), {}),
+    "delete_file": (("a b.txt",), {}), "device_chunks": (("d1",), {}),
+}
+NOT_ONE_REQUEST = {"close", "request", "base_url", "resolve_device", "events"}  # helpers; events streams
+
+
+def test_every_request_the_client_makes_is_a_documented_operation(spec: dict[str, Any]) -> None:
+    import re
+
+    from neuranet.client import Client
+    from neuranet.config import ClientConfig
+
+    public = {n for n in dir(Client) if not n.startswith("_")} - NOT_ONE_REQUEST
+    assert public == set(CLIENT_CALLS), "give each new Client method a call in CLIENT_CALLS"
+    sent: list[httpx.Request] = []
+    answer = {"token": "t", "outputs": [], "text": ""}
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json=answer)
+
+    operations = [(m, re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(p)))) for m, p, _ in _operations(spec)]
+    with Client(ClientConfig(server_url="http://coordinator.test", token="t"), transport=httpx.MockTransport(record)) as c:
+        for name, (args, kwargs) in CLIENT_CALLS.items():
+            getattr(c, name)(*args, **kwargs)
+        c.forecast()  # the other path of forecast()
+    undocumented = [f"{r.method} {r.url.path}" for r in sent
+                    if not any(r.method == m and path.fullmatch(r.url.path) for m, path in operations)]
+    assert len(sent) == len(CLIENT_CALLS) + 1 and undocumented == []
