@@ -37,6 +37,7 @@ class InProcess(httpx.BaseTransport):
         self._shutdown: asyncio.Event | None = None
         self._stopped: asyncio.Future[None] | None = None  # the lifespan's shutdown, complete or failed
         self._task: asyncio.Task[None] | None = None
+        self.answers: list[tuple[str, str, int]] = []  # (method, path, status) of every request, in order
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(ANSWER_WITHIN)
@@ -109,6 +110,7 @@ class InProcess(httpx.BaseTransport):
         async def call() -> httpx.Response:
             response = await self._asgi.handle_async_request(request)
             body = await response.aread()
+            self.answers.append((request.method, request.url.path, response.status_code))
             return httpx.Response(response.status_code, headers=response.headers, content=body,
                                   extensions=response.extensions)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,21 @@ _names = itertools.count()
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcess, str]]:
     with inprocess_app(Path(tmp_path_factory.mktemp("routes"))) as started:
         yield started
+
+
+@pytest.fixture(autouse=True)
+def answers_are_documented(coordinator: tuple[InProcess, str]) -> Iterator[None]:
+    """Every status a test's requests got is one /openapi.json documents for that operation."""
+    transport = coordinator[0]
+    first = len(transport.answers)
+    yield
+    spec = transport.app.openapi()
+    operations = [(method.upper(), re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path))), set(op["responses"]))
+                  for path, ops in spec["paths"].items() for method, op in ops.items()]
+    undocumented = [f"{m} {p} {status}" for m, p, status in transport.answers[first:]
+                    if not any(m == om and path.fullmatch(p) and str(status) in statuses
+                               for om, path, statuses in operations)]
+    assert undocumented == []
 
 
 @pytest.fixture
