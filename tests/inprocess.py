@@ -92,9 +92,11 @@ class InProcess(httpx.BaseTransport):
             try:
                 await self.app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
             except Exception as exc:  # raised after (or instead of) reporting failed: whoever waits sees it
-                future = stopped if started.done() else started
-                if not future.done():
-                    future.set_exception(RuntimeError(f"the app's lifespan raised {exc!r}"))
+                failure = RuntimeError(f"the app's lifespan raised {exc!r}")
+                if not started.done():
+                    started.set_exception(failure)
+                elif started.exception() is None and not stopped.done():  # it started, then failed
+                    stopped.set_exception(failure)
 
         self._stopped = stopped
         self._task = asyncio.create_task(lifespan(), name="app-lifespan")

@@ -12,13 +12,15 @@ from fastapi import FastAPI
 from inprocess import running
 
 
-def _app(events: list[str], fail: bool = False) -> FastAPI:
+def _app(events: list[str], fail: bool = False, fail_stopping: bool = False) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if fail:
             raise OSError("no database")
         events.append("started")
         yield
+        if fail_stopping:
+            raise OSError("cannot flush")
         events.append("stopped")
 
     app = FastAPI(lifespan=lifespan)
@@ -43,3 +45,10 @@ def test_requests_run_between_startup_and_shutdown() -> None:
 def test_a_lifespan_that_fails_fails_the_start() -> None:
     with pytest.raises(RuntimeError, match="no database"), running(_app([], fail=True)):
         pass
+
+
+def test_a_lifespan_that_fails_stopping_fails_the_stop() -> None:
+    events: list[str] = []
+    with pytest.raises(RuntimeError, match="cannot flush"), running(_app(events, fail_stopping=True)):
+        pass
+    assert events == ["started"]
