@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -25,8 +26,10 @@ class LinkManager:
     """Owns every link of one agent and the tasks that serve them."""
 
     def __init__(self, config: AgentConfig, credentials: DeviceCredentials, relay_send: Callable[[bytes], Awaitable[None]],
-                 send_control: Callable[[m.Message], Awaitable[None]], peer_timeout: float = 120.0) -> None:
+                 send_control: Callable[[m.Message], Awaitable[None]], peer_timeout: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock  # for the links' liveness: how long a path or a peer has been silent or away
         self.credentials = credentials  # what this device presents on direct paths
         self.me = ""
         self.relay_send = relay_send

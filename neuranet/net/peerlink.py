@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from dataclasses import dataclass
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -86,7 +85,7 @@ class PeerLink:
         self.error: BaseException | None = None
         self.closed = False
         self.peer_down_since: float | None = None
-        self.last_rx = time.monotonic()
+        self.last_rx = self.manager.clock()
         self._ack_due = False
         self._ack_timer: asyncio.TimerHandle | None = None
         self._epoch = 0
@@ -194,7 +193,7 @@ class PeerLink:
         if code == "offline" and not granted:
             self._shutdown(PeerUnreachable(f"link to {self.peer} refused ({code}): {reason}"))
         elif code == "offline" or (code == "ungranted" and granted):
-            self.peer_down_since = self.peer_down_since or time.monotonic()
+            self.peer_down_since = self.peer_down_since or self.manager.clock()
             self.relay_ready = False
         else:
             self._shutdown(LinkRefused(f"link to {self.peer} refused ({code}): {reason}"))
@@ -204,7 +203,7 @@ class PeerLink:
         self._changed.set()
 
     def on_peer_down(self) -> None:
-        self.peer_down_since = self.peer_down_since or time.monotonic()
+        self.peer_down_since = self.peer_down_since or self.manager.clock()
         self.relay_ready = False
         self._changed.set()
 
@@ -220,7 +219,7 @@ class PeerLink:
 
     def on_frame(self, env: Envelope) -> None:
         """Handle a frame that arrived on any path."""
-        self.last_rx = time.monotonic()
+        self.last_rx = self.manager.clock()
         try:
             if env.type == "link_data":
                 got = self._rx.accept(*m.LinkData.read(env.body), env.payload)
@@ -345,7 +344,7 @@ class PeerLink:
         cfg = self.manager.config
         while not self.closed:
             await asyncio.sleep(min(cfg.link_idle_ping, 1.0))
-            now = time.monotonic()
+            now = self.manager.clock()
             if self.direct is not None:
                 if now - self.last_rx > cfg.link_dead_after:
                     self._drop_direct(self.direct)
