@@ -24,16 +24,19 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, overload
 
 from neuranet.agent.chunk_store import ChunkStore, StorageFull
 from neuranet.net.local_api import LocalRequestError
 from neuranet.agent.runtime import Agent
 from neuranet.net.peerlink import LinkClosed, LinkMessage, PeerLink, RelayUnavailable
 from neuranet.protocol import messages as m
+from neuranet.protocol.chunk_channel import (BadChunkRequest, LocalChunkAnswer, LocalPutAnswer, PeerAnswer, PeerGet,
+                                             PeerGetAnswer, PeerPut, PeerPutAnswer, PeerRequest, parse_local_chunk,
+                                             parse_local_put, parse_peer_answer, parse_peer_request, peer_refusal)
 from neuranet.protocol.correlator import Correlator
 from neuranet.protocol.errors import LinkError, PeerUnreachable, ProtocolError
-from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id, verify
+from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, verify
 from neuranet.tasks import task_scope
 
 log = logging.getLogger("neuranet.files")
@@ -41,7 +44,6 @@ log = logging.getLogger("neuranet.files")
 CHANNEL = "chunks"
 COPY_TIMEOUT = 60.0  # a request on a chunk link not answered in this long fails
 LINK_IDLE = 30.0  # an outgoing chunk link unused this long is closed
-MAX_HOLDERS = 64  # holders one local fetch may name
 SERVE_IDLE = 4 * 30.0  # a served link with no request this long is closed (requesters close theirs at LINK_IDLE)
 SERVE_PARALLEL = 8  # requests from one peer served at once (reads and writes run in threads)
 LINK_ERRORS = (LinkError, ProtocolError, ConnectionError, TimeoutError,
@@ -100,22 +102,32 @@ class ChunkLinks:
                     self._reaper = self.agent.spawn(self._reap())
             return entry
 
-    async def request(self, peer: str, meta: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], bytes, str]:
+    @overload
+    async def request(self, peer: str, ask: PeerGet, data: bytes = b"") -> tuple[PeerGetAnswer, bytes, str]: ...
+
+    @overload
+    async def request(self, peer: str, ask: PeerPut, data: bytes = b"") -> tuple[PeerPutAnswer, bytes, str]: ...
+
+    async def request(self, peer: str, ask: PeerRequest, data: bytes = b"") -> tuple[PeerAnswer, bytes, str]:
         """One request to ``peer`` on the chunks channel: its answer, the answer's bytes, and the path
         taken ("direct" or "relay"). Fails as soon as the peer is gone (unlike a pipeline's link, which
-        waits for its peer to come back): another holder or device can serve instead."""
+        waits for its peer to come back): another holder or device can serve instead. A malformed
+        answer (`BadChunkRequest`, a ProtocolError) fails it like a broken link."""
         for attempt in range(2):  # a cached link may have died since its last use: one fresh try
             entry = await self._link(peer)
             rid, fut = entry.pending.new()
             try:
                 entry.used = time.monotonic()
+                sent = ask.model_copy(update={"rid": rid})
                 # A peer that stopped reading would block the send on the link's window: bounded too.
-                await asyncio.wait_for(entry.link.send(data, {**meta, "rid": rid}), COPY_TIMEOUT)
+                await asyncio.wait_for(entry.link.send(data, sent.meta()), COPY_TIMEOUT)
                 answer = await _answer(entry.link, fut)
                 entry.used = time.monotonic()
-                if answer.meta.get("chunk") != meta.get("chunk"):
-                    raise ProtocolError(f"{peer} answered for another chunk")
-                return answer.meta, bytes(answer.payload), entry.link.path
+                try:
+                    typed = parse_peer_answer(sent, answer.meta)
+                except BadChunkRequest as exc:
+                    raise BadChunkRequest(f"{peer}: {exc}") from None
+                return typed, bytes(answer.payload), entry.link.path
             except LINK_ERRORS:
                 if self._links.get(peer) is entry:
                     del self._links[peer]
@@ -238,9 +250,8 @@ class FileWorker:
         if data is None:
             return
         try:
-            answer, _, path = await self.links.request(msg.target, {"op": "put", "chunk": msg.chunk}, data)
-            error = str(answer.get("error") or "")
-            target_free = int(answer.get("free", -1))
+            answer, _, path = await self.links.request(msg.target, PeerPut(chunk=msg.chunk), data)
+            error, target_free = answer.error, answer.free
             if not error:
                 log.info("chunk %s copied to %s (%d bytes, %s path)", msg.chunk[:12], msg.target, len(data), path)
         except LINK_ERRORS as exc:
@@ -291,30 +302,32 @@ class FileWorker:
                 except (LinkError, ProtocolError, asyncio.TimeoutError):
                     return  # ended, broken, or idle long past the requester's own idle close
                 await slots.acquire()
-                scope.spawn(self._serve_one(link, msg, slots), name=f"chunk-{msg.meta.get('op', 'put')}")
+                scope.spawn(self._serve_one(link, msg, slots), name="chunk-request")
 
     async def _serve_one(self, link: PeerLink, msg: LinkMessage, slots: asyncio.Semaphore) -> None:
         try:
-            chunk, op = str(msg.meta.get("chunk", "")), msg.meta.get("op", "put")
-            tag = {"chunk": chunk, "rid": msg.meta.get("rid")}
-            if op == "get":
-                data = await self.read(chunk)
+            try:
+                ask = parse_peer_request(msg.meta)
+            except BadChunkRequest as exc:  # answered, so the requester does not wait out its timeout
+                log.warning("refused a chunk request from %s: %s", link.peer, exc)
+                await link.send(b"", peer_refusal(msg.meta, str(exc)))
+                return
+            if isinstance(ask, PeerGet):
+                data = await self.read(ask.chunk)
                 if isinstance(data, tuple):
-                    await link.send(b"", {**tag, "error": data[0]})
+                    await link.send(b"", PeerGetAnswer(chunk=ask.chunk, rid=ask.rid, error=data[0]).meta())
                 else:
-                    await link.send(data, tag)
-            elif op == "put":
-                error = await self.keep(chunk, bytes(msg.payload))
-                await link.send(b"", {**tag, "error": error, "free": self.store.free_bytes})
+                    await link.send(data, PeerGetAnswer(chunk=ask.chunk, rid=ask.rid).meta())
             else:
-                await link.send(b"", {**tag, "error": f"unknown op {op!r}"})
+                error = await self.keep(ask.chunk, bytes(msg.payload))
+                await link.send(b"", PeerPutAnswer(chunk=ask.chunk, rid=ask.rid, error=error,
+                                                   free=self.store.free_bytes).meta())
         except (LinkError, ProtocolError, ConnectionError):
             pass  # the requester is gone; it fails over on its side
         except Exception as exc:  # answer anyway, so the requester does not wait out its timeout
             log.exception("serving a chunk request from %s failed", link.peer)
             with contextlib.suppress(Exception):
-                await link.send(b"", {"chunk": msg.meta.get("chunk"), "rid": msg.meta.get("rid"),
-                                      "error": f"{type(exc).__name__}: {exc}"})
+                await link.send(b"", peer_refusal(msg.meta, f"{type(exc).__name__}: {exc}"))
         finally:
             slots.release()
 
@@ -323,25 +336,25 @@ class FileWorker:
     async def local_chunk(self, request: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """``{"op": "chunk", "chunk": id, "holders": [device ids]}``: the chunk from this device's store,
         else from the holders (random order, the next one when one fails), checked against its name."""
-        chunk, holders = request.get("chunk"), request.get("holders", [])
-        if not isinstance(chunk, str) or not is_chunk_id(chunk):
-            raise LocalRequestError(f"not a chunk name: {chunk!r}")
-        if not isinstance(holders, list) or len(holders) > MAX_HOLDERS or not all(isinstance(h, str) for h in holders):
-            raise LocalRequestError(f"holders must be a list of at most {MAX_HOLDERS} device ids")
+        try:
+            ask = parse_local_chunk(request)
+        except BadChunkRequest as exc:
+            raise LocalRequestError(str(exc)) from None
+        chunk, holders = ask.chunk, ask.holders
         errors = []
         if chunk in self.store:
             data = await self.read(chunk)
             if not isinstance(data, tuple):
-                return {"source": self.agent.device_id, "path": "local"}, data
+                return LocalChunkAnswer(source=self.agent.device_id or "", path="local").meta(), data
             errors.append(f"this device: {data[0]}")
         peers = [h for h in dict.fromkeys(holders) if h != self.agent.device_id]
         random.shuffle(peers)  # spread reads over the replicas
         for peer in peers:
             try:
-                answer, data, path = await self.links.request(peer, {"op": "get", "chunk": chunk})
-                if answer.get("error"):
-                    raise ChunkError(str(answer["error"]))
-                return {"source": peer, "path": path}, verify(chunk, data)
+                answer, data, path = await self.links.request(peer, PeerGet(chunk=chunk))
+                if answer.error:
+                    raise ChunkError(answer.error)
+                return LocalChunkAnswer(source=peer, path=path).meta(), verify(chunk, data)
             except (ChunkError, *LINK_ERRORS) as exc:
                 errors.append(f"{peer}: {type(exc).__name__}: {exc}")
         raise LocalRequestError(f"chunk {chunk[:12]}: no holder returned it ({'; '.join(errors) or 'no holders'})")
@@ -351,11 +364,11 @@ class FileWorker:
         """``{"op": "put", "chunk": id, "replicas": k, "size": n}`` + the bytes: store the chunk for the
         owner on the devices the coordinator places it on, sending it to each over a PeerLink (or
         keeping it here), and answer once the coordinator has recorded where it is."""
-        chunk, replicas = request.get("chunk"), request.get("replicas", 3)
-        if not isinstance(chunk, str) or not is_chunk_id(chunk):
-            raise LocalRequestError(f"not a chunk name: {chunk!r}")
-        if not isinstance(replicas, int) or not 1 <= replicas <= 16:
-            raise LocalRequestError("replicas must be an integer from 1 to 16")
+        try:
+            ask = parse_local_put(request)
+        except BadChunkRequest as exc:
+            raise LocalRequestError(str(exc)) from None
+        chunk, replicas = ask.chunk, ask.replicas
         if len(payload) > MAX_CHUNK_SIZE:
             raise LocalRequestError(f"a chunk is at most {MAX_CHUNK_SIZE} bytes, got {len(payload)}")
         try:
@@ -388,15 +401,15 @@ class FileWorker:
         if not holders:
             why = "; ".join(f"{d}: {e}" for d, e in failed.items()) or "no device to store it on"
             raise LocalRequestError(f"chunk {chunk[:12]}: {why}")
-        return {"holders": holders, "paths": paths}, b""
+        return LocalPutAnswer(holders=holders, paths=paths).meta(), b""
 
     async def _send_to(self, target: str, chunk: str, data: bytes) -> tuple[str, str]:
         """Give a chunk to one device (this one: keep it); the path taken, and an error ("" if stored)."""
         if target == self.agent.device_id:
             return "local", await self.keep(chunk, data)
         try:
-            answer, _, path = await self.links.request(target, {"op": "put", "chunk": chunk}, data)
-            return path, str(answer.get("error") or "")
+            answer, _, path = await self.links.request(target, PeerPut(chunk=chunk), data)
+            return path, answer.error
         except LINK_ERRORS as exc:
             return "", f"{type(exc).__name__}: {exc}"
 

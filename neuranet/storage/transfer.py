@@ -19,7 +19,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydantic import ValidationError
+
 from neuranet.net.local_api import LocalAgent, LocalRequestError
+from neuranet.protocol.chunk_channel import (MAX_HOLDERS, BadChunkRequest, LocalChunk, LocalPut,
+                                             parse_local_chunk_answer, parse_local_put_answer)
 from neuranet.storage.chunks import CHUNK_SIZE, ChunkRef, Manifest, split, verify
 from neuranet.storage.sealing import SEALING_OVERHEAD, SealedFacts, Sealer
 
@@ -56,10 +60,10 @@ def upload(client: Any, stream: BinaryIO, name: str, replicas: int = 3, sealer: 
     def put(chunk: str, stored: bytes) -> None:
         if agent is not None:
             try:
-                answer, _ = agent.request({"op": "put", "chunk": chunk, "replicas": replicas}, stored)
-                paths.add(answer.get("paths") or {"agent": 1})
+                answer, _ = agent.request(LocalPut(chunk=chunk, replicas=replicas).meta(), stored)
+                paths.add(parse_local_put_answer(answer).paths or {"agent": 1})
                 return
-            except (OSError, LocalRequestError):
+            except (OSError, LocalRequestError, BadChunkRequest, ValidationError):
                 pass  # the coordinator can place it itself
         client.put_chunk(chunk, stored, replicas)
         paths.add({"server": 1})
@@ -167,12 +171,13 @@ def download(client: Any, name: str, target: Path, opener: Callable[[dict[str, A
         path, data = "server", b""
         if agent is not None:
             try:
-                answer, data = agent.request({"op": "chunk", "chunk": chunk["id"],
-                                              "holders": [h["device"] for h in chunk["holders"] if h["online"]]})
+                online = [h["device"] for h in chunk["holders"] if h["online"]]
+                ask = LocalChunk(chunk=chunk["id"], holders=online[:MAX_HOLDERS])
+                answer, data = agent.request(ask.meta())
                 # The agent checked the bytes against the chunk's name (and failed over if they were
                 # wrong); the whole file's hash below is checked all the same.
-                path = str(answer.get("path", "agent"))
-            except (OSError, LocalRequestError):
+                path = parse_local_chunk_answer(answer).path
+            except (OSError, LocalRequestError, BadChunkRequest, ValidationError):
                 data = b""  # the coordinator has its own way to the holders
         if path == "server":
             data = verify(chunk["id"], client.get_chunk(chunk["id"]))
