@@ -213,15 +213,18 @@ async def test_a_device_back_within_the_grace_is_taken_back(store, blobs, world:
 
 async def test_a_restarted_coordinator_takes_the_run_up_from_its_last_checkpoint(store, blobs, world: World) -> None:
     run = await world.start(steps=20)
-    await world.checkpoint(run, 5)
+    for step in range(5):
+        await world.report(run, 2, m.StageProgress(run_id=run.id, stage=2, attempt=0, step=step, loss=1.0 + step))
+    await world.checkpoint(run, 5)  # recorded with the losses up to it, in one transaction
     await world.report(run, 2, m.StageProgress(run_id=run.id, stage=2, attempt=0, step=6, loss=0.5))
-    await world.book.close()  # the coordinator goes; the agents come back to a new one
+    await world.book.close()  # the coordinator goes (nothing saved since); the agents come back to a new one
     again = World(store, blobs, world.user_id, grace=60.0)
     for d in DEVICES:
         del again.conns[d]
     assert await again.book.restore() == 1
     taken = again.book.runs[run.id]
-    assert taken.recovery is not None and taken.checkpoints == {5: 0} and taken.losses == {}
+    assert taken.recovery is not None and taken.checkpoints == {5: 0}
+    assert taken.losses == {step: 1.0 + step for step in range(5)}  # after the checkpoint: redone
     for d in DEVICES:  # the agents reconnect
         again.connect(d)
     await again.recovered(taken)

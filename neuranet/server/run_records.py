@@ -58,10 +58,15 @@ class RunRecords(Repository):
         async with self.session() as s:
             return await s.get(Run, run_id)
 
-    async def put_checkpoint(self, run_id: str, step: int, attempt: int, stages: list[tuple[str, int]]) -> list[str]:
+    async def put_checkpoint(self, run_id: str, step: int, attempt: int, stages: list[tuple[str, int]],
+                             spec: dict[str, Any] | None = None) -> list[str]:
         """Record a whole checkpoint (``(digest, size)`` per stage) and drop the run's older ones, in one
-        transaction. Returns the digests no checkpoint refers to any more, whose blobs may go."""
+        transaction, with the run's ``spec`` as of it (its losses up to the checkpoint: a restart resumes
+        from this checkpoint with them). Returns the digests no checkpoint refers to any more, whose
+        blobs may go."""
         async with self._tx() as s:
+            if spec is not None:
+                await s.execute(update(Run).where(Run.id == run_id).values(spec=spec, updated_at=time.time()))
             old = set((await s.scalars(select(RunCheckpoint.digest).where(
                 RunCheckpoint.run_id == run_id, RunCheckpoint.step != step))).all())
             await s.execute(delete(RunCheckpoint).where(RunCheckpoint.run_id == run_id))

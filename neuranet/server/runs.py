@@ -507,12 +507,13 @@ class RunBook:
         stages[msg.stage] = (digest, run.part_bytes[key])
         if len(stages) == len(run.stages):
             whole = [stages[i] for i in range(len(run.stages))]
-            dropped = await self.store.runs.put_checkpoint(run.id, msg.step, attempt, whole)
+            # Durable first (the checkpoint's rows and the losses up to it, in one transaction); only then
+            # is it shown, and resumed from.
+            dropped = await self.store.runs.put_checkpoint(run.id, msg.step, attempt, whole, run.record())
             run.checkpoints = {msg.step: attempt}
             run.checkpoint_digests = tuple(d for d, _ in whole)
             for older in [s for s in run.uploaded if s < msg.step]:
                 del run.uploaded[older]
-            await self._save(run)
             for digest in dropped:
                 await self.blobs.delete(digest)
 
