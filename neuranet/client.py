@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import ssl
@@ -13,9 +14,16 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
+from neuranet import api_models as v
 from neuranet.config import ClientConfig, default_home
 from neuranet.server.events import STREAM_OPEN, Event
+
+
+@functools.lru_cache(maxsize=None)
+def _shape(answer: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(answer)
 
 
 class ClientError(Exception):
@@ -197,7 +205,22 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, **kw: Any) -> Any:
+    def request(self, method: str, path: str, *, answer: Any = None, **kw: Any) -> Any:
+        """The JSON answer to a request; with ``answer`` (an `api_models` shape, or a list of one) it is checked
+        against that shape, the one the route declares, and returned as plain JSON values in it."""
+        body = self._json(method, path, **kw)
+        if answer is None:
+            return body
+        shape = _shape(answer)
+        try:
+            return shape.dump_python(shape.validate_python(body), mode="json")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "the body"
+            raise ClientError(f"{self._http.base_url} answered {method} {path} with a body that is not what the "
+                              f"API declares ({where}: {first.get('msg')}); is the server a different version?") from None
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
@@ -284,90 +307,95 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """The coordinator's version, load and the fingerprint agents pin (``/healthz``)."""
-        return self.request("GET", "/healthz")
+        return self.request("GET", "/healthz", answer=v.Health)
 
     def me(self) -> dict[str, Any]:
-        return self.request("GET", "/api/v1/me")
+        return self.request("GET", "/api/v1/me", answer=v.Me)
 
     def create_token(self, name: str, expires_in_seconds: float | None = 90 * 86400.0) -> str:
         """A new API token valid ``expires_in_seconds`` (None: until revoked)."""
-        return self.request("POST", "/api/v1/tokens", json={"name": name,
-                                                            "expires_in_seconds": expires_in_seconds})["token"]
+        return self.request("POST", "/api/v1/tokens", json={"name": name, "expires_in_seconds": expires_in_seconds},
+                            answer=v.NewToken)["token"]
 
     def tokens(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/tokens")
+        return self.request("GET", "/api/v1/tokens", answer=list[v.TokenView])
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/api/v1/tokens/{quote(token_id, safe='')}")
+        return self.request("DELETE", f"/api/v1/tokens/{quote(token_id, safe='')}", answer=v.TokenRevoked)
 
     def remove_device(self, device_id: str, force: bool = False) -> dict[str, Any]:
-        return self.request("DELETE", f"/api/v1/devices/{quote(device_id, safe='')}", params={"force": force})
+        return self.request("DELETE", f"/api/v1/devices/{quote(device_id, safe='')}", params={"force": force},
+                            answer=v.DeviceRemoved)
 
     def users(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/users")
+        return self.request("GET", "/api/v1/users", answer=list[v.UserView])
 
     def set_user_disabled(self, name: str, disabled: bool) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/users/{quote(name, safe='')}/{'disable' if disabled else 'enable'}")
+        return self.request("POST", f"/api/v1/users/{quote(name, safe='')}/{'disable' if disabled else 'enable'}",
+                            answer=v.UserDisabled)
 
     def create_join_token(self, ttl_seconds: float | None = None) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/join-tokens", json={"ttl_seconds": ttl_seconds} if ttl_seconds else None)
+        return self.request("POST", "/api/v1/join-tokens", json={"ttl_seconds": ttl_seconds} if ttl_seconds else None,
+                            answer=v.NewJoinToken)
 
     def create_user(self, name: str, is_admin: bool = False) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/users", json={"name": name, "is_admin": is_admin})
+        return self.request("POST", "/api/v1/users", json={"name": name, "is_admin": is_admin}, answer=v.NewUser)
 
     def devices(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/devices")
+        return self.request("GET", "/api/v1/devices", answer=list[v.DeviceView])
 
     def start_linktest(self, src: str, dst: str, total_bytes: int, message_bytes: int) -> dict[str, Any]:
         return self.request("POST", "/api/v1/linktests", json={
-            "src": src, "dst": dst, "total_bytes": total_bytes, "message_bytes": message_bytes})
+            "src": src, "dst": dst, "total_bytes": total_bytes, "message_bytes": message_bytes}, answer=v.LinkTestView)
 
     def linktest(self, test_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/linktests/{test_id}")
+        return self.request("GET", f"/api/v1/linktests/{test_id}", answer=v.LinkTestView)
 
     def start_run(self, **request: Any) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/runs", json=request)
+        return self.request("POST", "/api/v1/runs", json=request, answer=v.RunView)
 
     def run(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/runs/{run_id}", **({"timeout": timeout} if timeout else {}))
+        return self.request("GET", f"/api/v1/runs/{run_id}", answer=v.RunView, **({"timeout": timeout} if timeout else {}))
 
     def runs(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/runs")
+        return self.request("GET", "/api/v1/runs", answer=list[v.RunSummary])
 
     def deploy(self, **request: Any) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/deployments", json=request)
+        return self.request("POST", "/api/v1/deployments", json=request, answer=v.DeploymentView)
 
     def deployment(self, dep_id: str, wait: float = 0.0) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/deployments/{dep_id}", params={"wait": wait})
+        return self.request("GET", f"/api/v1/deployments/{dep_id}", params={"wait": wait}, answer=v.DeploymentView)
 
     def infer(self, dep_id: str, inputs: list[Any]) -> list[Any]:
-        return self.request("POST", f"/api/v1/deployments/{dep_id}/infer", json={"inputs": inputs})["outputs"]
+        return self.request("POST", f"/api/v1/deployments/{dep_id}/infer", json={"inputs": inputs},
+                            answer=v.InferResult)["outputs"]
 
     def generate(self, dep_id: str, prompt: str, **options: Any) -> str:
-        return self.request("POST", f"/api/v1/deployments/{dep_id}/generate", json={"prompt": prompt, **options})["text"]
+        return self.request("POST", f"/api/v1/deployments/{dep_id}/generate", json={"prompt": prompt, **options},
+                            answer=v.Generated)["text"]
 
     def stop_deployment(self, dep_id: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/api/v1/deployments/{dep_id}")
+        return self.request("DELETE", f"/api/v1/deployments/{dep_id}", answer=v.DeploymentView)
 
     def forecast(self, device_id: str | None = None, simulated: bool = True) -> Any:
         if device_id is not None:
-            return self.request("GET", f"/api/v1/devices/{device_id}/forecast")
-        return self.request("GET", "/api/v1/forecast", params={"simulated": simulated})
+            return self.request("GET", f"/api/v1/devices/{device_id}/forecast", answer=v.Forecast)
+        return self.request("GET", "/api/v1/forecast", params={"simulated": simulated}, answer=list[v.Forecast])
 
     def retrain_forecaster(self) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/forecast/retrain", timeout=1800.0)
+        return self.request("POST", "/api/v1/forecast/retrain", timeout=1800.0, answer=v.ForecasterInfo)
 
     def import_trace(self, csv_bytes: bytes, prefix: str = "trace", replace: bool = False) -> dict[str, Any]:
         return self.request("POST", "/api/v1/traces", params={"prefix": prefix, "replace": replace}, content=csv_bytes,
-                            headers={"Content-Type": "text/csv"})
+                            headers={"Content-Type": "text/csv"}, answer=v.TraceImported)
 
     def traces(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/traces")
+        return self.request("GET", "/api/v1/traces", answer=list[v.TraceSummary])
 
     def remove_trace(self, prefix: str) -> dict[str, Any]:
         from urllib.parse import quote
 
-        return self.request("DELETE", f"/api/v1/traces/{quote(prefix, safe='')}")
+        return self.request("DELETE", f"/api/v1/traces/{quote(prefix, safe='')}", answer=v.TraceRemoved)
 
     def run_weights(self, run_id: str) -> bytes:
         resp = self._http.get(f"/api/v1/runs/{run_id}/weights")
@@ -379,7 +407,7 @@ class Client:
 
     def put_chunk(self, chunk_id: str, data: bytes, replicas: int) -> dict[str, Any]:
         return self.request("PUT", f"/api/v1/chunks/{chunk_id}", params={"replicas": replicas}, content=data,
-                            headers={"Content-Type": "application/octet-stream"})
+                            headers={"Content-Type": "application/octet-stream"}, answer=v.ChunkStored)
 
     def get_chunk(self, chunk_id: str) -> bytes:
         try:
@@ -395,19 +423,19 @@ class Client:
         return resp.content
 
     def commit_file(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/files", json=manifest)
+        return self.request("POST", "/api/v1/files", json=manifest, answer=v.FileCommitted)
 
     def files(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/files")
+        return self.request("GET", "/api/v1/files", answer=list[v.FileSummary])
 
     def file_info(self, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/files/{quote(name)}")
+        return self.request("GET", f"/api/v1/files/{quote(name)}", answer=v.FileDetail)
 
     def delete_file(self, name: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/api/v1/files/{quote(name)}")
+        return self.request("DELETE", f"/api/v1/files/{quote(name)}", answer=v.FileDeleted)
 
     def device_chunks(self, device_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/devices/{device_id}/chunks")
+        return self.request("GET", f"/api/v1/devices/{device_id}/chunks", answer=v.DeviceChunks)
 
     def resolve_device(self, name_or_id: str) -> dict[str, Any]:
         """Find one of the user's devices by id, id prefix or name."""

@@ -72,10 +72,16 @@ def test_client_speaks_through_a_given_transport() -> None:
 
     seen: list[_httpx.Request] = []
 
+    health = {"ok": True, "version": "9", "online_devices": 2, "fingerprint": None, "coordinator_key": "SHA256:x"}
+
     def answer(request: _httpx.Request) -> _httpx.Response:
         seen.append(request)
-        return _httpx.Response(200, json={"ok": True})
+        return _httpx.Response(200, json=health if request.url.path == "/healthz" else {"ok": True})
 
     with _Client(_ClientConfig("http://coordinator.invalid", "tok"), transport=_httpx.MockTransport(answer)) as client:
-        assert client.health() == {"ok": True}
-    assert [(r.method, r.url.path, r.headers["authorization"]) for r in seen] == [("GET", "/healthz", "Bearer tok")]
+        assert client.health() == health
+        # An answer not in the shape the route declares (api_models) is refused, saying where.
+        with pytest.raises(ClientError, match=r"GET /api/v1/me with a body that is not what the API declares \(user_id"):
+            client.me()
+    assert [(r.method, r.url.path, r.headers["authorization"]) for r in seen] == [
+        ("GET", "/healthz", "Bearer tok"), ("GET", "/api/v1/me", "Bearer tok")]
