@@ -22,7 +22,8 @@ from neuranet.protocol.correlator import Correlator
 from neuranet.protocol.json_values import INT64_MAX
 from neuranet.server.edge import ApiModel
 from neuranet.server.events import DEPLOYMENT_STATE, Event, EventBus
-from neuranet.server.runs import RESTORE_GRACE, RunError, build_and_profile, plan_layers
+from neuranet.server.run_plan import RunError, build_and_profile, plan_layers
+from neuranet.server.runs import RESTORE_GRACE
 from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
