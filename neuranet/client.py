@@ -155,7 +155,7 @@ def pin_server_certificate(server_url: str, expected: str, home: Path | None = N
     return path
 
 
-EVENT_READ_TIMEOUT = 30.0  # seconds without a byte before an event stream counts as broken (keepalives: every 10)
+EVENT_READ_TIMEOUT = 8.0  # seconds without a byte before an event stream counts as broken (keepalives: every 2)
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[Event]:

@@ -59,7 +59,8 @@ class ServerConfig:
     run_rejoin_grace: float = 5.0  # a run that lost a device waits this long for it to reconnect before re-planning
     telemetry_flush_interval: float = 1.0
     telemetry_retention: float = 30 * 86400.0  # seconds telemetry is kept
-    event_keepalive: float = 10.0  # seconds between keepalive comments on an idle event stream
+    event_keepalive: float = 2.0  # seconds between keepalive comments on an idle event stream (a client sees a
+    # stopped server within EVENT_READ_TIMEOUT, before the agents give up on it after offline_after)
     forecast_retrain_interval: float = 6 * 3600.0  # seconds between retrainings of the availability forecaster
     forecast_options: dict[str, Any] = field(default_factory=dict)  # ForecastConfig fields (epochs, hidden, ...)
     file_repair_interval: float = 60.0  # seconds between rounds of chunk repair and migration

@@ -14,7 +14,8 @@ from fabric_helpers import free_port, wait_for
 from neuranet.fabric import LocalFabric
 from test_train import AGENTS, RUN, one_process, wait_finished
 
-pytestmark = pytest.mark.slow
+# Two coordinator restarts with real agents reconnecting (their backoff included): minutes, not seconds.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
