@@ -24,6 +24,13 @@ LAYERS = 6
 class _Conn(SimpleNamespace):
     def send(self, msg, *, payload=b""):
         self.sent.append((msg, payload))
+        self.__dict__.setdefault("news", asyncio.Event()).set()  # for tests waiting on what it is sent
+
+    async def next_send(self) -> None:
+        """Wait (bounded) for the next message sent to this device."""
+        news = self.__dict__.setdefault("news", asyncio.Event())
+        news.clear()
+        await asyncio.wait_for(news.wait(), 30)
 
 
 def even_split(req: RunRequest, devices: list[dict]) -> Split:

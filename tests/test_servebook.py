@@ -30,12 +30,12 @@ async def world(store, blobs):  # noqa: F811
 
 
 async def arrived(world: World, device_id: str, kind: type, count: int = 1) -> list:
-    """Wait (on the event loop, bounded) until ``device_id`` was sent ``count`` messages of ``kind``."""
-    for _ in range(10_000):
+    """Wait (on what the device is sent, bounded) until ``device_id`` was sent ``count`` messages of ``kind``."""
+    for _ in range(100):
         got = world.sent(device_id, kind)
         if len(got) >= count:
             return got
-        await asyncio.sleep(0.001)  # the encoder runs in a thread
+        await world.conns[device_id].next_send()  # the encoder runs in a thread first
     raise AssertionError(f"{device_id} never got {count} {kind.__name__}")
 
 
