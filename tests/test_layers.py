@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"runner"},
     {"protocol"},
     {"net"},
-    {"storage", "pipeline", "forecast"},
+    {"storage", "pipeline", "forecast", "jobs"},  # jobs: the compute market's pure cores (archives, matching, lifecycle) and the sandbox
     {"api_models"},  # the REST bodies: the server answers with them, clients read them
     {"agent", "server"},
     {"client"},
