@@ -111,3 +111,17 @@ async def test_a_source_that_lost_its_copy_loses_its_record(files: Files) -> Non
     await stored(files, ["a"])
     assert await files.book.repair_round() == 0
     assert await files.holders() == set()  # the record of a copy that is not there goes; the file says so
+
+
+@pytest.mark.parametrize("likely", ["b", "c"])
+async def test_placement_reads_each_devices_forecast_from_the_fleet_view(files: Files, likely: str) -> None:
+    from neuranet.server.fleet import Outlook
+
+    p = {"a": 0.5, likely: 0.99}  # the other one: 0.05 (a sure holder would leave nothing to gain)
+    outlooks = {files.ids[n]: Outlook((p.get(n, 0.05),) * 4) for n in "abc"}
+    files.fleet.use_forecasts(outlooks.get)
+    for name in "abc":
+        files.online(name)
+    await stored(files, ["a"])
+    assert await files.book.repair_round() == 1
+    assert await files.holders() == {"a", likely}  # the copy goes where the forecast says it stays reachable

@@ -38,6 +38,9 @@ class Coordinator:
         DevicePresence(self.events, self.fleet)
         self.forecasts = ForecastService(store, config.blob_dir / "forecast", config.forecast_retrain_interval,
                                          config.forecast_options, events=self.events)
+        self.fleet.use_forecasts(self.forecasts.outlook)  # HostView.p_online: the service's latest outlooks
+        self.fleet.on_lost(self.forecasts.stale)  # a forecast made while a device was up says little once it is down
+        self.fleet.on_back(self.forecasts.stale)
         self.blobs = BlobStore(config.blob_dir / "blobs")
         self.runs = RunBook(self.fleet, store, self.forecasts, self.blobs, config.run_rejoin_grace, events=self.events)
         self.serving = ServeBook(self.fleet, store, self.runs, events=self.events)

@@ -117,7 +117,7 @@ class FileBook:
         self.space: dict[str, Space] = {}  # device -> storage it reported
         # request id -> (device, the connection the request went out on, its answer)
         self._pending: Correlator[tuple[m.ChunkReply, bytes]] = Correlator("chunk requests")  # tag: (device, conn)
-        self._views: dict[str, tuple[float, int, list[DeviceView]]] = {}  # user -> (when, _offers then, views)
+        self._views: dict[str, tuple[float, int, list[tuple[str, str, object]]]] = {}  # user -> (when, _offers then, devices)
         # Changes of what devices offer: views cached before one are not reused, or the chunks uploaded
         # right after a device reported its storage (say, just after a restart) would skip it.
         self._offers = 0
@@ -313,40 +313,25 @@ class FileBook:
     # --- placement ---------------------------------------------------------------------
 
     async def views(self, user_id: str, fresh: bool = False) -> list[DeviceView]:
-        """The user's devices that offer storage, with their forecasts (cached for `VIEW_TTL`)."""
+        """The user's devices that offer storage, as the fleet sees them now (online state, forecast; the
+        list of devices is cached for `VIEW_TTL`). ``fresh``: list them again and forecast them as of now."""
         cached = self._views.get(user_id)
         if cached and not fresh and self._monotonic() - cached[0] < VIEW_TTL and cached[1] == self._offers:
-            return [DeviceView(v.device_id, self.fleet.online(v.device_id), v.p_online, self._free(v.device_id))
-                    for v in cached[2]]
-        offers = self._offers
-        devices = [d for d in await self.store.devices.list_devices(user_id) if d.id in self.space
-                   and self.space[d.id].quota > 0]
-        probabilities = await self._forecasts([d.id for d in devices])
-        views = [DeviceView(d.id, self.fleet.online(d.id), probabilities.get(d.id, self._persistence(d.id)),
-                            self._free(d.id)) for d in devices]
-        self._views[user_id] = (self._monotonic(), offers, views)
-        return views
+            devices = cached[2]
+        else:
+            offers = self._offers
+            devices = [(d.id, d.name, d.profile) for d in await self.store.devices.list_devices(user_id)
+                       if d.id in self.space and self.space[d.id].quota > 0]
+            if fresh:
+                await self.forecasts.refresh([d for d, _, _ in devices])
+            self._views[user_id] = (self._monotonic(), offers, devices)
+        return [self._view(*d) for d in devices]
 
-    def _persistence(self, device_id: str) -> tuple[float, ...]:
-        return (1.0 if self.fleet.online(device_id) else 0.0,) * len(HORIZONS)
-
-    async def _forecasts(self, device_ids: list[str]) -> dict[str, tuple[float, ...]]:
-        model = self.forecasts.model
-        if model is None or not device_ids:
-            return {}
-        histories = await self.forecasts.histories(device_ids)
-
-        def run() -> dict[str, tuple[float, ...]]:
-            out = {}
-            for device_id, (_, history) in histories.items():
-                try:
-                    f = model.forecast(history, history.end)
-                    out[device_id] = tuple(min(1.0, max(0.0, f.online[int(h)])) for h in HORIZONS)
-                except Exception:  # a history the model cannot read: fall back to persistence
-                    continue
-            return out
-
-        return await asyncio.to_thread(run)
+    def _view(self, device_id: str, name: str, profile: object) -> DeviceView:
+        """Placement's view of one device from the fleet's; persistence (as it is now) without a forecast."""
+        host = self.fleet.view(device_id, name, profile)
+        p_online = host.p_online or (1.0 if host.online else 0.0,) * len(HORIZONS)
+        return DeviceView(device_id, host.online, p_online, self._free(device_id))
 
     def _lock(self, user_id: str, chunk_id: str) -> asyncio.Lock:
         lock = self._chunk_locks.get((user_id, chunk_id))

@@ -22,7 +22,18 @@ log = logging.getLogger("neuranet.fleet")
 
 DeviceListener = Callable[[str], None]
 ConnectionListener = Callable[["AgentConnection"], None]
-POnline = Callable[[str], "tuple[float, ...] | None"]  # device -> P(online) per forecast horizon, when known
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """A device's availability forecast as of when it was made: P(online) per horizon and how long it
+    is expected to stay online (None: the model gave no estimate)."""
+
+    p_online: tuple[float, ...]  # one per forecast horizon (neuranet.forecast.features.HORIZONS)
+    expected_online_seconds: float | None = None
+
+
+Outlooks = Callable[[str], "Outlook | None"]  # device -> its latest forecast, when there is one
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,7 @@ class HostView:
     online: bool
     profile: DeviceProfile
     p_online: tuple[float, ...] | None = None  # per forecast horizon; None: no forecast yet
+    expected_online_seconds: float | None = None  # from the forecast; None: no estimate
     free_bytes: int | None = None  # storage it offers, free; None: not reported
     server_rtt_ms: float | None = None
     server_bandwidth_bps: float | None = None
@@ -43,9 +55,9 @@ class HostView:
 class Fleet:
     """The online devices behind a narrow surface; the hub calls :meth:`lost`/:meth:`back` as they come and go."""
 
-    def __init__(self, conns: Mapping[str, "AgentConnection"], p_online: POnline | None = None) -> None:
+    def __init__(self, conns: Mapping[str, "AgentConnection"], outlooks: Outlooks | None = None) -> None:
         self._conns = conns
-        self._p_online = p_online or (lambda _device_id: None)
+        self._outlooks: Outlooks = outlooks or (lambda _device_id: None)
         self._lost: list[DeviceListener] = []
         self._back: list[DeviceListener] = []
         self._replaced: list[ConnectionListener] = []
@@ -63,13 +75,25 @@ class Fleet:
         """The live connection, for a book that correlates answers with the connection a request went out on."""
         return self._conns.get(device_id)
 
+    def use_forecasts(self, outlooks: Outlooks) -> None:
+        """Where views read each device's forecast from (the coordinator's forecast service)."""
+        self._outlooks = outlooks
+
     def host(self, device_id: str, name: str = "", stored_profile: object = None) -> HostView | None:
         """The device's view if it is online; ``stored_profile`` stands in for a profile it has not sent yet."""
-        conn = self._conns.get(device_id)
-        if conn is None:
+        if device_id not in self._conns:
             return None
-        profile = DeviceProfile.of(conn.profile or stored_profile)
-        return HostView(device_id, conn.user_id, name or device_id, True, profile, self._p_online(device_id),
+        return self.view(device_id, name, stored_profile)
+
+    def view(self, device_id: str, name: str = "", stored_profile: object = None, user_id: str = "") -> HostView:
+        """The device's view online or not: an offline one reads ``stored_profile`` (its last stored
+        profile) and still has its forecast, which is what placing data on it needs."""
+        conn = self._conns.get(device_id)
+        profile = DeviceProfile.of((conn.profile if conn is not None else None) or stored_profile)
+        outlook = self._outlooks(device_id)
+        return HostView(device_id, conn.user_id if conn is not None else user_id, name or device_id, conn is not None,
+                        profile, outlook.p_online if outlook else None,
+                        outlook.expected_online_seconds if outlook else None,
                         profile.disk_free_bytes, profile.server_rtt_ms, profile.server_bandwidth_bps)
 
     def hosts(self, device_ids: Iterable[str]) -> list[HostView]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuranet.server.events import FORECAST_REFRESHED, Event, EventBus
+from neuranet.server.fleet import Outlook
 from neuranet.tasks import OwnedTasks
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ HISTORY_SHOWN = 3 * 86400.0  # history returned with a forecast, for timelines a
 TRAIN_WINDOW = 28 * 86400.0  # the forecaster learns from each device's last four weeks
 MIN_TRAIN_SECONDS = 2 * 3600.0  # a device with less history than this adds nothing to training
 WEEK = 7 * 86400.0
+REFRESH_INTERVAL = 300.0  # seconds between refreshes of every device's outlook (the fleet view reads them)
 
 
 def trace_base(trace_end: float, now: float, clock_offset: float) -> float:
@@ -53,7 +55,10 @@ class ForecastService:
         self.trained_on = 0  # devices in the last training
         self.next_fit_at: float | None = None  # when the schedule next retrains (Unix time)
         self._lock = asyncio.Lock()
-        self._tasks = OwnedTasks("forecast")  # the retraining schedule
+        self._tasks = OwnedTasks("forecast")  # the retraining schedule, the outlook refreshes
+        # device -> its latest outlook, read synchronously by the fleet view (HostView.p_online); none
+        # before the first fit, and none for a device whose state changed since (see `stale`)
+        self._outlooks: dict[str, Outlook] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -68,6 +73,7 @@ class ForecastService:
             except ForecastError as exc:
                 log.warning("ignoring the saved forecaster: %s", exc)
         self._tasks.spawn(self._schedule(), name="forecast-retrain")
+        self._tasks.spawn(self._refreshing(), name="forecast-refresh")
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -133,8 +139,9 @@ class ForecastService:
             self.model = await asyncio.to_thread(fit)
             self.trained_at, self.trained_on = time.time(), len(histories)
             log.info("forecaster retrained on %d devices in %.1f s", len(histories), self.trained_at - started)
-            self.events.publish(Event(FORECAST_REFRESHED, None, "forecast", {"trained_at": self.trained_at}))
-            return self.info()
+        await self.refresh()
+        self.events.publish(Event(FORECAST_REFRESHED, None, "forecast", {"trained_at": self.trained_at}))
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         """Which method answers forecasts: the trained model ("mlp"), or "persistence" (every device stays
@@ -143,18 +150,56 @@ class ForecastService:
                 "trained_at": self.trained_at, "devices": self.trained_on, "next_fit_at": self.next_fit_at,
                 "min_history_seconds": MIN_TRAIN_SECONDS}
 
-    # --- forecasts ----------------------------------------------------------------------
+    # --- outlooks: what the fleet view reads ----------------------------------------------
 
-    async def expected_online(self, device_ids: list[str]) -> list[float] | None:
-        """Each device's expected remaining online time now (seconds), or None without a trained model."""
+    def outlook(self, device_id: str) -> Outlook | None:
+        """The device's latest outlook (P(online) per horizon, expected online time), or None: no
+        trained model yet, no usable history, or its state changed since the last refresh."""
+        return self._outlooks.get(device_id)
+
+    def stale(self, device_id: str) -> None:
+        """The device went offline or came back: its outlook no longer holds until the next refresh."""
+        self._outlooks.pop(device_id, None)
+
+    async def refresh(self, device_ids: list[str] | None = None) -> None:
+        """Forecast every device (or those named) as of now, in a thread, into the outlooks."""
+        from neuranet.forecast.features import HORIZONS
+
         model = self.model
         if model is None:
-            return None
+            self._outlooks.clear()
+            return
         histories = await self.histories(device_ids)
-        chosen = [histories[d][1] for d in device_ids if d in histories]
-        if len(chosen) != len(device_ids):
-            return None
-        return await asyncio.to_thread(lambda: [model.expected_online_seconds(h, h.end) for h in chosen])
+
+        def run() -> dict[str, Outlook]:
+            out = {}
+            for device_id, (_, history) in histories.items():
+                try:
+                    f = model.forecast(history, history.end)
+                except Exception:  # a history the model cannot read: no outlook (readers fall back to persistence)
+                    log.debug("no outlook for %s", device_id, exc_info=True)
+                    continue
+                out[device_id] = Outlook(tuple(min(1.0, max(0.0, f.online[int(h)])) for h in HORIZONS),
+                                         f.expected_online_seconds)
+            return out
+
+        fresh = await asyncio.to_thread(run)
+        if device_ids is None:
+            self._outlooks = fresh
+        else:
+            for device_id in device_ids:
+                self._outlooks.pop(device_id, None)
+            self._outlooks.update(fresh)
+
+    async def _refreshing(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refreshing the device outlooks failed")
+            await asyncio.sleep(REFRESH_INTERVAL)
+
+    # --- forecasts ----------------------------------------------------------------------
 
     async def forecast(self, device: Any, online: list[tuple[float, float | None]], now: float | None = None) -> dict[str, Any]:
         """One device's forecast as of now (or the end of its history, for an imported one)."""

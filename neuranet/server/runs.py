@@ -242,7 +242,11 @@ class RunBook:
 
         if req.checkpoint_every is not None:
             return req.checkpoint_every, "as requested"
-        expected = await self.forecasts.expected_online([s["device"] for s in split.stages]) if self.forecasts else None
+        ids = [s["device"] for s in split.stages]
+        if self.forecasts:
+            await self.forecasts.refresh(ids)  # as of now: a device that just joined has no outlook yet
+        outlooks = [self.fleet.view(d).expected_online_seconds for d in ids]
+        expected = None if None in outlooks else [float(e) for e in outlooks if e is not None]
         if expected is None:
             return DEFAULT_CHECKPOINT_EVERY, "default (no availability forecast yet)"
         slots = 2 if req.optimizer.lower() == "adamw" else 0  # optimiser state per parameter, uploaded too
