@@ -8,6 +8,8 @@ from neuranet.protocol.messages import Message
 
 _KEY = bytes(range(32))
 
+D64 = "ab" * 32  # a SHA-256 hex digest
+
 SAMPLES: dict[str, list[Message]] = {
     "hello": [
         messages.Hello(version=1, device_id="dev-1", agent_version="0.1.0"),
@@ -125,4 +127,21 @@ SAMPLES: dict[str, list[Message]] = {
     "stage_weights": [messages.StageWeights(run_id="r", stage=1, part=0, parts=3)],
     "stage_done": [messages.StageDone(run_id="r", stage=1, ok=True),
                    messages.StageDone(run_id="r", stage=0, ok=False, error="ValueError: boom")],
+    "job_assign": [messages.JobAssign(job_id="j1", attempt=2, archive=D64, archive_bytes=10, entry="train.py",
+                                      args=["--epochs", "2"], requirements=["tinypkg==1.0"], cpus=2,
+                                      ram_bytes=2**30, disk_bytes=2**31, time_limit_s=60, checkpoint=D64,
+                                      checkpoint_bytes=5, checkpoint_dir="ckpt"),
+                   messages.JobAssign(job_id="j1", attempt=1, archive=D64, archive_bytes=1, entry="t.py", cpus=0.5,
+                                      ram_bytes=1, disk_bytes=1, time_limit_s=1)],
+    "job_fetch": [messages.JobFetch(job_id="j1", attempt=2, what="checkpoint", offset=1024)],
+    "job_data": [messages.JobData(job_id="j1", attempt=2, what="archive", offset=0, last=True),
+                 messages.JobData(job_id="j1", attempt=2, what="checkpoint", error="no such checkpoint")],
+    "job_status": [messages.JobStatus(job_id="j1", attempt=2, state="running", detail="step 3")],
+    "job_log": [messages.JobLog(job_id="j1", attempt=2, stream="stderr", offset=99)],
+    "job_upload": [messages.JobUpload(job_id="j1", attempt=2, kind="outputs", digest=D64, size=3, part=0, parts=1)],
+    "job_done": [messages.JobDone(job_id="j1", attempt=2, outcome="failed", exit_code=1,
+                                  reason="killed: memory limit 1 GiB", cpu_seconds=1.5, wall_seconds=2.0,
+                                  max_rss_bytes=2**20),
+                 messages.JobDone(job_id="j1", attempt=3, outcome="succeeded", exit_code=0, outputs=D64)],
+    "job_stop": [messages.JobStop(job_id="j1", attempt=2, reason="cancelled by its owner")],
 }

@@ -508,9 +508,9 @@ def test_link_ack_fast_path_refuses_a_bad_body_with_a_typed_error():
 
 
 def test_every_plane_module_registers_its_messages_and_messages_re_exports_them():
-    from neuranet.protocol import chunks, control, links, runs, serving
+    from neuranet.protocol import chunks, control, jobs, links, runs, serving
 
-    planes = (control, links, runs, serving, chunks)
+    planes = (control, links, runs, serving, chunks, jobs)
     types = {cls.TYPE: cls for plane in planes for cls in vars(plane).values()
              if isinstance(cls, type) and issubclass(cls, Message) and cls.TYPE}
     assert types == MESSAGE_TYPES

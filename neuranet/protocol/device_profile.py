@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from neuranet.protocol.jobs import JobHostOffer
+
 MAX_ADDRS = 32
 
 
@@ -20,6 +22,7 @@ class DeviceProfile(BaseModel):
     server_rtt_ms: float | None = None
     server_bandwidth_bps: float | None = None
     listen_addrs: tuple[tuple[str, int], ...] = ()
+    jobs: JobHostOffer | None = None  # what it offers other users' jobs; None: it hosts none
 
     @classmethod
     def of(cls, raw: object) -> "DeviceProfile":

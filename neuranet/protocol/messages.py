@@ -2,7 +2,7 @@
 
 Each plane has its own module: `control` (handshake, heartbeats, profile, telemetry, errors, echo),
 `links` (link open / grant / refusal, data frames, peer down, link tests), `runs` (training stages),
-`serving` (served stages and requests) and `chunks` (the file chunk plane). The base class, the
+`serving` (served stages and requests), `chunks` (the file chunk plane) and `jobs` (the compute market). The base class, the
 registry and ``parse`` are in `message_base`.
 """
 
@@ -23,3 +23,6 @@ from neuranet.protocol.serving import (  # noqa: F401
 from neuranet.protocol.chunks import (  # noqa: F401
     ChunkPut, ChunkFetch, ChunkName, MAX_CHUNK_NAMES, chunk_batches, ChunkDelete, ChunkCopy, ChunkReply,
     ChunkPlace, ChunkStored, ChunkPlaced, ChunkLost, ChunkInventory)
+from neuranet.protocol.jobs import (  # noqa: F401
+    JobHostOffer, JobAssign, JobFetch, JobData, JobStatus, JobLog, JobUpload, JobDone, JobStop, JOB_PART_BYTES,
+    job_parts)
