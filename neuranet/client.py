@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from neuranet import api_models as v
+from neuranet import api_requests as q
 from neuranet.config import ClientConfig, default_home
 from neuranet.server.events import STREAM_OPEN, Event
 
@@ -36,6 +37,20 @@ class ServerUnreachable(ClientError):
 
 
 AWAY_STATUSES = frozenset({502, 503, 504})
+
+
+class InvalidRequest(ClientError):
+    """A request the client did not send: it does not fit the API's request model, so the server would
+    refuse it too. The message names each field and why."""
+
+
+def body(shape: type[BaseModel], /, **fields: Any) -> dict[str, Any]:
+    """A request body built from its `api_requests` model: checked as the server checks it, and only the
+    fields given (the server fills in the same defaults)."""
+    try:
+        return shape.model_validate(fields).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {validation_message(exc.errors())}") from None
 
 
 def validation_message(errors: list[Any], flags: dict[str, str] | None = None) -> str:
@@ -314,7 +329,7 @@ class Client:
 
     def create_token(self, name: str, expires_in_seconds: float | None = 90 * 86400.0) -> str:
         """A new API token valid ``expires_in_seconds`` (None: until revoked)."""
-        return self.request("POST", "/api/v1/tokens", json={"name": name, "expires_in_seconds": expires_in_seconds},
+        return self.request("POST", "/api/v1/tokens", json=body(q.TokenRequest, name=name, expires_in_seconds=expires_in_seconds),
                             answer=v.NewToken)["token"]
 
     def tokens(self) -> list[dict[str, Any]]:
@@ -335,24 +350,26 @@ class Client:
                             answer=v.UserDisabled)
 
     def create_join_token(self, ttl_seconds: float | None = None) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/join-tokens", json={"ttl_seconds": ttl_seconds} if ttl_seconds else None,
+        return self.request("POST", "/api/v1/join-tokens", json=body(q.JoinTokenRequest, **({"ttl_seconds": ttl_seconds} if ttl_seconds else {})),
                             answer=v.NewJoinToken)
 
     def create_user(self, name: str, is_admin: bool = False) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/users", json={"name": name, "is_admin": is_admin}, answer=v.NewUser)
+        return self.request("POST", "/api/v1/users", json=body(q.UserRequest, name=name, is_admin=is_admin),
+                            answer=v.NewUser)
 
     def devices(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/v1/devices", answer=list[v.DeviceView])
 
     def start_linktest(self, src: str, dst: str, total_bytes: int, message_bytes: int) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/linktests", json={
-            "src": src, "dst": dst, "total_bytes": total_bytes, "message_bytes": message_bytes}, answer=v.LinkTestView)
+        return self.request("POST", "/api/v1/linktests", json=body(q.LinkTestRequest, src=src, dst=dst, total_bytes=total_bytes,
+                                                                message_bytes=message_bytes), answer=v.LinkTestView)
 
     def linktest(self, test_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/linktests/{test_id}", answer=v.LinkTestView)
 
     def start_run(self, **request: Any) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/runs", json=request, answer=v.RunView)
+        """Start a training run; ``request``: the fields of `api_requests.RunRequest`."""
+        return self.request("POST", "/api/v1/runs", json=body(q.RunRequest, **request), answer=v.RunView)
 
     def run(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/runs/{run_id}", answer=v.RunView, **({"timeout": timeout} if timeout else {}))
@@ -361,17 +378,19 @@ class Client:
         return self.request("GET", "/api/v1/runs", answer=list[v.RunSummary])
 
     def deploy(self, **request: Any) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/deployments", json=request, answer=v.DeploymentView)
+        """Deploy a model for inference; ``request``: the fields of `api_requests.DeployRequest`."""
+        return self.request("POST", "/api/v1/deployments", json=body(q.DeployRequest, **request),
+                            answer=v.DeploymentView)
 
     def deployment(self, dep_id: str, wait: float = 0.0) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/deployments/{dep_id}", params={"wait": wait}, answer=v.DeploymentView)
 
     def infer(self, dep_id: str, inputs: list[Any]) -> list[Any]:
-        return self.request("POST", f"/api/v1/deployments/{dep_id}/infer", json={"inputs": inputs},
+        return self.request("POST", f"/api/v1/deployments/{dep_id}/infer", json=body(q.InferRequest, inputs=inputs),
                             answer=v.InferResult)["outputs"]
 
     def generate(self, dep_id: str, prompt: str, **options: Any) -> str:
-        return self.request("POST", f"/api/v1/deployments/{dep_id}/generate", json={"prompt": prompt, **options},
+        return self.request("POST", f"/api/v1/deployments/{dep_id}/generate", json=body(q.GenerateRequest, prompt=prompt, **options),
                             answer=v.Generated)["text"]
 
     def stop_deployment(self, dep_id: str) -> dict[str, Any]:
@@ -393,8 +412,6 @@ class Client:
         return self.request("GET", "/api/v1/traces", answer=list[v.TraceSummary])
 
     def remove_trace(self, prefix: str) -> dict[str, Any]:
-        from urllib.parse import quote
-
         return self.request("DELETE", f"/api/v1/traces/{quote(prefix, safe='')}", answer=v.TraceRemoved)
 
     def run_weights(self, run_id: str) -> bytes:
@@ -423,7 +440,7 @@ class Client:
         return resp.content
 
     def commit_file(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/files", json=manifest, answer=v.FileCommitted)
+        return self.request("POST", "/api/v1/files", json=body(q.FileIn, **manifest), answer=v.FileCommitted)
 
     def files(self) -> list[dict[str, Any]]:
         return self.request("GET", "/api/v1/files", answer=list[v.FileSummary])

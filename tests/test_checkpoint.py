@@ -143,7 +143,8 @@ class _Book:
         from neuranet.server.blobs import BlobStore
         from neuranet.server.fleet import Fleet
         from neuranet.server.hub import AgentConnection
-        from neuranet.server.runs import RunBook, RunRequest, RunState
+        from neuranet.api_requests import RunRequest
+        from neuranet.server.runs import RunBook, RunState
         from neuranet.server.store import Store
 
         async def nothing(*_args) -> None:
@@ -168,7 +169,7 @@ class _Book:
     async def send(self, stage: int, step: int, part: int = 0, parts: int = 1, payload: bytes = b"x" * 100) -> None:
         from neuranet.protocol import messages as m
 
-        msg = m.StageWeights(run_id=self.run.id, stage=stage, step=step, part=part, parts=parts)
+        msg = m.StageWeights(run_id=self.run.id, stage=stage, step=step, attempt=self.run.attempt, part=part, parts=parts)
         await self.book.on_message(self.conns[["dev-a", "dev-b"][stage]], msg, payload)
 
     def stored_bytes(self) -> int:
@@ -232,10 +233,56 @@ async def test_nothing_is_written_for_a_run_that_has_ended(tmp_path) -> None:
     b = await _Book.make(tmp_path, checkpoint_every=0, steps=10)
     for stage in (0, 1):
         await b.send(stage, 10)
-        await b.book.on_message(b.conns[["dev-a", "dev-b"][stage]], m.StageDone(run_id=b.run.id, stage=stage, ok=True), b"")
+        await b.book.on_message(b.conns[["dev-a", "dev-b"][stage]], m.StageDone(run_id=b.run.id, stage=stage, attempt=b.run.attempt, ok=True), b"")
     assert b.run.status == "finished"
     before = b.stored_bytes()
     for step in range(1, 80):  # a flood after the end (80 MiB got through before these bounds)
         await b.send(0, step, 0, 1, b"x" * 2**20)
     assert b.stored_bytes() == before and b.run.status == "finished"
+    await b.close()
+
+
+async def test_a_stage_has_one_state_in_flight_and_its_counters_go_when_it_ends(tmp_path) -> None:
+    b = await _Book.make(tmp_path, checkpoint_every=5, steps=20)
+    await b.send(0, 5, 0, 2, b"x" * 2**20)  # step 5 begun, not ended
+    await b.send(0, 10, 0, 1)  # a second state opened meanwhile: refused, the run fails, nothing stays open
+    assert "before ending the one after step 5" in b.run.errors[0] and b.run.status == "failed"
+    assert b.run.writers == {} and b.stored_bytes() == 0
+    await b.close()
+    b = await _Book.make(tmp_path / "2", checkpoint_every=5, steps=20)
+    for stage in (0, 1):
+        await b.send(stage, 5)
+    assert b.run.checkpoints == {5: 0} and (b.run.parts, b.run.part_counts, b.run.part_bytes, b.run.writers) == ({}, {}, {}, {})
+    await b.send(1, 5)  # a step already in a whole checkpoint, resent after its counters went
+    assert "twice" in b.run.errors[1] and b.run.checkpoints == {5: 0}
+    await b.close()
+
+
+async def test_a_state_the_coordinator_cannot_store_fails_the_run_saying_so(tmp_path, monkeypatch) -> None:
+    b = await _Book.make(tmp_path)
+    from neuranet.server.blobs import BlobWriter
+
+    async def full(self, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BlobWriter, "write", full)
+    await b.send(0, 5)
+    assert "could not store stage 0's state" in b.run.errors[0] and "No space left" in b.run.errors[0]
+    assert b.run.writers == {} and b.run.status == "failed"
+    await b.close()
+
+
+async def test_reports_after_the_run_ended_change_nothing(tmp_path) -> None:
+    from neuranet.protocol import messages as m
+
+    b = await _Book.make(tmp_path, checkpoint_every=0, steps=10)
+    for stage in (0, 1):
+        await b.send(stage, 10)
+        await b.book.on_message(b.conns[["dev-a", "dev-b"][stage]],
+                                m.StageDone(run_id=b.run.id, stage=stage, attempt=0, ok=True), b"")
+    assert b.run.status == "finished"
+    late = m.StageDone(run_id=b.run.id, stage=0, attempt=0, ok=False, error="LinkClosed", link_failed=True)
+    await b.book.on_message(b.conns["dev-a"], late, b"")
+    await b.book.on_message(b.conns["dev-a"], m.StageDone(run_id=b.run.id, stage=0, attempt=0, ok=False, error="x"), b"")
+    assert b.run.status == "finished" and b.run.recovery is None and not b.run.relink and not b.run.errors
     await b.close()

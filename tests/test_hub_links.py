@@ -152,7 +152,7 @@ async def test_messages_to_the_server_go_to_the_one_handler_of_their_type(setup:
     with pytest.raises(ValueError, match="already has a handler"):
         setup.hub.on(m.StageProgress, lambda *_: None)
     conn = setup.conns["a1"]
-    env = decode_frame(encode_frame(m.StageProgress(run_id="r", stage=0, step=3).envelope(src=conn.device_id,
+    env = decode_frame(encode_frame(m.StageProgress(run_id="r", stage=0, attempt=0, step=3).envelope(src=conn.device_id,
                                                                                          payload=b"p")))
     await setup.hub.dispatch(conn, env)
     assert heard == [(conn.device_id, 3, b"p")]
@@ -161,4 +161,4 @@ async def test_messages_to_the_server_go_to_the_one_handler_of_their_type(setup:
     assert isinstance(ack, m.HeartbeatAck) and ack.seq == 9
     with pytest.raises(UnexpectedMessage, match="stage_done is not accepted"):
         await setup.hub.dispatch(conn, decode_frame(encode_frame(
-            m.StageDone(run_id="r", stage=0, ok=True).envelope(src=conn.device_id))))
+            m.StageDone(run_id="r", stage=0, attempt=0, ok=True).envelope(src=conn.device_id))))

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"protocol"},
     {"net"},
     {"storage", "pipeline", "forecast", "jobs"},  # jobs: the compute market's pure cores (archives, matching, lifecycle) and the sandbox
-    {"api_models"},  # the REST bodies: the server answers with them, clients read them
+    {"api_models", "api_requests"},  # the REST bodies: the server takes and answers with them, clients build and read them
     {"agent", "server"},
     {"client"},
     {"ui", "fabric"},

@@ -108,7 +108,7 @@ CLIENT_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "generate": (("p1", "hi"), {}), "stop_deployment": (("p1",), {}), "forecast": (("d1",), {}),
     "retrain_forecaster": ((), {}), "import_trace": ((b"",), {}), "traces": ((), {}), "remove_trace": (("p",), {}),
     "run_weights": (("r1",), {}), "put_chunk": (("c1", b"x", 1), {}), "get_chunk": (("c1",), {}),
-    "commit_file": (({},), {}), "files": ((), {}), "file_info": (("a b.txt",), {}),
+    "commit_file": (({"name": "a", "size": 0, "sha256": "0" * 64, "chunks": []},), {}), "files": ((), {}), "file_info": (("a b.txt",), {}),
     "delete_file": (("a b.txt",), {}), "device_chunks": (("d1",), {}),
 }
 NOT_ONE_REQUEST = {"close", "request", "base_url", "resolve_device", "events"}  # helpers; events streams
@@ -141,3 +141,23 @@ def test_every_request_the_client_makes_is_a_documented_operation(spec: dict[str
     undocumented = [f"{r.method} {r.url.path}" for r in sent
                     if not any(r.method == m and path.fullmatch(r.url.path) for m, path in operations)]
     assert len(sent) == len(CLIENT_CALLS) + 1 and undocumented == []
+
+
+def test_every_json_request_body_is_a_model_of_api_requests(spec: dict[str, Any]) -> None:
+    """The routers take the models the client builds its bodies from (and a web UI reads from the spec)."""
+    from pydantic import BaseModel
+
+    from neuranet import api_requests
+
+    def model(schema: dict[str, Any]) -> str:  # an optional body is anyOf [the model, null]
+        refs = [s["$ref"] for s in [schema, *schema.get("anyOf", [])] if "$ref" in s]
+        return refs[0].rsplit("/", 1)[-1] if len(refs) == 1 else ""
+
+    bodies = {f"{m} {p}": model(_schema({"content": op["requestBody"]["content"]}))
+              for m, p, op in _operations(spec)
+              if "application/json" in op.get("requestBody", {}).get("content", {})}
+    assert {"POST /api/v1/runs", "POST /api/v1/deployments", "POST /api/v1/files", "POST /api/v1/users"} <= set(bodies)
+    foreign = {op: name for op, name in bodies.items()
+               if not (isinstance(getattr(api_requests, name, None), type)
+                       and issubclass(getattr(api_requests, name), BaseModel))}
+    assert foreign == {}

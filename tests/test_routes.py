@@ -17,7 +17,7 @@ import pytest
 from inprocess import InProcess, client, inprocess_app
 from neuranet import __version__
 from neuranet import api_models as v
-from neuranet.client import Client, ClientError
+from neuranet.client import Client, ClientError, InvalidRequest
 
 TRACE = b"client_id,event_type,event_start,event_end\n" + b"".join(
     f"{c},1,{s},{s + 1800}\n{c},0,{s + 1800},{s + 3600}\n".encode() for c in ("a", "b") for s in range(0, 36000, 3600))
@@ -71,6 +71,11 @@ def refused(status: int, match: str = "") -> pytest.RaisesExc[ClientError]:
     return pytest.raises(ClientError, match=f"^{status}: .*{match}")
 
 
+def not_sent(match: str) -> pytest.RaisesExc[InvalidRequest]:
+    """The client refuses the body before sending it, with the words the server's 422 has."""
+    return pytest.raises(InvalidRequest, match=f"^invalid request: .*{match}")
+
+
 # --- health and authentication -------------------------------------------------------------
 
 
@@ -105,6 +110,8 @@ def test_admin_creates_a_user_who_can_sign_in(admin: Client, coordinator: tuple[
 
 def test_a_user_name_is_checked_field_by_field(admin: Client) -> None:
     with refused(422, "name: String should match pattern"):
+        admin.request("POST", "/api/v1/users", json={"name": "two words"})
+    with not_sent("name: String should match pattern"):
         admin.create_user("two words")
 
 
@@ -133,6 +140,8 @@ def test_tokens_are_listed_without_secrets_and_revoked(user: Client, coordinator
 
 def test_a_token_lifetime_out_of_range_is_422(user: Client) -> None:
     with refused(422, "expires_in_seconds: Input should be greater than 0"):
+        user.request("POST", "/api/v1/tokens", json={"name": "never", "expires_in_seconds": 0})
+    with not_sent("expires_in_seconds: Input should be greater than 0"):
         user.create_token("never", expires_in_seconds=0)
 
 
@@ -252,6 +261,8 @@ def test_link_tests_are_refused_for_unknown_same_or_offline_devices(user: Client
     with refused(409, "offline"):
         user.start_linktest(a, b, 1024, 1024)
     with refused(422, "total_bytes"):
+        user.request("POST", "/api/v1/linktests", json={"src": a, "dst": b, "total_bytes": 0})
+    with not_sent("total_bytes"):
         user.start_linktest(a, b, 0, 1024)
     with refused(404, "no link test nope"):
         user.linktest("nope")
@@ -277,12 +288,13 @@ def test_a_run_needs_devices_that_are_online(user: Client, simulated: list[v.Dev
 
 
 def test_a_run_request_is_checked_field_by_field(user: Client) -> None:
-    with refused(422, "steps: Input should be greater than or equal to 1"):
-        user.start_run(model="mlp-digits", steps=0)
-    with refused(422, "optimizer: unknown optimiser 'adagrad'"):
-        user.start_run(model="mlp-digits", optimizer="adagrad")
-    with refused(422, "schedule"):
-        user.start_run(model="mlp-digits", schedule="sideways")
+    for field, value, why in [("steps", 0, "steps: Input should be greater than or equal to 1"),
+                              ("optimizer", "adagrad", "optimizer: unknown optimiser 'adagrad'"),
+                              ("schedule", "sideways", "schedule: unknown pipeline schedule 'sideways'")]:
+        with refused(422, why):
+            user.request("POST", "/api/v1/runs", json={"model": "mlp-digits", field: value})
+        with not_sent(why):
+            user.start_run(model="mlp-digits", **{field: value})
 
 
 def test_unknown_runs_and_deployments_are_404(user: Client) -> None:
@@ -304,8 +316,12 @@ def test_a_deployment_needs_devices_and_valid_inputs(user: Client) -> None:
     with refused(409, "none of your devices is online"):
         user.deploy(model="mlp-digits")
     with refused(422, "inputs: List should have at least 1 item"):
+        user.request("POST", "/api/v1/deployments/nope/infer", json={"inputs": []})
+    with not_sent("inputs: List should have at least 1 item"):
         user.infer("nope", [])
     with refused(422, "prompt"):
+        user.request("POST", "/api/v1/deployments/nope/generate", json={"prompt": ""})
+    with not_sent("prompt"):
         user.generate("nope", "")
 
 
@@ -332,8 +348,11 @@ def test_an_empty_file_is_committed_listed_shown_and_deleted(user: Client) -> No
 
 def test_a_manifest_whose_chunks_do_not_hold_the_file_is_422(user: Client) -> None:
     chunk = {"id": hashlib.sha256(b"x").hexdigest(), "size": 1}
+    manifest = {"name": "short", "size": 5, "sha256": EMPTY_SHA, "chunks": [chunk]}
     with refused(422, "hold 1 bytes, not the file's 5"):
-        user.commit_file({"name": "short", "size": 5, "sha256": EMPTY_SHA, "chunks": [chunk]})
+        user.request("POST", "/api/v1/files", json=manifest)
+    with not_sent("hold 1 bytes, not the file's 5"):
+        user.commit_file(manifest)
 
 
 def test_a_manifest_naming_chunks_never_uploaded_is_refused(user: Client) -> None:

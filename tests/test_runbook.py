@@ -14,7 +14,8 @@ from safetensors.torch import load, save
 from neuranet.protocol import messages as m
 from neuranet.server.blobs import BlobStore
 from neuranet.server.fleet import Fleet
-from neuranet.server.runs import RunBook, RunError, RunRequest, Split
+from neuranet.api_requests import RunRequest
+from neuranet.server.runs import RunBook, RunError, Split
 from neuranet.server.store import Store
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
@@ -300,7 +301,7 @@ async def test_the_owner_hears_the_runs_progress_and_each_state_once(world: Worl
     heard = world.book.events.subscribe(world.user_id)
     other = world.book.events.subscribe("someone-else")
     run = await world.start(steps=10, every=5)
-    await world.report(run, 2, m.StageProgress(run_id=run.id, stage=2, step=0, loss=2.5))
+    await world.report(run, 2, m.StageProgress(run_id=run.id, stage=2, attempt=run.attempt, step=0, loss=2.5))
     await world.checkpoint(run, 5)  # saved, but no change of state
     world.drop("dev-c")
     await world.recovered(run)

@@ -10,7 +10,8 @@ import torch
 
 from neuranet.protocol import messages as m
 from neuranet.protocol.tensors import encode_tensor
-from neuranet.server.serving import DeployRequest, ServeBook, ServeInvalid, ServeUnavailable
+from neuranet.api_requests import DeployRequest
+from neuranet.server.serving import ServeBook, ServeInvalid, ServeUnavailable
 from test_runbook import DEVICES, World, _device  # noqa: F401  # fixtures: store, blobs
 from test_runbook import blobs, store  # noqa: F401
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load
 
 from fabric_helpers import free_port, wait_for
-from neuranet.client import ClientError
+from neuranet.client import ClientError, InvalidRequest
 from neuranet.fabric import LocalFabric
 from neuranet.pipeline.data import batches, load_dataset
 from neuranet.pipeline.models import build_model
@@ -178,12 +178,15 @@ def test_bad_options_are_refused_up_front_in_one_line(fabric: LocalFabric) -> No
     auth = ["--server", fabric.url, "--token", fabric.token]
     with fabric.client() as c:
         before = len(c.runs())
-        # The REST API refuses too, naming the field, before any agent sees the run.
+        # The REST API refuses too, naming the field, before any agent sees the run; so does the client,
+        # which builds the body from the same model and does not send it.
         with pytest.raises(ClientError, match=r"^422: schedule: unknown pipeline schedule 'bogus'; choose one of"):
-            c.start_run(**{**RUN, "schedule": "bogus"})
+            c.request("POST", "/api/v1/runs", json={**RUN, "schedule": "bogus"})
         with pytest.raises(ClientError, match=r"^422: optimizer: unknown optimiser 'adam'; choose one of: adamw, sgd$"):
-            c.start_run(**{**RUN, "optimizer": "adam"})
+            c.request("POST", "/api/v1/runs", json={**RUN, "optimizer": "adam"})
         with pytest.raises(ClientError, match=r"^422: steps: Input should be greater than or equal to 1$"):
+            c.request("POST", "/api/v1/runs", json={**RUN, "steps": 0})
+        with pytest.raises(InvalidRequest, match=r"^invalid request: steps: Input should be greater than or equal to 1$"):
             c.start_run(**{**RUN, "steps": 0})
         for args, line in [(["--schedule", "bogus"], "error: --schedule: unknown pipeline schedule 'bogus'; choose "
                              "one of: 1f1b, gpipe"),

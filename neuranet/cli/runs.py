@@ -59,7 +59,7 @@ def _check_run_request(request: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
     from neuranet.client import validation_message
-    from neuranet.server.runs import RunRequest
+    from neuranet.api_requests import RunRequest
 
     flags = {name: f"--{name.replace('_', '-')}" for name in request} | {"use_all_devices": "--all-devices"}
     try:

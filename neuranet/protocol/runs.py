@@ -53,8 +53,8 @@ class StageAssign(StageSpec):
 class StageProgress(Message):
     TYPE: ClassVar[str] = "stage_progress"
     run_id: str
-    stage: int
-    attempt: int = 0
+    stage: int = Field(ge=0)
+    attempt: int = Field(ge=0)  # of the assignment it reports on: a report of an aborted attempt is ignored
     step: int
     loss: float | None = None
 
@@ -65,9 +65,9 @@ class StageWeights(Message):
 
     TYPE: ClassVar[str] = "stage_weights"
     run_id: str
-    stage: int
+    stage: int = Field(ge=0)
     step: int = Field(0, ge=0)
-    attempt: int = Field(0, ge=0)
+    attempt: int = Field(ge=0)
     part: int = Field(ge=0)
     parts: int = Field(ge=1)
 
@@ -95,8 +95,8 @@ class StageDone(Message):
 
     TYPE: ClassVar[str] = "stage_done"
     run_id: str
-    stage: int
-    attempt: int = 0
+    stage: int = Field(ge=0)
+    attempt: int = Field(ge=0)
     ok: bool
     error: Text = ""
     link_failed: bool = False  # it failed because a link to a neighbour did (the coordinator re-plans)

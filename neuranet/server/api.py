@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
 
 from neuranet.protocol.json_values import JsonValueError, check_json_value
 from neuranet.protocol.messages import PROFILE_BOUNDS
-from neuranet.server.edge import ApiModel, refusals
+from neuranet.api_requests import JoinTokenRequest, LinkTestRequest, TokenRequest, UserRequest
+from neuranet.server.edge import refusals
 from neuranet.server.deps import FleetDep, HubDep, StoreDep, User
 from neuranet.server.fleet import Fleet
 from neuranet import api_models as v
 from neuranet.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized
-from neuranet.server.store import API_TOKEN_TTL, Principal, Store
+from neuranet.server.store import Principal, Store
 
 router = APIRouter(prefix="/api/v1", responses=refusals(Unauthorized))
-MAX_LINKTEST_BYTES = 4 * 1024**3
+
 
 
 async def read_body(request: Request, limit: int, too_big: str) -> bytes:
@@ -32,33 +32,6 @@ async def read_body(request: Request, limit: int, too_big: str) -> bytes:
         if len(body) > limit:
             raise TooLarge(too_big)
     return bytes(body)
-
-
-MAX_TOKEN_LIFE = 10 * 365 * 24 * 3600.0
-# Seconds an API token stays valid; null: until revoked.
-TokenLife = Field(API_TOKEN_TTL, gt=0, le=MAX_TOKEN_LIFE)
-
-
-class TokenRequest(ApiModel):
-    name: str = Field("cli", min_length=1, max_length=100)
-    expires_in_seconds: float | None = TokenLife
-
-
-class JoinTokenRequest(ApiModel):
-    ttl_seconds: float = Field(24 * 3600, gt=0, le=30 * 24 * 3600)
-
-
-class UserRequest(ApiModel):
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
-    is_admin: bool = False
-    token_expires_in_seconds: float | None = TokenLife  # of the user's first API token
-
-
-class LinkTestRequest(ApiModel):
-    src: str
-    dst: str
-    total_bytes: int = Field(64 * 1024 * 1024, gt=0, le=MAX_LINKTEST_BYTES)
-    message_bytes: int = Field(1024 * 1024, gt=0, le=32 * 1024 * 1024)
 
 
 @router.get("/me", response_model=v.Me)

@@ -1,11 +1,8 @@
-"""Validation at the REST edge: the base of every request body, and the request body size limit.
+"""Validation at the REST edge: the request body size limit and how refusals are answered.
 
-Whatever a request carries is checked before anything is stored or sent to a device: text that
-cannot be encoded (lone surrogates), numbers that do not fit in 64 bits or are not finite, and
-free-form values (model options, sealing) nested too deep were each a 500, or worse, a record
-that could not be read back. Bodies are bounded in bytes before they are read whole: parsing
-JSON costs about ten times its size in memory.
-"""
+Request bodies are `neuranet.api_requests` models, which refuse what cannot be stored (lone
+surrogates, numbers past 64 bits or not finite, values nested too deep). Bodies are bounded in bytes
+before they are read whole: parsing JSON costs about ten times its size in memory."""
 
 from __future__ import annotations
 
@@ -15,37 +12,16 @@ from typing import Any, Awaitable, Callable
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationInfo, field_validator
 
 from neuranet import errors
 from neuranet.api_models import ErrorBody, InvalidBody
 from neuranet.errors import NeuraNetError
-from neuranet.protocol.json_values import JsonBounds, JsonValueError, check_json_value
-
-# Free-form values inside a request body: the body limit bounds their size; depth is what breaks.
-BODY_VALUE_BOUNDS = JsonBounds(max_depth=16, max_items=2_000_000, max_string=2_000_000)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class ApiModel(BaseModel):
-    """Base of REST request bodies: every field, whatever its type, holds only storable values."""
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _storable(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, BaseModel):
-            return value  # a nested ApiModel checked its own fields
-        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            return value
-        try:
-            return check_json_value(value, BODY_VALUE_BOUNDS, info.field_name or "value")
-        except JsonValueError as exc:
-            raise ValueError(str(exc)) from None
 
 
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:

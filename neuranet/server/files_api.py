@@ -12,52 +12,17 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import Field, model_validator
 
 from neuranet.server.api import owned_device, read_body
 from neuranet.server.deps import EventsDep, FilesDep, StoreDep, User
-from neuranet.server.edge import ApiModel, BINARY, refusals
+from neuranet.server.edge import BINARY, refusals
 from neuranet.server.events import FILE_DELETED, FILE_STORED, Event
 from neuranet import api_models as v
+from neuranet.api_requests import MAX_REPLICAS, FileIn
 from neuranet.errors import BadUpstream, Conflict, Gone, Invalid, NoSpace, NotFound, TimedOut, TooLarge, Unauthorized, Unavailable
-from neuranet.storage.chunks import MAX_CHUNK_SIZE, MAX_FILE_BYTES, MAX_FILE_CHUNKS, ChunkError, is_chunk_id
-from neuranet.storage.sealing import SEALING_OVERHEAD, parse_description
+from neuranet.storage.chunks import MAX_CHUNK_SIZE, ChunkError, is_chunk_id
 
 router = APIRouter(prefix="/api/v1", responses=refusals(Unauthorized))
-MAX_REPLICAS = 16
-
-
-class ChunkIn(ApiModel):
-    id: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0, le=MAX_CHUNK_SIZE)
-
-
-class FileIn(ApiModel):
-    name: str = Field(min_length=1, max_length=1024)
-    size: int = Field(ge=0, le=MAX_FILE_BYTES)  # stored bytes (the ciphertext's when sealed)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the stored bytes (the ciphertext's when sealed)
-    replicas: int = Field(3, ge=1, le=MAX_REPLICAS)
-    sealing: dict[str, Any] | None = None
-    chunks: list[ChunkIn] = Field(max_length=MAX_FILE_CHUNKS)
-    overwrite: bool = False
-
-    @model_validator(mode="after")
-    def _chunks_hold_the_file(self) -> "FileIn":
-        """The chunks hold exactly the file's stored bytes. A sealed file is recorded by what its
-        ciphertext shows: its chunks, their total size and hash, and the sealing (salt, KDF
-        parameters, sealed manifest); its plaintext's size and hash stay sealed."""
-        held = sum(c.size for c in self.chunks)
-        sealed = "sealed " if self.sealing is not None else ""
-        if held != self.size:
-            raise ValueError(f"the {len(self.chunks)} {sealed}chunk(s) hold {held} bytes, not the file's {self.size}")
-        if self.sealing is None:
-            return self
-        parse_description(self.sealing, legacy=False)
-        short = next((c for c in self.chunks if c.size <= SEALING_OVERHEAD), None)
-        if short is not None:
-            raise ValueError(f"sealed chunk {short.id[:12]} holds {short.size} bytes; a sealed chunk holds at least "
-                             f"{SEALING_OVERHEAD + 1}")
-        return self
 
 
 def _chunk_name(chunk_id: str) -> str:

@@ -9,84 +9,16 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from pydantic import Field, field_validator, model_validator
 
+from neuranet.api_requests import MAX_PROFILED_BYTES, RunRequest  # noqa: F401  (RunRequest: what a plan is of)
 from neuranet.errors import Invalid
-from neuranet.pipeline.schedules import OPTIMIZER_NAMES, SCHEDULES, UnknownSchedule
 from neuranet.protocol.device_profile import DeviceProfile as Reported
-from neuranet.protocol.json_values import INT64_MAX, JsonBounds, check_json_value
-from neuranet.server.edge import ApiModel
 
 DEFAULT_GFLOPS = 10.0
 DEFAULT_FREE_BYTES = 1 << 30
 DEFAULT_LINK_BYTES_PER_S = 100e6
-MAX_PROFILED_BYTES = 2 * 2**30  # the coordinator builds the model once to profile its layers
-MAX_USER_MODEL_BYTES = 1_000_000
 DEFAULT_CHECKPOINT_EVERY = 50
-MODEL_OPTIONS_BOUNDS = JsonBounds(max_depth=4, max_items=1000, max_string=1000)
 
-
-class LayerProfileIn(ApiModel):
-    name: str = Field(max_length=200)
-    flops: float = Field(ge=0)
-    activation_bytes: int = Field(ge=0)
-    param_bytes: int = Field(ge=0, le=MAX_PROFILED_BYTES)
-    saved_bytes: int = Field(ge=0)
-
-
-class UserModel(ApiModel):
-    """A model file of the user's own: its source runs only on the user's devices, never on the coordinator,
-    which plans from the layer profiles the user's client measured."""
-
-    source: str = Field(min_length=1, max_length=MAX_USER_MODEL_BYTES)
-    layers: list[LayerProfileIn] = Field(min_length=1, max_length=10_000)
-
-    @model_validator(mode="after")
-    def _checkpointable(self) -> "UserModel":
-        """The coordinator keeps the stages' checkpoints: the same bound as a built-in model it profiles."""
-        total = sum(layer.param_bytes for layer in self.layers)
-        if total > MAX_PROFILED_BYTES:
-            raise ValueError(f"the model has {total / 2**30:.1f} GiB of parameters; the coordinator keeps "
-                             f"checkpoints of models up to {MAX_PROFILED_BYTES / 2**30:.0f} GiB")
-        return self
-
-
-class RunRequest(ApiModel):
-    model: str = Field(min_length=1, max_length=64)  # a built-in model, or the name of the user's model file
-    devices: list[str] | int | None = None  # ids/names, a count, or None for all online devices
-    steps: int = Field(100, ge=1, le=1_000_000)
-    batch_size: int = Field(32, ge=1, le=65536)
-    microbatches: int = Field(4, ge=1, le=1024)
-    schedule: str = "1f1b"
-    optimizer: str = "sgd"
-    lr: float = Field(0.05, gt=0, le=10)
-    seed: int = Field(0, ge=0, le=INT64_MAX)
-    data_seed: int = Field(0, ge=0, le=INT64_MAX)
-    model_options: dict[str, Any] = Field(default_factory=dict)
-    use_all_devices: bool = False  # split over exactly the chosen devices, in order, instead of a planned subset
-    # steps between stage checkpoints; 0: only the final state; None: from the devices' forecast availability
-    checkpoint_every: int | None = Field(None, ge=0)
-    user_model: UserModel | None = None
-    data: str | None = Field(None, max_length=64)  # the dataset to train on; None: the model's own
-
-    @model_validator(mode="after")
-    def _bounded_options(self) -> "RunRequest":
-        check_json_value(self.model_options, MODEL_OPTIONS_BOUNDS, "model_options")
-        return self
-
-    @field_validator("schedule")
-    @classmethod
-    def _known_schedule(cls, name: str) -> str:
-        if name.lower() not in SCHEDULES:
-            raise ValueError(str(UnknownSchedule(name)))
-        return name.lower()
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, name: str) -> str:
-        if name.lower() not in OPTIMIZER_NAMES:
-            raise ValueError(f"unknown optimiser {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
-        return name.lower()
 
 
 class RunError(Invalid):

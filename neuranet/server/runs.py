@@ -129,8 +129,11 @@ def refuse_state_part(run: RunState, msg: m.StageWeights, size: int) -> str | No
         every = f"every {run.checkpoint_every} steps and " if run.checkpoint_every else ""
         return (f"stage {msg.stage} sent its state after step {msg.step}, but the run checkpoints "
                 f"{every}after step {run.request.steps}")
-    if msg.stage in run.uploaded.get(msg.step, set()):
+    if msg.stage in run.uploaded.get(msg.step, set()) or any(msg.step <= s for s in run.checkpoints):
         return f"stage {msg.stage} sent its state after step {msg.step} twice"
+    other = next((s for s, stage in run.writers if stage == msg.stage and s != msg.step), None)
+    if other is not None:  # one state in flight per stage: a stage cannot hold many files open at once
+        return f"stage {msg.stage} began its state after step {msg.step} before ending the one after step {other}"
     if msg.parts != run.part_counts.get(key, msg.parts):
         return f"stage {msg.stage} changed the part count of step {msg.step} from {run.part_counts[key]} to {msg.parts}"
     if msg.parts > most or msg.part >= msg.parts:
@@ -290,9 +293,9 @@ class RunBook:
 
     async def on_message(self, conn: "AgentConnection", msg: Any, payload: bytes) -> None:
         run = self.runs.get(msg.run_id)
-        if (run is None or getattr(msg, "attempt", run.attempt) != run.attempt or not 0 <= msg.stage < len(run.stages)
+        if (run is None or run.status != "running" or msg.attempt != run.attempt or msg.stage >= len(run.stages)
                 or run.stages[msg.stage]["device"] != conn.device_id):
-            return  # unknown, stale (an aborted attempt) or not this device's stage
+            return  # unknown, ended, stale (an aborted attempt) or not this device's stage
         before = run.status
         if isinstance(msg, m.StageProgress):
             if msg.loss is not None:
@@ -327,17 +330,28 @@ class RunBook:
         run.parts[key] = msg.part + 1  # claimed before the write: a part resent meanwhile is refused
         run.part_counts[key] = msg.parts
         run.part_bytes[key] = run.part_bytes.get(key, 0) + len(payload)
-        await writer.write(payload)
-        if msg.part + 1 < msg.parts:
+        try:
+            await writer.write(payload)
+            if msg.part + 1 < msg.parts:
+                return
+            digest = await writer.commit()
+        except OSError as exc:  # the coordinator's disk, not the stage: the run cannot keep its state
+            run.writers.pop(key, None)
+            await writer.abort()
+            run.errors[msg.stage] = f"the coordinator could not store stage {msg.stage}'s state: {exc}"
             return
-        del run.writers[key]
-        digest = await writer.commit()
+        finally:
+            if msg.part + 1 >= msg.parts:  # ended, one way or the other: nothing of this state stays open
+                run.writers.pop(key, None)
+                size = run.part_bytes.pop(key, 0)
+                run.parts.pop(key, None)
+                run.part_counts.pop(key, None)
         if run.attempt != attempt:  # aborted meanwhile: the blob is nobody's (unless the same bytes are)
             if digest not in run.checkpoint_digests and not await self.store.runs.blob_in_use(digest):
                 await self.blobs.delete(digest)
             return
         stages = run.uploaded.setdefault(msg.step, {})
-        stages[msg.stage] = (digest, run.part_bytes[key])
+        stages[msg.stage] = (digest, size)
         if len(stages) == len(run.stages):
             whole = [stages[i] for i in range(len(run.stages))]
             # Durable first (the checkpoint's rows and the losses up to it, in one transaction); only then

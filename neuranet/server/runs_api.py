@@ -12,8 +12,9 @@ from neuranet.server.deps import FleetDep, RunsDep, ServingDep, StoreDep, User
 from neuranet import api_models as v
 from neuranet.errors import BadUpstream, Conflict, Invalid, NotFound, TimedOut, TooLarge, Unauthorized, Unavailable
 from neuranet.server.edge import BINARY, refusals
-from neuranet.server.runs import RunError, RunRequest
-from neuranet.server.serving import DeployRequest, GenerateRequest, InferRequest, ServeError
+from neuranet.api_requests import DeployRequest, GenerateRequest, InferRequest, RunRequest
+from neuranet.server.runs import RunError
+from neuranet.server.serving import ServeError
 
 router = APIRouter(prefix="/api/v1/runs", responses=refusals(Unauthorized))
 serve_router = APIRouter(prefix="/api/v1/deployments", responses=refusals(Unauthorized))

@@ -14,13 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
 
+from neuranet.api_requests import DeployRequest, GenerateRequest
 from neuranet.errors import BadUpstream, Conflict, Invalid, NeuraNetError, NotFound, TimedOut, TooLarge, Unavailable
 from neuranet.protocol import messages as m
 from neuranet.protocol.correlator import Correlator
-from neuranet.protocol.json_values import INT64_MAX
-from neuranet.server.edge import ApiModel
 from neuranet.server.events import DEPLOYMENT_STATE, Event, EventBus
 from neuranet.server.run_plan import RunError, build_and_profile, plan_layers
 from neuranet.server.runs import RESTORE_GRACE
@@ -37,29 +35,7 @@ if TYPE_CHECKING:
 SERVE_PART_BYTES = m.STATE_PART_BYTES
 MAX_INFLIGHT = 8  # requests of one deployment in the pipeline at once
 REQUEST_TIMEOUT = 300.0
-MAX_INPUTS = 4096
 RECORD_TIMEOUT = 10.0  # seconds a shutdown waits for state records still being written
-
-
-class DeployRequest(ApiModel):
-    model: str | None = Field(None, min_length=1, max_length=64)  # a built-in model, or None with ``run``
-    run: str | None = Field(None, min_length=1, max_length=64)  # serve the final weights of this training run
-    devices: list[str] | int | None = None
-    seed: int = Field(0, ge=0, le=INT64_MAX)
-    model_options: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(8, ge=1, le=MAX_INPUTS)  # typical request size, for the latency plan
-    use_all_devices: bool = False
-
-
-class InferRequest(ApiModel):
-    inputs: list[Any] = Field(min_length=1, max_length=MAX_INPUTS)
-
-
-class GenerateRequest(ApiModel):
-    prompt: str = Field(min_length=1, max_length=10_000)
-    max_new_tokens: int = Field(100, ge=0, le=10_000)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
-    seed: int = Field(0, ge=0, le=INT64_MAX)
 
 
 class ServeError(NeuraNetError):

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from neuranet.api_requests import API_TOKEN_TTL
 from neuranet.server.models import ApiToken, User
 from neuranet.server.records import Database, Repository, StoreError, UnknownRecord, hash_secret, new_id
 
 # Logins are cached this long; revoking a token, removing a device or disabling a user in this process
 # clears them at once, and this bounds how long another coordinator process sharing the database lags.
 AUTH_CACHE_SECONDS = 1.0
-API_TOKEN_TTL = 90 * 24 * 3600.0  # default life of a new API token
 AUTH_CACHE_SIZE = 10_000
 
 
